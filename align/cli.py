@@ -1,0 +1,140 @@
+"""Command-line entry points of the recipes: parse config + overrides, run, summarize.
+
+Bad input (AlignError) prints one line `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from align.config import STAGE_CONFIGS, PipelineConfig, describe, load_config, parse_overrides, to_yaml
+from align.errors import AlignError
+
+
+def setup_logging() -> None:
+    """align's own progress lines on stderr; libraries keep their own logging."""
+    log = logging.getLogger("align")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[align] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    # bitsandbytes says on every CPU import that an optional kernels package is missing: harmless.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from the HF stack
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=False, help="YAML config of this recipe")
+    p.add_argument("--force", action="store_true", help="run even if a finished RunDir matches")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--keys", action="store_true", help="list every config key with its type, default and help")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (nested keys with dots)")
+    return p
+
+
+def recipe_main(stage: str, argv: list[str] | None = None) -> int:
+    cls = STAGE_CONFIGS[stage]
+    args = _parser(f"recipes/{stage}.py", (cls.__doc__ or "").strip()).parse_args(argv)
+    if args.keys:
+        print("\n".join(describe(cls)))
+        return 0
+    setup_logging()
+    try:
+        if not args.config:
+            raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/" + stage + ".yaml)")
+        cfg = load_config(cls, args.config, parse_overrides(args.overrides))
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        from align.stages import runner
+
+        run_dir = runner(stage)(cfg, force=args.force)
+    except AlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print("\n".join(describe_run(stage, run_dir.path)))
+    return 0
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    args = _parser("recipes/pipeline.py", "Run the stages of a pipeline in order; finished matching stages are skipped.").parse_args(argv)
+    if args.keys:
+        print("\n".join(describe(PipelineConfig)))
+        return 0
+    setup_logging()
+    try:
+        if not args.config:
+            raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/pipeline.yaml)")
+        from align.pipeline import load_pipeline, run_pipeline
+
+        pipeline = load_pipeline(Path(args.config), parse_overrides(args.overrides))
+        if args.print_config:
+            for name, (_, cfg) in pipeline.stage_configs.items():
+                print(f"# stage {name}\n{to_yaml(cfg)}")
+            return 0
+        outcomes = run_pipeline(pipeline, force=args.force)
+    except AlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    lines = [f"\n== pipeline {pipeline.cfg.name}: done =="]
+    for name, stage, run_dir, skipped in outcomes:
+        lines += describe_run(stage, run_dir, name=name, skipped=skipped)
+    print("\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def describe_run(stage: str, path: Path, name: str | None = None, skipped: bool = False) -> list[str]:
+    """Where a run's outputs are and its before/after figures, from its manifest."""
+    from align.artifacts import RunDir
+
+    run = RunDir(path)
+    m = run.manifest() or {}
+    s = m.get("summary", {})
+    out = m.get("outputs", {})
+    head = f"{name or stage} ({stage}) {'skipped, already finished' if skipped else m.get('status', '?')}: {path}"
+    lines = [head]
+    for key in ("adapter", "merged", "metrics", "samples"):
+        if key in out:
+            lines.append(f"  {key:<8} {path / out[key]}")
+    if "wandb" in out:
+        lines.append(f"  W&B      {out['wandb']}  (offline runs upload with: wandb sync {out['wandb']})")
+    if stage == "sft":
+        lines.append(f"  held-out SFT loss: {_fmt(s.get('eval_loss_before'))} (base) -> {_fmt(s.get('eval_loss_after'))}")
+    elif stage == "dpo":
+        lines.append(
+            "  held-out DPO reward accuracy: "
+            f"{_fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> {_fmt(s.get('eval_rewards/accuracies_after'))}; "
+            f"margin {_fmt(s.get('eval_rewards/margins_before'))} -> {_fmt(s.get('eval_rewards/margins_after'))}"
+        )
+    if "judge" in s:
+        j = s["judge"]
+        lines.append(f"  {j['name']} judge on {j['n']} held-out prompts: {_fmt(j['before'])} ({j['before_label']}) -> {_fmt(j['after'])}")
+    if s.get("wall_time_s") is not None:
+        lines.append(f"  wall time {s['wall_time_s']:.0f} s, {s.get('steps', '?')} steps")
+    return lines

@@ -1,0 +1,305 @@
+"""Datasets: load from bundled / local / hub sources, validate, normalize, split.
+
+Canonical rows are TRL's conversational formats:
+  SFT         {"messages": [{"role": ..., "content": ...}, ...]}
+  preference  {"prompt": [...], "chosen": [...], "rejected": [...]}
+Also accepted and normalized: SFT `prompt`+`completion` and Alpaca `instruction`/
+`input`/`output` rows; preference rows in plain text, and rows without `prompt`
+whose chosen/rejected conversations share a prefix (the implicit prompt).
+
+Any malformed row stops loading with an error naming the file and line (or the
+split and row) and the field. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from align.artifacts import hash_json
+from align.config import DataConfig
+from align.errors import DataError
+from align.templates import instruction_user_content
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Splits:
+    """Normalized train and held-out rows, with where they came from."""
+
+    source: str
+    train: list[dict]
+    eval: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+    def info(self) -> dict:
+        return {
+            "path": self.source,
+            "hash": hash_json({"train": self.train, "eval": self.eval}),
+            "rows": {"train": len(self.train), "eval": len(self.eval)},
+            "notes": self.notes,
+        }
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+Row = tuple[str, Any]  # (where, raw row) - `where` names file:line or split+row for errors
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: invalid UTF-8 at byte {exc.start}") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json dataset is a list of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        yield f"{path} row {i}", row
+
+
+def _read_tabular(path: Path) -> Iterator[Row]:
+    import datasets
+
+    kind = "csv" if path.suffix == ".csv" else "parquet"
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for bad files
+        raise DataError(f"{path}: cannot read {kind}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # CSV rows count from line 2 (line 1 is the header).
+    offset = 2 if kind == "csv" else 0
+    for i, row in enumerate(ds):
+        yield (f"{path}:{i + offset}" if kind == "csv" else f"{path} row {i}"), row
+
+
+def _read_file(path: Path) -> list[Row]:
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_tabular, ".parquet": _read_tabular}[path.suffix]
+    return list(reader(path))
+
+
+def _read_dataset_dict(ds_dict: Any, label: str) -> dict[str, list[Row]]:
+    return {
+        split: [(f"{label}[{split}] row {i}", row) for i, row in enumerate(ds)] for split, ds in ds_dict.items()
+    }
+
+
+def read_splits(spec: str) -> dict[str, list[Row]]:
+    """Every split of a data source as (where, raw row) pairs."""
+    if spec.startswith("bundled:"):
+        name = spec[len("bundled:"):]
+        folder = BUNDLED_DIR / name.replace("-", "_")
+        if not folder.is_dir():
+            available = sorted(p.name.replace("_", "-") for p in BUNDLED_DIR.iterdir() if p.is_dir())
+            raise DataError(f"data.path '{spec}': no bundled dataset '{name}' (available: {', '.join(available)})")
+        return _read_folder(folder)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix not in FILE_SUFFIXES:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_SUFFIXES)})")
+        return {"train": _read_file(path)}
+    if path.is_dir():
+        return _read_folder(path)
+    if spec.startswith(("/", ".", "~")) or Path(spec).suffix in FILE_SUFFIXES or spec.count("/") > 1:
+        raise DataError(f"data.path '{spec}': file not found")
+    return _read_hub(spec)
+
+
+def _read_folder(folder: Path) -> dict[str, list[Row]]:
+    if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(folder))
+        if isinstance(loaded, datasets.Dataset):
+            loaded = {"train": loaded}
+        return _read_dataset_dict(loaded, str(folder))
+    splits: dict[str, list[Row]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in FILE_SUFFIXES:
+            if path.stem in splits:
+                raise DataError(f"{folder}: two files for split '{path.stem}'")
+            splits[path.stem] = _read_file(path)
+    if not splits:
+        raise DataError(f"{folder}: no split files (<split>{'|'.join(FILE_SUFFIXES)}) and no saved dataset")
+    return splits
+
+
+def _read_hub(spec: str) -> dict[str, list[Row]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(spec)
+    except Exception as exc:  # noqa: BLE001 - network, auth and format errors all mean "cannot load"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"data.path '{spec}': not a local file or directory, and the hub could not provide it: {first}") from None
+    return _read_dataset_dict(loaded, f"hub:{spec}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _maybe_json(value: Any) -> Any:
+    """CSV/Parquet store conversations as JSON strings."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _messages(value: Any, where: str, name: str, roles: tuple[str, ...] = ROLES) -> list[dict]:
+    value = _maybe_json(value)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{name}': expected a non-empty list of messages, got {_kind(value)}")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise DataError(f"{where}: field '{name}[{i}]': expected a message mapping, got {_kind(msg)}")
+        for key in ("role", "content"):
+            if key not in msg:
+                raise DataError(f"{where}: field '{name}[{i}].{key}' missing")
+        if msg["role"] not in roles:
+            raise DataError(f"{where}: field '{name}[{i}].role': {msg['role']!r} is not one of {', '.join(roles)}")
+        if not isinstance(msg["content"], str):
+            raise DataError(f"{where}: field '{name}[{i}].content': expected a string, got {_kind(msg['content'])}")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list"
+    return type(value).__name__
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: field '{key}' missing")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: field '{key}': expected a string, got {_kind(row[key])}")
+    return row[key]
+
+
+def normalize_sft(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a row mapping, got {_kind(row)}")
+    if "messages" in row:
+        messages = _messages(row["messages"], where, "messages")
+    elif "prompt" in row and "completion" in row:
+        prompt, completion = _maybe_json(row["prompt"]), _maybe_json(row["completion"])
+        if isinstance(prompt, str) and isinstance(completion, str):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        else:
+            messages = _messages(prompt, where, "prompt") + _messages(completion, where, "completion")
+    elif "instruction" in row and "output" in row:
+        user = instruction_user_content(_text(row, "instruction", where), row.get("input") or None)
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output", where)}]
+    else:
+        raise DataError(
+            f"{where}: field 'messages' missing (an SFT row has 'messages', 'prompt'+'completion', "
+            f"or 'instruction'+'output'; found: {', '.join(map(str, row)) or 'nothing'})"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages': no assistant turn to train on")
+    return {"messages": messages}
+
+
+def normalize_preference(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a row mapping, got {_kind(row)}")
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: field '{key}' missing (a preference row has 'prompt', 'chosen', 'rejected')")
+    prompt, chosen, rejected = _maybe_json(row.get("prompt")), _maybe_json(row["chosen"]), _maybe_json(row["rejected"])
+    if prompt is None:
+        # Implicit prompt: the shared message prefix of the two conversations.
+        chosen = _messages(chosen, where, "chosen")
+        rejected = _messages(rejected, where, "rejected")
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        while n > 0 and chosen[n - 1]["role"] == "assistant":  # the completion starts with an assistant turn
+            n -= 1
+        if n == 0 or n == len(chosen) or n == len(rejected):
+            raise DataError(f"{where}: field 'prompt' missing and chosen/rejected share no prompt prefix")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    elif isinstance(prompt, str):
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise DataError(f"{where}: field 'chosen'/'rejected': with a text prompt they must be strings too")
+        prompt = [{"role": "user", "content": prompt}]
+        chosen = [{"role": "assistant", "content": chosen}]
+        rejected = [{"role": "assistant", "content": rejected}]
+    else:
+        prompt = _messages(prompt, where, "prompt")
+        chosen = _messages(chosen, where, "chosen") if not isinstance(chosen, str) else [{"role": "assistant", "content": chosen}]
+        rejected = (
+            _messages(rejected, where, "rejected") if not isinstance(rejected, str) else [{"role": "assistant", "content": rejected}]
+        )
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: field 'prompt': the last message must be from the user, got {prompt[-1]['role']!r}")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[0]["role"] != "assistant":
+            raise DataError(f"{where}: field '{key}[0].role': a response starts with an assistant turn, got {msgs[0]['role']!r}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
+    """Read, validate and split a dataset; kind is 'sft' or 'preference'."""
+    normalize = {"sft": normalize_sft, "preference": normalize_preference}[kind]
+    raw = read_splits(cfg.path)
+    if cfg.train_split not in raw:
+        raise DataError(f"data.path '{cfg.path}': no split '{cfg.train_split}' (available: {', '.join(sorted(raw))})")
+    notes: list[str] = []
+    train = [normalize(row, where) for where, row in raw[cfg.train_split]]
+    if cfg.eval_split and cfg.eval_split in raw:
+        held_out = [normalize(row, where) for where, row in raw[cfg.eval_split]]
+    elif cfg.eval_fraction > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(round(len(train) * cfg.eval_fraction)))
+        picked = set(order[:n_eval])
+        held_out = [r for i, r in enumerate(train) if i in picked]
+        train = [r for i, r in enumerate(train) if i not in picked]
+        missing = f"no '{cfg.eval_split}' split" if cfg.eval_split else "eval_split is null"
+        notes.append(f"{missing}: held out {len(held_out)} of the training rows ({cfg.eval_fraction:.0%}, seed {seed})")
+    else:
+        held_out = []
+        notes.append("no held-out data: evaluation is skipped")
+    if not train:
+        raise DataError(f"data.path '{cfg.path}': split '{cfg.train_split}' has no rows")
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        notes.append(f"using the first {cfg.max_train_samples} of {len(train)} training rows (max_train_samples)")
+        train = train[: cfg.max_train_samples]
+    if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(held_out):
+        notes.append(f"using the first {cfg.max_eval_samples} of {len(held_out)} held-out rows (max_eval_samples)")
+        held_out = held_out[: cfg.max_eval_samples]
+    return Splits(cfg.path, train, held_out, notes)

@@ -1,0 +1,75 @@
+"""A pipeline: stages run in order, each in `<output_dir>/<stage name>`, one W&B group.
+
+Every stage config is loaded and validated before the first stage starts, so a typo
+in the last stage's YAML costs seconds, not a finished SFT run. A stage whose
+finished RunDir matches its config, base model, data and parent run is skipped.
+Command-line overrides `<stage name>.<key>=value` go to that stage; other keys go
+to the pipeline config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import STAGE_CONFIGS, PipelineConfig, StageConfig, load_config
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class Pipeline:
+    cfg: PipelineConfig
+    stage_configs: dict[str, tuple[str, StageConfig]]  # name -> (stage kind, resolved config)
+
+
+def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline:
+    overrides = overrides or {}
+    raw = load_config(PipelineConfig, path)  # to learn the stage names
+    names = {st.name for st in raw.stages}
+    per_stage: dict[str, dict[str, Any]] = {n: {} for n in names}
+    own: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head in names and rest:
+            per_stage[head][rest] = value
+        else:
+            own[key] = value
+    cfg = load_config(PipelineConfig, path, own)
+    root = Path(cfg.output_dir)
+    configs: dict[str, tuple[str, StageConfig]] = {}
+    for st in cfg.stages:
+        stage_overrides: dict[str, Any] = {
+            **st.overrides,
+            "output_dir": str(root / st.name),
+            "wandb.group": cfg.name,
+        }
+        if cfg.tracking is not None:
+            stage_overrides["tracking"] = cfg.tracking
+        if cfg.wandb_project is not None:
+            stage_overrides["wandb.project"] = cfg.wandb_project
+        if st.parent is not None:
+            stage_overrides["parent_run"] = str(root / st.parent)
+            stage_overrides["model.name_or_path"] = None
+        stage_overrides.update(per_stage[st.name])
+        stage_file = (path.parent / st.config).resolve() if not Path(st.config).is_absolute() else Path(st.config)
+        configs[st.name] = (st.stage, load_config(STAGE_CONFIGS[st.stage], stage_file, stage_overrides))
+    return Pipeline(cfg, configs)
+
+
+def run_pipeline(pipeline: Pipeline, force: bool = False) -> list[tuple[str, str, Path, bool]]:
+    """Run every stage; returns (name, stage, run dir, skipped) per stage."""
+    from align.artifacts import RunDir
+    from align.stages import runner
+
+    outcomes = []
+    for name, (stage, cfg) in pipeline.stage_configs.items():
+        before = RunDir(Path(cfg.output_dir)).manifest() or {}
+        log.info("== %s (%s) -> %s", name, stage, cfg.output_dir)
+        run_dir = runner(stage)(cfg, force=force)
+        after = run_dir.manifest() or {}
+        skipped = bool(before) and before.get("run_id") == after.get("run_id")
+        outcomes.append((name, stage, run_dir.path, skipped))
+    return outcomes

@@ -1,0 +1,242 @@
+"""What every training stage shares: the RunDir lifecycle, tracking, trainer settings, samples.
+
+A stage reads its inputs (data, base model) before it creates its RunDir, so bad
+input fails with nothing written. From then on, any exception marks the RunDir
+`failed` with the error; only a stage that completes every output marks it
+`finished`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from align.artifacts import ADAPTER, RunDir, atomic_dir, hash_json, redact
+from align.config import StageConfig, to_dict, to_yaml
+from align.data import Splits
+from align.errors import ConfigError
+from align.models import ModelRef, content_hash
+from align.tracking import Tracker, is_main_process, trainer_metric_name
+
+log = logging.getLogger("align")
+
+# Keys that change where and how a run is reported, not what it computes.
+_NOT_IN_RUN_KEY = ("output_dir", "tracking", "wandb")
+
+
+def run_key(cfg: StageConfig, base_hash: str, data_hash: str) -> str:
+    """Identity of what a run computes: config (minus reporting), base model, data."""
+    computed = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_RUN_KEY}
+    return hash_json({"config": computed, "base_model": base_hash, "data": data_hash})
+
+
+def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
+    parent = RunDir(Path(path))
+    status = parent.status
+    if status != "finished":
+        state = "does not exist" if status is None else f"is not finished (status: {status})"
+        raise ConfigError(f"{key}: {parent.path} {state}; run the parent stage first")
+    return parent
+
+
+class StageRun:
+    """One stage run: decides skip-or-run, owns the RunDir and the tracker."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        *,
+        base: ModelRef,
+        splits: Splits,
+        parent: RunDir | None = None,
+        force: bool = False,
+    ):
+        self.cfg = cfg
+        self.stage = cfg.stage
+        self.base = base
+        self.splits = splits
+        self.parent = parent
+        self.run_dir = RunDir(Path(cfg.output_dir))
+        self.base_hash = content_hash(base)
+        self.data_info = splits.info()
+        self.key = run_key(cfg, self.base_hash, self.data_info["hash"])
+        parent_id = (parent.manifest() or {}).get("run_id") if parent else None
+        self.skipped = not force and self.run_dir.matches(self.key, parent_id)
+        self.tracker: Tracker | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> "StageRun":
+        self._started = time.time()
+        if is_main_process():
+            RunDir.start(
+                self.run_dir.path,
+                stage=self.stage,
+                config=to_dict(self.cfg),
+                config_yaml=f"# resolved {self.stage} config\n" + to_yaml(self.cfg),
+                config_hash=self.key,
+                parent=self.parent,
+                base_model={"name": self.base.name, "location": self.base.location, "content_hash": self.base_hash},
+                dataset=self.data_info,
+            )
+        self.tracker = Tracker(
+            self.run_dir,
+            stage=self.stage,
+            enabled_wandb=self.cfg.tracking == "wandb",
+            project=self.cfg.wandb.project,
+            group=self.cfg.wandb.group,
+            name=self.cfg.wandb.name,
+            entity=self.cfg.wandb.entity,
+            mode=self.cfg.wandb.mode,
+            tags=self.cfg.wandb.tags,
+            config=to_dict(self.cfg),
+        )
+        for note in self.splits.notes:
+            log.info("%s data: %s", self.stage, note)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            message = redact(f"{exc_type.__name__}: {exc}".strip())
+            if is_main_process():
+                self.run_dir.fail(message, traceback.format_exception(exc_type, exc, tb)[-6:])
+            if self.tracker:
+                self.tracker.finish(failed=True)
+        return False
+
+    def callback(self):
+        return TrackerCallback(self.tracker)
+
+    def save_adapter(self, model) -> Path:
+        """The trained adapter in standard PEFT format, written atomically, logged as an artifact."""
+        target = self.run_dir.path / ADAPTER
+        if is_main_process():
+            with atomic_dir(target) as tmp:
+                model.save_pretrained(tmp)
+            self.tracker.log_artifact(
+                target, name=f"{self.stage}-adapter", type="model",
+                metadata={"stage": self.stage, "base_model": self.base.name, "run_dir": str(self.run_dir.path)},
+            )
+        return target
+
+    def finish(self, summary: dict[str, Any], outputs: dict[str, str]) -> None:
+        summary = {**summary, "wall_time_s": round(time.time() - self._started, 1)}
+        if self.tracker.wandb_path is not None:
+            outputs = {**outputs, "wandb": str(self.tracker.wandb_path)}
+        self.tracker.set_summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        self.tracker.finish()
+        if is_main_process():
+            self.run_dir.finish(summary=summary, outputs={"metrics": "metrics.jsonl", **outputs})
+
+
+class TrackerCallback(TrainerCallback):
+    """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.tracker.log({trainer_metric_name(k): v for k, v in logs.items()}, step=state.global_step)
+
+
+def trainer_kwargs(cfg: StageConfig, run_dir: RunDir, device: str, has_eval: bool) -> dict[str, Any]:
+    """TRL/HF TrainingArguments shared by every stage, from our TrainConfig."""
+    import torch
+
+    from align.models import resolve_dtype
+
+    t = cfg.train
+    bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16 and device.startswith("cuda")
+    return dict(
+        output_dir=str(run_dir.path / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # below 1 it is a ratio of the total steps
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        gradient_checkpointing=t.gradient_checkpointing,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        data_seed=t.seed,
+        max_length=t.max_length,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="no",
+        report_to=[],
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=not is_main_process(),
+    )
+
+
+def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:
+    """The first n distinct held-out prompts (preference prompts, or SFT turns before the last answer)."""
+    prompts: list[list[dict]] = []
+    seen: set[str] = set()
+    for row in splits.eval or splits.train:
+        if "prompt" in row:
+            prompt = row["prompt"]
+        else:
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            prompt = row["messages"][:last]
+        key = repr(prompt)
+        if prompt and key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+        if len(prompts) >= n:
+            break
+    return prompts
+
+
+def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step: int) -> dict[str, Any]:
+    """Greedy generations on held-out prompts with the adapter off (before) and on (after).
+
+    Returns the rows and, when `samples.judge` is set, the judge's mean score before and after.
+    """
+    from align.generation import generate
+
+    samples = stage.cfg.samples
+    prompts = held_out_prompts(stage.splits, samples.num_prompts) if samples.num_prompts > 0 else []
+    if not prompts:
+        return {}
+    with model.disable_adapter():
+        before = generate(model, tokenizer, prompts, samples.max_new_tokens)
+    after = generate(model, tokenizer, prompts, samples.max_new_tokens)
+    columns = ["prompt", before_label, stage.stage]
+    rows = [[p[-1]["content"], b, a] for p, b, a in zip(prompts, before, after)]
+    out: dict[str, Any] = {}
+    if samples.judge:
+        from align.judges import load_judge
+
+        judge = load_judge(samples.judge)
+        scores_before, scores_after = judge.score(prompts, before), judge.score(prompts, after)
+        columns += [f"{judge.name} ({before_label})", f"{judge.name} ({stage.stage})"]
+        rows = [r + [sb, sa] for r, sb, sa in zip(rows, scores_before, scores_after)]
+        applied = [(b, a) for b, a in zip(scores_before, scores_after) if b is not None and a is not None]
+        if applied:
+            out["judge"] = {
+                "name": judge.name,
+                "n": len(applied),
+                "before_label": before_label,
+                "before": sum(b for b, _ in applied) / len(applied),
+                "after": sum(a for _, a in applied) / len(applied),
+            }
+            stage.tracker.log(
+                {f"judge/{judge.name}/{before_label}": out["judge"]["before"], f"judge/{judge.name}/{stage.stage}": out["judge"]["after"]},
+                step=step,
+            )
+    stage.tracker.log_samples("samples", columns, rows, step=step)
+    out["rows"] = [dict(zip(columns, r)) for r in rows]
+    return out

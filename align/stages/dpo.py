@@ -1,0 +1,127 @@
+"""DPO stage: TRL's DPOTrainer on a frozen base with a fresh LoRA adapter.
+
+The reference model is the policy with its adapter disabled: TRL wraps the base
+with our `peft_config` and, given no `ref_model`, runs the reference forward under
+`disable_adapter()`. No second copy of the base exists. With `parent_run`, the base
+is the SFT stage's merged model, so the reference *is* the SFT model: at step 0
+the loss is ln 2 and both rewards are 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tqdm.auto import tqdm
+
+from align import models
+from align.adapters import lora_config
+from align.artifacts import RunDir
+from align.config import DPOConfig
+from align.data import Splits, load_splits
+from align.errors import DataError
+from align.models import ModelRef
+from align.stages.common import StageRun, finished_parent, log_sample_table, trainer_kwargs
+from align.tracking import is_main_process
+
+log = logging.getLogger("align")
+
+
+def base_model(cfg: DPOConfig) -> tuple[ModelRef, RunDir | None]:
+    """The frozen base: the parent SFT run's merged model, or model.name_or_path."""
+    if cfg.parent_run:
+        parent = finished_parent(cfg.parent_run)
+        merged = parent.merged_dir
+        if not (merged / "config.json").is_file():
+            raise DataError(f"parent_run: {parent.path} has no merged model ({merged}); is it an SFT run?")
+        return ModelRef(name=str(merged), location=str(merged.resolve()), is_local=True), parent
+    return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
+
+
+def to_datasets(splits: Splits, tokenizer, max_length: int):
+    """Preference rows as datasets, dropping (and counting) rows whose prompt alone fills max_length.
+
+    TRL would drop those silently; rows longer than max_length are kept and truncated
+    (responses cut at the end), and counted too.
+    """
+    from datasets import Dataset
+
+    def n_tokens(messages, gen_prompt=False):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True)["input_ids"])
+
+    stats: dict[str, int] = {}
+    out = {}
+    for name, rows in (("train", splits.train), ("eval", splits.eval)):
+        kept, truncated, dropped = [], 0, 0
+        for row in tqdm(rows, desc=f"checking dpo {name} lengths", disable=not rows or not is_main_process(), leave=False):
+            if n_tokens(row["prompt"], gen_prompt=True) >= max_length:
+                dropped += 1
+                continue
+            longest = max(n_tokens(row["prompt"] + row["chosen"]), n_tokens(row["prompt"] + row["rejected"]))
+            truncated += longest > max_length
+            kept.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+        stats[f"{name}_truncated"] = truncated
+        stats[f"{name}_dropped_prompt_too_long"] = dropped
+        if truncated or dropped:
+            log.warning("dpo %s: %d pairs cut to max_length=%d, %d dropped (prompt alone too long)", name, truncated, max_length, dropped)
+        out[name] = Dataset.from_list(kept) if kept else None
+    if out["train"] is None:
+        raise DataError(f"data.path '{splits.source}': every training prompt is longer than max_length={max_length}")
+    return out["train"], out["eval"], stats
+
+
+def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    device = str(next(model.parameters()).device)
+    args = TRLDPOConfig(
+        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+        label_smoothing=cfg.dpo.label_smoothing,
+        truncation_mode="keep_start",
+        dataset_num_proc=None,
+    )
+    return DPOTrainer(
+        model=model,
+        ref_model=None,  # the reference is this model with the adapter disabled
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora),
+        callbacks=list(callbacks),
+    )
+
+
+_EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+
+
+def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
+    splits = load_splits(cfg.data, "preference", cfg.train.seed)
+    base, parent = base_model(cfg)
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
+    if stage.skipped:
+        log.info("dpo: skipped: the finished run in %s matches its config, parent run and data", stage.run_dir.path)
+        return stage.run_dir
+    with stage:
+        tokenizer = models.load_tokenizer(base, cfg.model)
+        train_ds, eval_ds, token_stats = to_datasets(splits, tokenizer, cfg.train.max_length)
+        model = models.load_model(base, cfg.model)
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *callbacks])
+        params = models.count_parameters(trainer.model)
+        log.info("dpo: %s trainable of %s parameters (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}", params["trainable_pct"])
+        before = trainer.evaluate() if eval_ds is not None else {}
+        result = trainer.train()
+        after = trainer.evaluate() if eval_ds is not None else {}
+        stage.save_adapter(trainer.model)
+        sampled = log_sample_table(stage, trainer.model, tokenizer, "reference", step=trainer.state.global_step)
+        summary = {f"eval_{k}_before": before.get(f"eval_{k}") for k in _EVAL_KEYS}
+        summary.update({f"eval_{k}_after": after.get(f"eval_{k}") for k in _EVAL_KEYS})
+        summary.update(
+            train_loss=result.training_loss, steps=result.global_step, parameters=params, tokens=token_stats, samples=sampled.get("rows", [])
+        )
+        if "judge" in sampled:
+            summary["judge"] = sampled["judge"]
+        stage.finish(summary=summary, outputs={"adapter": "adapter", "samples": "samples.jsonl"})
+    return stage.run_dir

@@ -1,0 +1,68 @@
+"""Pipelines: stages in order, finished matching stages skipped, changed stages rerun, no secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def write_pipeline(folder, model_dir, data):
+    (folder / "sft.yaml").write_text(
+        f"output_dir: unused\nmodel:\n  name_or_path: {model_dir}\ndata:\n  path: {data['sft']}\n  eval_split: null\n"
+        "train:\n  max_steps: 1\n  batch_size: 4\n  max_length: 64\nsamples:\n  num_prompts: 1\n  max_new_tokens: 2\n"
+    )
+    (folder / "dpo.yaml").write_text(
+        f"output_dir: unused\nparent_run: unused\ndata:\n  path: {data['prefs']}\n  eval_split: null\n"
+        "train:\n  max_steps: 1\n  batch_size: 4\n  max_length: 64\nsamples:\n  num_prompts: 1\n  max_new_tokens: 2\n"
+    )
+    path = folder / "pipeline.yaml"
+    path.write_text(
+        f"name: tiny-pipeline\noutput_dir: {folder / 'runs'}\nstages:\n"
+        "  - {name: sft, stage: sft, config: sft.yaml}\n"
+        "  - {name: dpo, stage: dpo, config: dpo.yaml, parent: sft}\n"
+    )
+    return path
+
+
+def run_pipeline(path, *overrides, env=None):
+    return subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--config", str(path), *overrides],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+
+
+def run_ids(folder):
+    return {s: json.loads((folder / "runs" / s / "manifest.json").read_text())["run_id"] for s in ("sft", "dpo")}
+
+
+def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, tiny_model_dir, tiny_data):
+    import os
+
+    path = write_pipeline(tmp_path, tiny_model_dir, tiny_data)
+    env = {**os.environ, "WANDB_API_KEY": "fake-key-0123456789abcdef", "HF_TOKEN": "hf_fake_token_0123456789", "WANDB_MODE": "offline"}
+    first = run_pipeline(path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ids = run_ids(tmp_path)
+    assert "held-out DPO reward accuracy" in first.stdout and "W&B" in first.stdout
+
+    second = run_pipeline(path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert run_ids(tmp_path) == ids
+    assert second.stdout.count("skipped, already finished") == 2
+    assert "sft: skipped" in second.stderr and "dpo: skipped" in second.stderr
+
+    third = run_pipeline(path, "dpo.dpo.beta=0.2", env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    after = run_ids(tmp_path)
+    assert after["sft"] == ids["sft"] and after["dpo"] != ids["dpo"]
+
+    # Secrets in the environment never reach a RunDir, its W&B files or the logs.
+    for file in (tmp_path / "runs").rglob("*"):
+        if file.is_file():
+            blob = file.read_bytes()
+            assert b"fake-key-0123456789abcdef" not in blob and b"hf_fake_token_0123456789" not in blob, file
+    for proc in (first, second, third):
+        assert "fake-key-0123456789abcdef" not in proc.stdout + proc.stderr

@@ -1,0 +1,76 @@
+"""Read an offline W&B run file (`run-*.wandb`) to check what a stage reported.
+
+The file is a LevelDB-style log of protobuf `Record`s: a 7-byte header (":W&B",
+magic, version), then 32 KiB blocks of chunks, each with a 7-byte header
+(crc32, length, type: full/first/middle/last). wandb >= 0.20 no longer ships a
+Python reader, so the tests carry this small one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(blob: bytes):
+    ident, _magic, _version = struct.unpack("<4sHB", blob[:_HEADER])
+    assert ident == b":W&B", "not a W&B run file"
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(blob):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", blob[pos : pos + _HEADER])
+        if length == 0 and kind == 0:  # zero padding at the end of a block
+            pos += left
+            continue
+        data = blob[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == _FULL:
+            yield data
+        elif kind == _FIRST:
+            pending = data
+        elif kind == _MIDDLE:
+            pending += data
+        elif kind == _LAST:
+            yield pending + data
+            pending = b""
+
+
+@dataclass
+class OfflineRun:
+    project: str = ""
+    group: str = ""
+    job_type: str = ""
+    name: str = ""
+    config_keys: set[str] = field(default_factory=set)
+    history_keys: set[str] = field(default_factory=set)
+    artifacts: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
+
+
+def read_offline_run(run_folder: Path) -> OfflineRun:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_folder).glob("run-*.wandb")
+    out = OfflineRun()
+    for data in _records(path.read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.project, out.group, out.job_type = rec.run.project, rec.run.run_group, rec.run.job_type
+            out.name = rec.run.display_name
+            out.config_keys |= {item.key for item in rec.run.config.update}
+        elif kind == "config":
+            out.config_keys |= {item.key for item in rec.config.update}
+        elif kind == "history":
+            out.history_keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+        elif kind == "artifact":
+            out.artifacts.append((rec.artifact.name, rec.artifact.type))
+    return out
