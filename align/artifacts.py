@@ -205,13 +205,13 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.status == "finished"
 
-    def matches(self, config_hash: str, parent_run_id: str | None) -> bool:
-        """A finished run of the same config on the same parent: the pipeline may skip it."""
+    def matches(self, run_key: str, parent_run_id: str | None) -> bool:
+        """A finished run with the same run key (config, base model, data) on the same parent run."""
         m = self.manifest()
         if not m or m.get("status") != "finished":
             return False
         parent = m.get("parent") or {}
-        return m.get("config_hash") == config_hash and parent.get("run_id") == parent_run_id
+        return m.get("run_key") == run_key and parent.get("run_id") == parent_run_id
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -223,7 +223,7 @@ class RunDir:
         stage: str,
         config: dict,
         config_yaml: str,
-        config_hash: str,
+        run_key: str,
         parent: "RunDir | None",
         base_model: dict,
         dataset: dict,
@@ -255,7 +255,7 @@ class RunDir:
                     "run_id": uuid.uuid4().hex,
                     "status": "running",
                     "error": None,
-                    "config_hash": config_hash,
+                    "run_key": run_key,
                     "parent": parent_info,
                     "base_model": base_model,
                     "dataset": dataset,

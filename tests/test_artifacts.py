@@ -33,7 +33,7 @@ def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
 
 
 def start(path, **kw):
-    return RunDir.start(path, stage="sft", config={}, config_yaml="a: 1\n", config_hash="k1", parent=None,
+    return RunDir.start(path, stage="sft", config={}, config_yaml="a: 1\n", run_key="k1", parent=None,
                         base_model={}, dataset={}, **kw)
 
 
@@ -61,7 +61,7 @@ def test_secrets_are_redacted(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", "hf_topsecretvalue")
     assert redact({"a": ["x abcd1234secretkey y"], "hf_topsecretvalue": 1}) == {"a": ["x <redacted> y"], "<redacted>": 1}
     run = RunDir.start(tmp_path / "r", stage="sft", config={}, config_yaml="token: hf_topsecretvalue\n",
-                       config_hash="k", parent=None, base_model={"name": "abcd1234secretkey"}, dataset={})
+                       run_key="k", parent=None, base_model={"name": "abcd1234secretkey"}, dataset={})
     for path in run.path.iterdir():
         text = path.read_text()
         assert "abcd1234secretkey" not in text and "hf_topsecretvalue" not in text

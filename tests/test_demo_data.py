@@ -175,3 +175,16 @@ def test_bundled_files_are_up_to_date(out_dir):
         assert (bundled / name).read_bytes() == (out_dir / name).read_bytes(), (
             f"align/bundled/{name} is stale: run `{demo_data.REGENERATE_COMMAND}`"
         )
+
+
+def test_align_data_demo_command_writes_the_same_files(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools", "demo", "--output-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (REPO / "align" / "bundled" / name).read_bytes(), name

@@ -240,3 +240,18 @@ def test_qlora_sft_then_dpo_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     quant = model.config.quantization_config
     assert quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+
+
+def test_sft_packing_trains_on_assistant_tokens(tmp_path, tiny_model_dir, tiny_data):
+    """Packed rows keep their assistant-only labels (transformers isolates packed rows in training)."""
+    from align.stages import sft
+
+    rec = Recorder(probe_ids(tiny_model_dir))
+    cfg = load_config(
+        SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **{"sft.packing": True, "tracking": "none"})
+    )
+    run = sft.run(cfg, callbacks=[rec])
+    assert run.is_finished()
+    assert_only_adapter_changed(rec)
+    losses = [r["train/loss"] for r in read_metrics(run.path) if "train/loss" in r]
+    assert losses and all(0 < x < 20 for x in losses)

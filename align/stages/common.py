@@ -78,23 +78,27 @@ class StageRun:
                 stage=self.stage,
                 config=to_dict(self.cfg),
                 config_yaml=f"# resolved {self.stage} config\n" + to_yaml(self.cfg),
-                config_hash=self.key,
+                run_key=self.key,
                 parent=self.parent,
                 base_model={"name": self.base.name, "location": self.base.location, "content_hash": self.base_hash},
                 dataset=self.data_info,
             )
-        self.tracker = Tracker(
-            self.run_dir,
-            stage=self.stage,
-            enabled_wandb=self.cfg.tracking == "wandb",
-            project=self.cfg.wandb.project,
-            group=self.cfg.wandb.group,
-            name=self.cfg.wandb.name,
-            entity=self.cfg.wandb.entity,
-            mode=self.cfg.wandb.mode,
-            tags=self.cfg.wandb.tags,
-            config=to_dict(self.cfg),
-        )
+        try:
+            self.tracker = Tracker(
+                self.run_dir,
+                stage=self.stage,
+                enabled_wandb=self.cfg.tracking == "wandb",
+                project=self.cfg.wandb.project,
+                group=self.cfg.wandb.group,
+                name=self.cfg.wandb.name,
+                entity=self.cfg.wandb.entity,
+                mode=self.cfg.wandb.mode,
+                tags=self.cfg.wandb.tags,
+                config=to_dict(self.cfg),
+            )
+        except BaseException as exc:  # __exit__ does not run when __enter__ raises
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         for note in self.splits.notes:
             log.info("%s data: %s", self.stage, note)
         return self
@@ -182,10 +186,13 @@ def trainer_kwargs(cfg: StageConfig, run_dir: RunDir, device: str, has_eval: boo
 
 
 def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:
-    """The first n distinct held-out prompts (preference prompts, or SFT turns before the last answer)."""
+    """The first n distinct held-out prompts (preference prompts, or SFT turns before the last answer).
+
+    None without held-out data: training prompts would flatter the model.
+    """
     prompts: list[list[dict]] = []
     seen: set[str] = set()
-    for row in splits.eval or splits.train:
+    for row in splits.eval:
         if "prompt" in row:
             prompt = row["prompt"]
         else:

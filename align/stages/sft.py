@@ -93,14 +93,19 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()) -> RunDir:
         adapter_dir = stage.save_adapter(trainer.model)
         sampled = log_sample_table(stage, trainer.model, tokenizer, "base", step=trainer.state.global_step)
         del trainer, model  # free the training copy before loading the base again to merge
+        merged_hash = None
         if is_main_process():
-            merge_adapter(base, cfg.model, adapter_dir, stage.run_dir.path / MERGED, tokenizer)
+            merged_dir = stage.run_dir.path / MERGED
+            merge_adapter(base, cfg.model, adapter_dir, merged_dir, tokenizer)
+            # Hashing here caches the hash beside the weights, so later stages need not re-read them.
+            merged_hash = models.content_hash(models.ModelRef(str(merged_dir), str(merged_dir.resolve()), True))
         stage.finish(
             summary={
                 "eval_loss_before": before.get("eval_loss"),
                 "eval_loss_after": after.get("eval_loss"),
                 "train_loss": result.training_loss,
                 "steps": result.global_step,
+                "merged_content_hash": merged_hash,
                 "parameters": params,
                 "tokens": token_stats,
                 "samples": sampled.get("rows", []),
