@@ -78,7 +78,8 @@ def pipeline_runs(tmp_path_factory, tiny_model_dir, tiny_data):
     sft_cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], root / "sft"))
     sft_dir = sft.run(sft_cfg, callbacks=[sft_rec])
     dpo_cfg = load_config(
-        DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], root / "dpo", parent_run=str(root / "sft"))
+        DPOConfig, None,
+        tiny_overrides(None, tiny_data["prefs"], root / "dpo", parent_run=str(root / "sft"), **{"samples.judge": "format"}),
     )
     dpo_dir = dpo.run(dpo_cfg, callbacks=[dpo_rec])
     return {"sft": (sft_cfg, sft_dir.path, sft_rec), "dpo": (dpo_cfg, dpo_dir.path, dpo_rec), "probe": ids}
@@ -101,6 +102,8 @@ def test_runs_finish_with_complete_rundirs(pipeline_runs):
     dpo_manifest = json.loads((pipeline_runs["dpo"][1] / "manifest.json").read_text())
     assert (pipeline_runs["sft"][1] / "merged" / "model.safetensors").is_file()
     assert dpo_manifest["parent"]["run_id"] == sft_manifest["run_id"]
+    judge = dpo_manifest["summary"]["judge"]
+    assert judge["name"] == "format" and judge["n"] == 2 and 0 <= judge["before"] <= 1 and 0 <= judge["after"] <= 1
     assert not list(pipeline_runs["sft"][1].rglob("*.tmp")), "temp files left behind"
 
 
@@ -143,6 +146,7 @@ def test_dpo_step0_loss_is_ln2_and_rewards_zero(pipeline_runs):
         assert row[f"{prefix}/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     summary = json.loads((path / "manifest.json").read_text())["summary"]
     assert summary["eval_loss_before"] == pytest.approx(LN2, abs=1e-4)
+    assert summary["eval_rewards/accuracies_before"] == 0.0
     # Training moved the policy away from the reference.
     assert summary["eval_loss_after"] != pytest.approx(LN2, abs=1e-4)
 
@@ -189,6 +193,8 @@ def test_wandb_offline_run_matches_metrics_jsonl(pipeline_runs, stage):
     wandb_names = {k for k in run.history_keys if not k.startswith("_") and not k.startswith("samples")}
     assert jsonl_names == wandb_names
     assert "train/loss" in jsonl_names and "eval/loss" in jsonl_names
+    if stage == "dpo":  # the judge's before/after scores of the sample generations
+        assert {"judge/format/reference", "judge/format/dpo"} <= jsonl_names
     assert (f"{stage}-adapter", "model") in run.artifacts
     assert any(k.startswith("samples") for k in run.history_keys), "no sample generations table"
 
@@ -255,3 +261,52 @@ def test_sft_packing_trains_on_assistant_tokens(tmp_path, tiny_model_dir, tiny_d
     assert_only_adapter_changed(rec)
     losses = [r["train/loss"] for r in read_metrics(run.path) if "train/loss" in r]
     assert losses and all(0 < x < 20 for x in losses)
+
+
+@pytest.mark.parametrize(
+    "loss_type, extra, step0_loss",
+    [
+        ("sigmoid", {}, LN2),  # -log sigmoid(0)
+        ("hinge", {}, 1.0),  # relu(1 - 0)
+        ("ipo", {"dpo.beta": 0.1}, (1 / (2 * 0.1)) ** 2),  # (0 - 1/(2 beta))^2
+        ("robust", {"dpo.label_smoothing": 0.1}, LN2),  # ((1-e) ln2 - e ln2) / (1 - 2e)
+    ],
+)
+def test_dpo_loss_types_start_from_their_closed_form(pipeline_runs, tmp_path, tiny_data, loss_type, extra, step0_loss):
+    from align.stages import dpo
+
+    overrides = tiny_overrides(
+        None, tiny_data["prefs"], tmp_path / "dpo", parent_run=str(pipeline_runs["sft"][1]),
+        **{"dpo.loss_type": loss_type, "train.max_steps": 1, "tracking": "none", "samples.num_prompts": 0, **extra},
+    )
+    run = dpo.run(load_config(DPOConfig, None, overrides))
+    step0 = next(r for r in read_metrics(run.path) if r["_step"] == 0 and "eval/loss" in r)
+    assert step0["eval/loss"] == pytest.approx(step0_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"train.gradient_checkpointing": True},
+        {"sft.neftune_noise_alpha": 5.0},
+        {"sft.label_smoothing": 0.1},
+        {"train.gradient_accumulation_steps": 2, "lora.target_modules": ["q_proj", "v_proj"], "lora.r": 4},
+        {"model.chat_template": "instruction", "train.lr_scheduler": "linear", "train.warmup_ratio": 0.3},
+    ],
+    ids=["grad-checkpointing", "neftune", "label-smoothing", "grad-accum-qv-only", "instruction-template"],
+)
+def test_sft_options_train_only_the_adapter(tmp_path, tiny_model_dir, tiny_data, options):
+    from align.stages import sft
+
+    rec = Recorder(probe_ids(tiny_model_dir))
+    cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", tracking="none", **options))
+    run = sft.run(cfg, callbacks=[rec])
+    assert run.is_finished()
+    assert_only_adapter_changed(rec)
+    if "lora.target_modules" in options:
+        assert {n.split(".")[-4] for n in rec.trainable} == {"q_proj", "v_proj"}
+    if options.get("model.chat_template") == "instruction":
+        from transformers import AutoTokenizer
+
+        template = AutoTokenizer.from_pretrained(run.path / "merged").chat_template
+        assert "### Instruction" in template, "the next stage renders conversations the same way"
