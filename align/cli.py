@@ -43,6 +43,18 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _guarded(work) -> int:
+    """Run `work()`; bad input is one line on stderr and exit status 2, Ctrl-C is 130."""
+    try:
+        return work()
+    except AlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def recipe_main(stage: str, argv: list[str] | None = None) -> int:
     cls = STAGE_CONFIGS[stage]
     args = _parser(f"recipes/{stage}.py", (cls.__doc__ or "").strip()).parse_args(argv)
@@ -50,9 +62,10 @@ def recipe_main(stage: str, argv: list[str] | None = None) -> int:
         print("\n".join(describe(cls)))
         return 0
     setup_logging()
-    try:
+
+    def work() -> int:
         if not args.config:
-            raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/" + stage + ".yaml)")
+            raise AlignError(f"--config: required (e.g. recipes/configs/smollm2-135m/{stage}.yaml)")
         cfg = load_config(cls, args.config, parse_overrides(args.overrides))
         if args.print_config:
             print(to_yaml(cfg))
@@ -60,14 +73,10 @@ def recipe_main(stage: str, argv: list[str] | None = None) -> int:
         from align.stages import runner
 
         run_dir = runner(stage)(cfg, force=args.force)
-    except AlignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print("\n".join(describe_run(stage, run_dir.path)))
-    return 0
+        print("\n".join(describe_run(stage, run_dir.path)))
+        return 0
+
+    return _guarded(work)
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:
@@ -76,7 +85,8 @@ def pipeline_main(argv: list[str] | None = None) -> int:
         print("\n".join(describe(PipelineConfig)))
         return 0
     setup_logging()
-    try:
+
+    def work() -> int:
         if not args.config:
             raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/pipeline.yaml)")
         from align.pipeline import load_pipeline, run_pipeline
@@ -87,17 +97,13 @@ def pipeline_main(argv: list[str] | None = None) -> int:
                 print(f"# stage {name}\n{to_yaml(cfg)}")
             return 0
         outcomes = run_pipeline(pipeline, force=args.force)
-    except AlignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    lines = [f"\n== pipeline {pipeline.cfg.name}: done =="]
-    for name, stage, run_dir, skipped in outcomes:
-        lines += describe_run(stage, run_dir, name=name, skipped=skipped)
-    print("\n".join(lines))
-    return 0
+        lines = [f"\n== pipeline {pipeline.cfg.name}: done =="]
+        for name, stage, run_dir, skipped in outcomes:
+            lines += describe_run(stage, run_dir, name=name, skipped=skipped)
+        print("\n".join(lines))
+        return 0
+
+    return _guarded(work)
 
 
 # --------------------------------------------------------------------------- summaries

@@ -162,7 +162,7 @@ def test_dpo_reference_logps_equal_merged_sft_model(pipeline_runs, tmp_path):
     base, _ = dpo.base_model(cfg)
     splits = load_splits(cfg.data, "preference", cfg.train.seed)
     tokenizer = models.load_tokenizer(base, cfg.model)
-    train_ds, eval_ds, _ = dpo.to_datasets(splits, tokenizer, cfg.train.max_length)
+    train_ds, eval_ds, _ = dpo.prepare(splits, tokenizer, cfg.train.max_length)
     trainer = dpo.build_trainer(cfg, models.load_model(base, cfg.model), tokenizer, train_ds, eval_ds, RunDir(tmp_path))
     batch = next(iter(trainer.get_eval_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from align.artifacts import ADAPTER, RunDir, atomic_dir, hash_json, redact
 from align.config import StageConfig, to_dict, to_yaml
 from align.data import Splits
-from align.errors import ConfigError
+from align.errors import ConfigError, DataError
 from align.models import ModelRef, content_hash
 from align.tracking import Tracker, is_main_process, trainer_metric_name
 
@@ -137,6 +139,50 @@ class StageRun:
             self.run_dir.finish(summary=summary, outputs={"metrics": "metrics.jsonl", **outputs})
 
 
+@dataclass
+class Trained:
+    """What the shared training loop of a stage leaves for the stage to finish."""
+
+    trainer: Any
+    tokenizer: Any
+    before: dict[str, float]  # held-out metrics at step 0
+    after: dict[str, float]  # held-out metrics after training
+    adapter_dir: Path
+    summary: dict[str, Any]  # train loss, steps, parameters, token counts, samples, judge
+
+
+def train_adapter(stage: StageRun, *, prepare, build_trainer, before_label: str, callbacks=()) -> Trained:
+    """The part every stage shares: data -> model -> trainer -> eval, train, eval -> adapter, samples.
+
+    `prepare(splits, tokenizer, max_length)` returns (train_ds, eval_ds, token stats);
+    `build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, callbacks)` returns a TRL trainer.
+    """
+    from align import models
+
+    cfg = stage.cfg
+    tokenizer = models.load_tokenizer(stage.base, cfg.model)
+    train_ds, eval_ds, token_stats = prepare(stage.splits, tokenizer, cfg.train.max_length)
+    model = models.load_model(stage.base, cfg.model)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *callbacks])
+    params = models.count_parameters(trainer.model)
+    log.info("%s: %s trainable of %s parameters (%.2f%%)", stage.stage, f"{params['trainable']:,}", f"{params['total']:,}", params["trainable_pct"])
+    before = trainer.evaluate() if eval_ds is not None else {}
+    result = trainer.train()
+    after = trainer.evaluate() if eval_ds is not None else {}
+    adapter_dir = stage.save_adapter(trainer.model)
+    sampled = log_sample_table(stage, trainer.model, tokenizer, before_label, step=trainer.state.global_step)
+    summary: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "parameters": params,
+        "tokens": token_stats,
+        "samples": sampled.get("rows", []),
+    }
+    if "judge" in sampled:
+        summary["judge"] = sampled["judge"]
+    return Trained(trainer, tokenizer, before, after, adapter_dir, summary)
+
+
 class TrackerCallback(TrainerCallback):
     """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names."""
 
@@ -183,6 +229,35 @@ def trainer_kwargs(cfg: StageConfig, run_dir: RunDir, device: str, has_eval: boo
         dataloader_num_workers=0,
         disable_tqdm=not is_main_process(),
     )
+
+
+def to_datasets(splits: Splits, convert, stage: str, max_length: int, drop_reason: str):
+    """Convert both splits row by row into datasets, counting rows cut to and dropped by max_length.
+
+    `convert(row)` returns (example or None to drop, whether it was truncated). Nothing is
+    dropped silently: the counts are logged and returned for the manifest.
+    """
+    from datasets import Dataset
+
+    stats: dict[str, int] = {}
+    out = {}
+    for name, rows in (("train", splits.train), ("eval", splits.eval)):
+        kept, truncated, dropped = [], 0, 0
+        for row in tqdm(rows, desc=f"preparing {stage} {name}", disable=not rows or not is_main_process(), leave=False):
+            example, was_truncated = convert(row)
+            truncated += was_truncated
+            if example is None:
+                dropped += 1
+            else:
+                kept.append(example)
+        stats[f"{name}_truncated"] = truncated
+        stats[f"{name}_dropped"] = dropped
+        if truncated or dropped:
+            log.warning("%s %s: %d rows cut to max_length=%d, %d dropped (%s)", stage, name, truncated, max_length, dropped, drop_reason)
+        out[name] = Dataset.from_list(kept) if kept else None
+    if out["train"] is None:
+        raise DataError(f"data.path '{splits.source}': no training row is left within max_length={max_length} ({drop_reason})")
+    return out["train"], out["eval"], stats
 
 
 def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 
-from tqdm.auto import tqdm
-
 from align import models
 from align.adapters import lora_config
 from align.artifacts import RunDir
@@ -20,8 +18,7 @@ from align.config import DPOConfig
 from align.data import Splits, load_splits
 from align.errors import DataError
 from align.models import ModelRef
-from align.stages.common import StageRun, finished_parent, log_sample_table, trainer_kwargs
-from align.tracking import is_main_process
+from align.stages.common import StageRun, finished_parent, to_datasets, train_adapter, trainer_kwargs
 
 log = logging.getLogger("align")
 
@@ -37,36 +34,24 @@ def base_model(cfg: DPOConfig) -> tuple[ModelRef, RunDir | None]:
     return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
 
 
-def to_datasets(splits: Splits, tokenizer, max_length: int):
+def prepare(splits: Splits, tokenizer, max_length: int):
     """Preference rows as datasets, dropping (and counting) rows whose prompt alone fills max_length.
 
     TRL would drop those silently; rows longer than max_length are kept and truncated
     (responses cut at the end), and counted too.
     """
-    from datasets import Dataset
 
     def n_tokens(messages, gen_prompt=False):
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True)["input_ids"])
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True)
+        return len(out["input_ids"])
 
-    stats: dict[str, int] = {}
-    out = {}
-    for name, rows in (("train", splits.train), ("eval", splits.eval)):
-        kept, truncated, dropped = [], 0, 0
-        for row in tqdm(rows, desc=f"checking dpo {name} lengths", disable=not rows or not is_main_process(), leave=False):
-            if n_tokens(row["prompt"], gen_prompt=True) >= max_length:
-                dropped += 1
-                continue
-            longest = max(n_tokens(row["prompt"] + row["chosen"]), n_tokens(row["prompt"] + row["rejected"]))
-            truncated += longest > max_length
-            kept.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
-        stats[f"{name}_truncated"] = truncated
-        stats[f"{name}_dropped_prompt_too_long"] = dropped
-        if truncated or dropped:
-            log.warning("dpo %s: %d pairs cut to max_length=%d, %d dropped (prompt alone too long)", name, truncated, max_length, dropped)
-        out[name] = Dataset.from_list(kept) if kept else None
-    if out["train"] is None:
-        raise DataError(f"data.path '{splits.source}': every training prompt is longer than max_length={max_length}")
-    return out["train"], out["eval"], stats
+    def convert(row):
+        if n_tokens(row["prompt"], gen_prompt=True) >= max_length:
+            return None, False
+        longest = max(n_tokens(row["prompt"] + row["chosen"]), n_tokens(row["prompt"] + row["rejected"]))
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, longest > max_length
+
+    return to_datasets(splits, convert, "dpo", max_length, "prompt alone fills max_length")
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
@@ -105,23 +90,9 @@ def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
         log.info("dpo: skipped: the finished run in %s matches its config, parent run and data", stage.run_dir.path)
         return stage.run_dir
     with stage:
-        tokenizer = models.load_tokenizer(base, cfg.model)
-        train_ds, eval_ds, token_stats = to_datasets(splits, tokenizer, cfg.train.max_length)
-        model = models.load_model(base, cfg.model)
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *callbacks])
-        params = models.count_parameters(trainer.model)
-        log.info("dpo: %s trainable of %s parameters (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}", params["trainable_pct"])
-        before = trainer.evaluate() if eval_ds is not None else {}
-        result = trainer.train()
-        after = trainer.evaluate() if eval_ds is not None else {}
-        stage.save_adapter(trainer.model)
-        sampled = log_sample_table(stage, trainer.model, tokenizer, "reference", step=trainer.state.global_step)
-        summary = {f"eval_{k}_before": before.get(f"eval_{k}") for k in _EVAL_KEYS}
-        summary.update({f"eval_{k}_after": after.get(f"eval_{k}") for k in _EVAL_KEYS})
-        summary.update(
-            train_loss=result.training_loss, steps=result.global_step, parameters=params, tokens=token_stats, samples=sampled.get("rows", [])
-        )
-        if "judge" in sampled:
-            summary["judge"] = sampled["judge"]
+        trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label="reference", callbacks=callbacks)
+        summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in _EVAL_KEYS}
+        summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
+        summary.update(trained.summary)
         stage.finish(summary=summary, outputs={"adapter": "adapter", "samples": "samples.jsonl"})
     return stage.run_dir
