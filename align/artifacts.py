@@ -270,6 +270,21 @@ class RunDir:
         )
         return run
 
+    def reopen(self, resumed_from: str | None) -> "RunDir":
+        """Continue an unfinished run in place: status back to running, history kept."""
+        m = self.manifest() or {}
+        resumes = list(m.get("resumes", [])) + [{"at": now(), "from_checkpoint": resumed_from}]
+        self.update(status="running", error=None, ended_at=None, resumes=resumes)
+        return self
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric rows past a checkpoint: the resumed run logs those steps again."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("_step", 0) <= after_step]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
     def update(self, **fields: Any) -> None:
         m = self.manifest() or {}
         m.update(fields)
@@ -278,5 +293,5 @@ class RunDir:
     def finish(self, summary: dict, outputs: dict) -> None:
         self.update(status="finished", ended_at=now(), summary=summary, outputs=outputs)
 
-    def fail(self, error: str, traceback_lines: list[str] | None = None) -> None:
-        self.update(status="failed", ended_at=now(), error=error, traceback=traceback_lines or [])
+    def fail(self, error: str, traceback_lines: list[str] | None = None, status: str = "failed") -> None:
+        self.update(status=status, ended_at=now(), error=error, traceback=traceback_lines or [])

@@ -37,10 +37,18 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", required=False, help="YAML config of this recipe")
     p.add_argument("--force", action="store_true", help="run even if a finished RunDir matches")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its newest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--keys", action="store_true", help="list every config key with its type, default and help")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (nested keys with dots)")
     return p
+
+
+def _with_resume(args) -> dict:
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        overrides["resume"] = True
+    return overrides
 
 
 def _guarded(work) -> int:
@@ -48,7 +56,8 @@ def _guarded(work) -> int:
     try:
         return work()
     except AlignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).split("\n"))  # user text inside a message may hold newlines
+        print(f"{getattr(exc, 'label', 'error')}: {one_line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -66,7 +75,7 @@ def recipe_main(stage: str, argv: list[str] | None = None) -> int:
     def work() -> int:
         if not args.config:
             raise AlignError(f"--config: required (e.g. recipes/configs/smollm2-135m/{stage}.yaml)")
-        cfg = load_config(cls, args.config, parse_overrides(args.overrides))
+        cfg = load_config(cls, args.config, _with_resume(args))
         if args.print_config:
             print(to_yaml(cfg))
             return 0
@@ -91,7 +100,7 @@ def pipeline_main(argv: list[str] | None = None) -> int:
             raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/pipeline.yaml)")
         from align.pipeline import load_pipeline, run_pipeline
 
-        pipeline = load_pipeline(Path(args.config), parse_overrides(args.overrides))
+        pipeline = load_pipeline(Path(args.config), _with_resume(args))
         if args.print_config:
             for name, (_, cfg) in pipeline.stage_configs.items():
                 print(f"# stage {name}\n{to_yaml(cfg)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,10 @@ class TrainConfig:
     seed: int = opt(42, "Seed for adapter init, shuffling and dropout.")
     logging_steps: int = opt(5, "Log training metrics every N steps.")
     eval_steps: int | None = opt(None, "Also evaluate every N steps (always at start and end).")
+    save_steps: int | None = opt(
+        None, "Checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; null = only on Ctrl-C."
+    )
+    save_total_limit: int = opt(2, "Checkpoints kept (at least 2, so a crash while writing one leaves the previous).")
 
 
 @dataclass
@@ -139,6 +144,9 @@ class StageConfig:
     samples: SamplesConfig = opt(SamplesConfig, "Sample generations logged at the end of the stage.")
     tracking: Literal["wandb", "none"] = opt("wandb", "wandb = W&B run (offline without a key) + metrics.jsonl; none = metrics.jsonl only.")
     wandb: WandbConfig = opt(WandbConfig, "W&B settings.")
+    resume: bool = opt(
+        False, "Continue an interrupted run of the same config in output_dir from its newest complete checkpoint."
+    )
 
     stage = "base"
 
@@ -157,6 +165,13 @@ class StageConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
+        if self.train.save_steps is not None and self.train.save_steps < 1:
+            raise ConfigError(f"train.save_steps: must be at least 1 or null, got {self.train.save_steps}")
+        if self.train.save_total_limit < 2:
+            raise ConfigError(
+                f"train.save_total_limit: must be at least 2 (a crash while writing the newest checkpoint "
+                f"must leave the previous one), got {self.train.save_total_limit}"
+            )
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps: must be at least 1 or null, got {self.train.max_steps}")
         if self.train.learning_rate <= 0:
@@ -244,6 +259,7 @@ class PipelineConfig:
     output_dir: str = opt(None, "Each stage writes <output_dir>/<stage name>.")
     tracking: Literal["wandb", "none"] | None = opt(None, "Overrides tracking of every stage when set.")
     wandb_project: str | None = opt(None, "Overrides wandb.project of every stage when set.")
+    resume: bool = opt(False, "Resume every interrupted stage from its newest complete checkpoint.")
     stages: list[PipelineStage] = opt([], "Stages in the order they run.")
 
     def validate(self) -> None:
@@ -416,14 +432,17 @@ def _convert(value: Any, tp: Any, path: str, src: _Source, root: type) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad() from None
-        raise bad()
+        if not isinstance(number, (int, float)):
+            raise bad()
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise bad()

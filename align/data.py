@@ -218,12 +218,13 @@ def normalize_sft(row: Any, where: str) -> dict:
         else:
             messages = _messages(prompt, where, "prompt") + _messages(completion, where, "completion")
     elif "instruction" in row and "output" in row:
-        user = instruction_user_content(_text(row, "instruction", where), row.get("input") or None)
+        input_text = _text(row, "input", where) if row.get("input") is not None else None
+        user = instruction_user_content(_text(row, "instruction", where), input_text)
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output", where)}]
     else:
         raise DataError(
             f"{where}: field 'messages' missing (an SFT row has 'messages', 'prompt'+'completion', "
-            f"or 'instruction'+'output'; found: {', '.join(map(str, row)) or 'nothing'})"
+            f"or 'instruction'+'output'; found: {', '.join(map(repr, row)) or 'nothing'})"
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: field 'messages': no assistant turn to train on")

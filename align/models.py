@@ -204,11 +204,16 @@ def quantization_config(cfg: "ModelConfig", compute_dtype: "torch.dtype"):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "4bit":
+        import torch
+
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            # Packed 4-bit weights stored in the (16-bit) compute dtype: FSDP and ZeRO-3 flatten
+            # all parameters of a unit together and need one dtype; the bytes are the same.
+            bnb_4bit_quant_storage=compute_dtype if compute_dtype != torch.float32 else torch.uint8,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

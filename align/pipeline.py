@@ -50,6 +50,8 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             stage_overrides["tracking"] = cfg.tracking
         if cfg.wandb_project is not None:
             stage_overrides["wandb.project"] = cfg.wandb_project
+        if cfg.resume:
+            stage_overrides["resume"] = True
         if st.parent is not None:
             stage_overrides["parent_run"] = str(root / st.parent)
             stage_overrides["model.name_or_path"] = None

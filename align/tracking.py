@@ -56,6 +56,7 @@ class Tracker:
         mode: str = "auto",
         tags: list[str] | None = None,
         config: dict | None = None,
+        resume_id: str | None = None,
     ):
         self.run_dir = run_dir
         self.stage = stage
@@ -63,6 +64,7 @@ class Tracker:
         self._metrics_file = None
         self.wandb_run = None
         self.wandb_path: Path | None = None  # the W&B run folder, kept after finish()
+        self.wandb_run_id: str | None = None
         if not self.active:
             return
         self._metrics_file = open(run_dir.metrics_path, "a", encoding="utf-8")
@@ -81,7 +83,10 @@ class Tracker:
                 mode=wandb_mode(mode),
                 # stdout is not mirrored into the run: logs stay where the user sees them.
                 settings=wandb.Settings(console="off", silent=True),
+                id=resume_id,
+                resume="allow" if resume_id else None,
             )
+            self.wandb_run_id = self.wandb_run.id
             self.wandb_path = Path(self.wandb_run.dir).parent  # <RunDir>/wandb/<offline-run-...>/files -> run folder
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -131,6 +136,8 @@ class Tracker:
 
 def trainer_metric_name(key: str) -> str:
     """HF Trainer log keys -> `train/...` and `eval/...` (the same names in both sinks)."""
+    if key == "train_loss":  # the end-of-run average; `loss` is already train/loss per step
+        return "train/mean_loss"
     if key.startswith("eval_"):
         return "eval/" + key[len("eval_"):]
     if key.startswith("train_"):

@@ -9,6 +9,8 @@ input fails with nothing written. From then on, any exception marks the RunDir
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,14 +23,16 @@ from transformers import TrainerCallback
 from align.artifacts import ADAPTER, RunDir, atomic_dir, hash_json, redact
 from align.config import StageConfig, to_dict, to_yaml
 from align.data import Splits
-from align.errors import ConfigError, DataError
+from align.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
+from align.errors import AlignError, ConfigError, DataError
 from align.models import ModelRef, content_hash
+from align.safeguards import InterruptCallback, Interrupted, NonFiniteGuard, check_disk_space, oom_advice
 from align.tracking import Tracker, is_main_process, trainer_metric_name
 
 log = logging.getLogger("align")
 
 # Keys that change where and how a run is reported, not what it computes.
-_NOT_IN_RUN_KEY = ("output_dir", "tracking", "wandb")
+_NOT_IN_RUN_KEY = ("output_dir", "tracking", "wandb", "resume")
 
 
 def run_key(cfg: StageConfig, base_hash: str, data_hash: str) -> str:
@@ -47,7 +51,7 @@ def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
 
 
 class StageRun:
-    """One stage run: decides skip-or-run, owns the RunDir and the tracker."""
+    """One stage run: decides skip, resume or fresh start; owns the RunDir and the tracker."""
 
     def __init__(
         self,
@@ -69,12 +73,40 @@ class StageRun:
         self.key = run_key(cfg, self.base_hash, self.data_info["hash"])
         parent_id = (parent.manifest() or {}).get("run_id") if parent else None
         self.skipped = not force and self.run_dir.matches(self.key, parent_id)
+        self.resume_from = self._checkpoint_to_resume() if cfg.resume and not self.skipped else None
         self.tracker: Tracker | None = None
         self._started = 0.0
 
+    def _checkpoint_to_resume(self) -> Path | None:
+        previous = self.run_dir.manifest()
+        if previous is None or previous.get("status") == "finished":
+            log.info("%s: nothing to resume in %s; starting fresh", self.stage, self.run_dir.path)
+            return None
+        if previous.get("run_key") != self.key:
+            raise ConfigError(
+                f"resume: {self.run_dir.path} holds a run of a different config, base model or data; "
+                "run without resume to start over"
+            )
+        checkpoint = latest_complete(self.run_dir.path)
+        if checkpoint is None:
+            log.info("%s: no complete checkpoint in %s; starting fresh", self.stage, self.run_dir.path)
+        return checkpoint
+
     def __enter__(self) -> "StageRun":
         self._started = time.time()
-        if is_main_process():
+        wandb_id = None
+        if self.resume_from is not None:
+            wandb_id = (self.run_dir.manifest() or {}).get("wandb_run_id")
+            if is_main_process():
+                step = int(self.resume_from.name.rpartition("-")[2])
+                for later_step, folder in checkpoint_dirs(self.run_dir.path):
+                    if later_step > step:  # half-written by the run that died
+                        shutil.rmtree(folder, ignore_errors=True)
+                self.run_dir.reopen(str(self.resume_from))
+                self.run_dir.truncate_metrics(after_step=step)
+            log.info("%s: resuming from %s", self.stage, self.resume_from)
+        elif is_main_process():
+            check_disk_space(self.run_dir.path, self._needed_disk_bytes())
             RunDir.start(
                 self.run_dir.path,
                 stage=self.stage,
@@ -97,7 +129,10 @@ class StageRun:
                 mode=self.cfg.wandb.mode,
                 tags=self.cfg.wandb.tags,
                 config=to_dict(self.cfg),
+                resume_id=wandb_id,
             )
+            if is_main_process() and self.tracker.wandb_run_id:
+                self.run_dir.update(wandb_run_id=self.tracker.wandb_run_id)
         except BaseException as exc:  # __exit__ does not run when __enter__ raises
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -105,24 +140,55 @@ class StageRun:
             log.info("%s data: %s", self.stage, note)
         return self
 
+    def _needed_disk_bytes(self) -> int:
+        """A generous estimate of what this stage writes: merged model (SFT), adapter, checkpoints."""
+        base = Path(self.base.location)
+        weights = sum(p.stat().st_size for p in base.glob("*.safetensors")) if self.base.is_local else 0
+        adapter_and_state = weights // 10  # LoRA weights + Adam moments stay well under 10% of the base
+        checkpoints = self.cfg.train.save_total_limit if self.cfg.train.save_steps else 1
+        merged = weights if self.stage == "sft" else 0
+        return merged + adapter_and_state * (1 + checkpoints) + 50 * 2**20
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
             message = redact(f"{exc_type.__name__}: {exc}".strip())
             if is_main_process():
-                self.run_dir.fail(message, traceback.format_exception(exc_type, exc, tb)[-6:])
+                status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+                self.run_dir.fail(message, traceback.format_exception(exc_type, exc, tb)[-6:], status=status)
             if self.tracker:
                 self.tracker.finish(failed=True)
         return False
 
+    @staticmethod
+    def before_metrics(trainer) -> dict[str, float]:
+        """Held-out metrics at step 0, from the trainer's log history (restored from the
+        checkpoint when resuming, so a resumed run reports the step 0 of its first attempt)."""
+        for entry in trainer.state.log_history:
+            if entry.get("step") == 0 and "eval_loss" in entry:
+                return {k: v for k, v in entry.items() if k.startswith("eval_")}
+        return {}
+
     def callback(self):
         return TrackerCallback(self.tracker)
 
-    def save_adapter(self, model) -> Path:
-        """The trained adapter in standard PEFT format, written atomically, logged as an artifact."""
+    def save_adapter(self, trainer) -> Path:
+        """The trained adapter in standard PEFT format, written atomically, logged as an artifact.
+
+        Every rank calls this: under FSDP/ZeRO-3 the trainer gathers the sharded weights
+        and the main process writes them.
+        """
         target = self.run_dir.path / ADAPTER
+        staging = self.run_dir.path / f".{ADAPTER}.staging"
+        if is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
         if is_main_process():
             with atomic_dir(target) as tmp:
-                model.save_pretrained(tmp)
+                for item in staging.iterdir():
+                    if item.suffix != ".bin":  # training_args.bin is a pickle; RunDirs hold safetensors/text only
+                        os.replace(item, tmp / item.name)
+            shutil.rmtree(staging, ignore_errors=True)
             self.tracker.log_artifact(
                 target, name=f"{self.stage}-adapter", type="model",
                 metadata={"stage": self.stage, "base_model": self.base.name, "run_dir": str(self.run_dir.path)},
@@ -156,20 +222,44 @@ def train_adapter(stage: StageRun, *, prepare, build_trainer, before_label: str,
 
     `prepare(splits, tokenizer, max_length)` returns (train_ds, eval_ds, token stats);
     `build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, callbacks)` returns a TRL trainer.
+    Training resumes from `stage.resume_from` when set; Ctrl-C/SIGTERM checkpoint and stop it;
+    a non-finite gradient stops it before the bad update.
     """
+    import torch
+
     from align import models
 
     cfg = stage.cfg
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     train_ds, eval_ds, token_stats = prepare(stage.splits, tokenizer, cfg.train.max_length)
     model = models.load_model(stage.base, cfg.model)
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *callbacks])
+    interrupt = InterruptCallback()
+    guards = [MarkCompleteCallback(), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)), interrupt]
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
     params = models.count_parameters(trainer.model)
     log.info("%s: %s trainable of %s parameters (%.2f%%)", stage.stage, f"{params['trainable']:,}", f"{params['total']:,}", params["trainable_pct"])
-    before = trainer.evaluate() if eval_ds is not None else {}
-    result = trainer.train()
-    after = trainer.evaluate() if eval_ds is not None else {}
-    adapter_dir = stage.save_adapter(trainer.model)
+    # The step-0 evaluation runs inside train() (eval_on_start), after the model is wrapped for
+    # DDP: evaluating before train() lets accelerate mark the model prepared without wrapping it,
+    # and training then runs without gradient synchronization (every rank drifts on its own).
+    trainer.args.eval_on_start = eval_ds is not None and stage.resume_from is None
+    try:
+        interrupt.install()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+        finally:
+            interrupt.uninstall()
+        if interrupt.signal_name:
+            checkpoint = latest_complete(stage.run_dir.path)
+            raise Interrupted(
+                f"{interrupt.signal_name} at step {trainer.state.global_step}; checkpoint saved in {checkpoint}; "
+                "continue with --resume (resume=true)",
+                exit_code=interrupt.exit_code,
+            )
+        before = stage.before_metrics(trainer)
+        after = trainer.evaluate() if eval_ds is not None else {}
+    except torch.cuda.OutOfMemoryError as exc:
+        raise AlignError(oom_advice(cfg, trainer.state.global_step + 1)) from exc
+    adapter_dir = stage.save_adapter(trainer)
     sampled = log_sample_table(stage, trainer.model, tokenizer, before_label, step=trainer.state.global_step)
     summary: dict[str, Any] = {
         "train_loss": result.training_loss,
@@ -221,7 +311,10 @@ def trainer_kwargs(cfg: StageConfig, run_dir: RunDir, device: str, has_eval: boo
         logging_steps=t.logging_steps,
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
         eval_steps=t.eval_steps,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         report_to=[],
         bf16=bf16,
         fp16=False,
@@ -290,6 +383,8 @@ def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step:
     from align.generation import generate
 
     samples = stage.cfg.samples
+    if not is_main_process():  # generation involves no other rank; only the main one reports it
+        return {}
     prompts = held_out_prompts(stage.splits, samples.num_prompts) if samples.num_prompts > 0 else []
     if not prompts:
         return {}

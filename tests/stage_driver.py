@@ -1,0 +1,46 @@
+"""Runs one stage in a subprocess (plain python or torchrun) and records what tests need.
+
+usage: python tests/stage_driver.py <stage> <overrides.json> <record dir>
+
+Each rank saves its trainable (adapter) weights at the end of training to
+<record dir>/rank<R>.pt, so a test can compare ranks and runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from align.cli import setup_logging  # noqa: E402
+from align.config import STAGE_CONFIGS, load_config  # noqa: E402
+from align.stages import runner  # noqa: E402
+
+
+class SaveTrainable(TrainerCallback):
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rank = int(os.environ.get("RANK", "0"))
+        weights = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(weights, self.folder / f"rank{rank}.pt")
+
+
+def main() -> int:
+    stage, overrides, record = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
+    record.mkdir(parents=True, exist_ok=True)
+    setup_logging()
+    cfg = load_config(STAGE_CONFIGS[stage], None, overrides)
+    runner(stage)(cfg, callbacks=[SaveTrainable(record)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
