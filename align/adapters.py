@@ -46,3 +46,39 @@ def merge_adapter(base: "ModelRef", model_cfg: "ModelConfig", adapter_dir: Path,
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+def load_frozen_adapter(peft_model, adapter_dir: Path, name: str):
+    """Load a saved LoRA adapter onto `peft_model` under `name`, frozen.
+
+    Also takes a sequence-classification adapter (a reward model): its LoRA weights
+    go onto the shared backbone; its `score` head, which has no place in a causal LM,
+    is returned as a Linear layer (None when the adapter has no head).
+    """
+    import torch
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.task_type = peft_model.peft_config[peft_model.active_adapter].task_type
+    config.modules_to_save = None
+    config.inference_mode = True
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    head_keys = [k for k in weights if k.endswith("score.weight") or k.endswith("score.bias")]
+    head_weights = {k.rsplit(".", 1)[1]: weights.pop(k) for k in head_keys}
+    peft_model.add_adapter(name, config)
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"adapter {adapter_dir}: does not fit this base (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    for param_name, param in peft_model.named_parameters():
+        if f".{name}." in param_name:
+            param.requires_grad_(False)
+    if not head_weights:
+        return None
+    weight = head_weights["weight"]
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_weights)
+    head.load_state_dict(head_weights)
+    head.requires_grad_(False)
+    return head

@@ -147,9 +147,27 @@ def describe_run(stage: str, path: Path, name: str | None = None, skipped: bool 
             f"{_fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> {_fmt(s.get('eval_rewards/accuracies_after'))}; "
             f"margin {_fmt(s.get('eval_rewards/margins_before'))} -> {_fmt(s.get('eval_rewards/margins_after'))}"
         )
+    elif stage == "reward":
+        lines.append(
+            f"  held-out pairwise accuracy: {_fmt(s.get('eval_accuracy_before'))} (untrained head) -> "
+            f"{_fmt(s.get('eval_accuracy_after'))}; margin {_fmt(s.get('eval_margin_before'))} -> {_fmt(s.get('eval_margin_after'))}"
+        )
+    elif stage == "ppo":
+        lines.append(f"  held-out reward {_fmt(s.get('eval_reward_after'))}, KL to reference {_fmt(s.get('eval_kl_after'))}")
+    elif stage == "eval":
+        for name, r in (s.get("policies") or {}).items():
+            wins = {j: w for key, v in r.items() if key.startswith("win_rate_vs_") for j, w in v.items() if w}
+            shown = "; ".join(f"{j} {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" for j, w in wins.items())
+            lines.append(f"  {name}: KL {r['kl_mean']:.3f}" + (f"; win rate {shown}" if shown else " (baseline)"))
+        if s.get("reward_model_accuracy") is not None:
+            lines.append(f"  reward model accuracy on held-out pairs: {s['reward_model_accuracy']:.3f}")
+        report = path.parent / "report.md"
+        if report.is_file():
+            lines.append(f"  report   {report} (and report.html)")
     if "judge" in s:
         j = s["judge"]
         lines.append(f"  {j['name']} judge on {j['n']} held-out prompts: {_fmt(j['before'])} ({j['before_label']}) -> {_fmt(j['after'])}")
     if s.get("wall_time_s") is not None:
-        lines.append(f"  wall time {s['wall_time_s']:.0f} s, {s.get('steps', '?')} steps")
+        steps = f", {s['steps']} steps" if s.get("steps") is not None else ""
+        lines.append(f"  wall time {s['wall_time_s']:.0f} s{steps}, peak memory {_fmt(s.get('peak_memory_mb'))} MB")
     return lines

@@ -181,10 +181,10 @@ class StageConfig:
         if not 0 <= self.lora.dropout < 1:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         if self.samples.judge:
-            from align.judges import load_judge
+            from align.judges import check_judge_spec
 
             try:
-                load_judge(self.samples.judge)
+                check_judge_spec(self.samples.judge)
             except ConfigError as exc:
                 raise ConfigError(f"samples.judge: {exc}") from None
 
@@ -221,15 +221,14 @@ class DPOOptions:
 
 
 @dataclass
-class DPOConfig(StageConfig):
+class ChildStageConfig(StageConfig):
+    """A stage trained on top of an SFT run: its merged model is the frozen base."""
+
     parent_run: str | None = opt(
         None,
-        "SFT RunDir whose merged model is the frozen base (the implicit reference). "
+        "SFT RunDir whose merged model is the frozen base (for DPO and PPO also the implicit reference). "
         "Alternative to model.name_or_path for a model that is already instruction-tuned.",
     )
-    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options.")
-
-    stage = "dpo"
 
     def validate(self) -> None:
         super().validate()
@@ -238,6 +237,16 @@ class DPOConfig(StageConfig):
                 "parent_run / model.name_or_path: set exactly one (the SFT RunDir whose merged model is the "
                 "base, or a base model to use directly)"
             )
+
+
+@dataclass
+class DPOConfig(ChildStageConfig):
+    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options.")
+
+    stage = "dpo"
+
+    def validate(self) -> None:
+        super().validate()
         if self.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta: must be positive, got {self.dpo.beta}")
         if not 0 <= self.dpo.label_smoothing < 0.5:
@@ -245,11 +254,150 @@ class DPOConfig(StageConfig):
 
 
 @dataclass
+class RewardOptions:
+    center_rewards_coefficient: float | None = opt(
+        None, "Adds coef * mean(r^2) to the loss, keeping rewards centred on 0 (e.g. 0.01)."
+    )
+    stats_samples: int = opt(
+        512, "Training responses scored after training for the mean and std PPO normalizes rewards with."
+    )
+
+
+@dataclass
+class RewardConfig(ChildStageConfig):
+    reward: RewardOptions = opt(RewardOptions, "Reward-model options.")
+
+    stage = "reward"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward.stats_samples < 2:
+            raise ConfigError(f"reward.stats_samples: must be at least 2, got {self.reward.stats_samples}")
+
+
+@dataclass
+class PPOOptions:
+    rollout_batch_size: int = opt(16, "Prompts sampled per PPO step (one rollout batch).")
+    minibatch_size: int = opt(8, "Responses per optimization minibatch; a rollout batch is split into these.")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
+    max_new_tokens: int = opt(32, "Longest sampled response.")
+    temperature: float = opt(1.0, "Sampling temperature of rollouts.")
+    top_p: float = opt(1.0, "Nucleus sampling of rollouts.")
+    kl_coef: float = opt(0.05, "Weight of the per-token KL penalty to the reference (initial value when adaptive).")
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p).")
+    target_kl: float | None = opt(None, "Adapt kl_coef towards this KL per response (null: fixed kl_coef).")
+    kl_horizon: int = opt(10000, "Responses over which the adaptive KL controller reacts.")
+    gamma: float = opt(1.0, "Discount of GAE.")
+    lam: float = opt(0.95, "Lambda of GAE.")
+    clip_range: float = opt(0.2, "Clip of the policy ratio.")
+    clip_range_value: float = opt(0.2, "Clip of the value update around the rollout values.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
+    whiten_advantages: bool = opt(True, "Normalize advantages per rollout batch.")
+    normalize_rewards: bool = opt(True, "Normalize scores with the reward run's mean and std.")
+    reward_clip: float | None = opt(5.0, "Clip (normalized) scores to +-this value (null: no clip).")
+    missing_eos_penalty: float | None = opt(
+        1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS (null: none)."
+    )
+    value_head_init_std: float = opt(0.0, "Std of the value head's initial weights (0: start at 0).")
+
+
+@dataclass
+class PPOConfig(ChildStageConfig):
+    reward_run: str | None = opt(None, "Reward-model RunDir whose adapter and score head are the reward.")
+    ppo: PPOOptions = opt(PPOOptions, "PPO options (train.max_steps counts PPO steps: rollout + update).")
+
+    stage = "ppo"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward_run:
+            raise ConfigError("reward_run: required (the reward-model RunDir)")
+        p = self.ppo
+        for key in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
+            if getattr(p, key) < 1:
+                raise ConfigError(f"ppo.{key}: must be at least 1, got {getattr(p, key)}")
+        if p.rollout_batch_size % p.minibatch_size:
+            raise ConfigError(
+                f"ppo.minibatch_size: must divide ppo.rollout_batch_size ({p.minibatch_size} does not divide "
+                f"{p.rollout_batch_size})"
+            )
+        if not self.train.max_steps:
+            raise ConfigError("train.max_steps: required for PPO (the number of rollout + update steps)")
+        if p.temperature <= 0 or not 0 < p.top_p <= 1:
+            raise ConfigError("ppo.temperature must be positive and ppo.top_p in (0, 1]")
+        if p.target_kl is not None and p.target_kl <= 0:
+            raise ConfigError(f"ppo.target_kl: must be positive or null, got {p.target_kl}")
+
+
+@dataclass
+class EvalSampling:
+    max_new_tokens: int = opt(48, "Longest response.")
+    temperature: float = opt(1.0, "Sampling temperature; 1.0 keeps the sample-based KL estimate unbiased.")
+    top_p: float = opt(1.0, "Nucleus sampling.")
+    seed: int = opt(1234, "Seed of the sampling: the same prompts and draws for every policy.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of several policies on held-out prompts, and the comparison report."""
+
+    output_dir: str | None = opt(None, "RunDir of this evaluation (required).")
+    runs: dict[str, str] = opt({}, "Policies to compare: name -> RunDir (sft, dpo, ppo, ...).")
+    baseline: str = opt("sft", "The policy every other one is compared with (win rates, KL reference).")
+    reward_run: str | None = opt(None, "Reward-model RunDir: reward scores and its pairwise accuracy.")
+    data: DataConfig = opt(DataConfig, "Held-out preference data: its prompts are generated from, its pairs scored.")
+    perplexity_data: str | None = opt(
+        "bundled:demo-sft", "SFT data whose held-out split measures each policy's perplexity (forgetting check)."
+    )
+    num_prompts: int = opt(256, "Held-out prompts generated from (all when fewer).")
+    num_pairs: int = opt(128, "Held-out pairs for the implicit-reward and reward-model accuracies.")
+    perplexity_rows: int = opt(64, "Held-out SFT rows for perplexity.")
+    judges: list[str] = opt(["format"], "Programmatic judges (align.judges names or module:function).")
+    dpo_beta: float = opt(0.1, "beta of the implicit reward beta * (log p - log p_ref) when a run does not name one.")
+    bootstrap: int = opt(2000, "Bootstrap resamples of the prompts for the 95% intervals.")
+    batch_size: int = opt(16, "Sequences per forward pass / generation batch.")
+    sampling: EvalSampling = opt(EvalSampling, "How responses are drawn (fixed for every policy).")
+    model: ModelConfig = opt(ModelConfig, "dtype / attention / quantization of the shared base.")
+    report_dir: str | None = opt(None, "Where report.md/.html and plots go; default: the folder above output_dir.")
+    samples_in_report: int = opt(6, "Prompts shown side by side in the report.")
+    tracking: Literal["wandb", "none"] = opt("wandb", "wandb = W&B run + metrics.jsonl; none = files only.")
+    wandb: WandbConfig = opt(WandbConfig, "W&B settings.")
+
+    stage = "eval"
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: required (the RunDir this evaluation writes)")
+        if not self.runs:
+            raise ConfigError("runs: at least one policy RunDir is required (name: path)")
+        if self.baseline not in self.runs:
+            raise ConfigError(f"baseline: '{self.baseline}' is not one of runs ({', '.join(self.runs)})")
+        if not self.data.path:
+            raise ConfigError("data.path: required (held-out preference data)")
+        for key in ("num_prompts", "num_pairs", "batch_size", "bootstrap"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.sampling.temperature <= 0:
+            raise ConfigError(f"sampling.temperature: must be positive, got {self.sampling.temperature}")
+        from align.judges import check_judge_spec
+
+        for spec in self.judges:
+            try:
+                check_judge_spec(spec)
+            except ConfigError as exc:
+                raise ConfigError(f"judges: {exc}") from None
+
+
+@dataclass
 class PipelineStage:
     name: str = opt(None, "Unique stage name; also the RunDir name under the pipeline's output_dir.")
-    stage: Literal["sft", "dpo"] = opt(None, "Which stage runs.")
+    stage: Literal["sft", "dpo", "reward", "ppo", "eval"] = opt(None, "Which stage runs.")
     config: str = opt(None, "The stage's YAML, relative to the pipeline file.")
-    parent: str | None = opt(None, "Name of the earlier stage whose RunDir feeds this one.")
+    parent: str | None = opt(None, "Name of the earlier stage whose merged model is this one's base (parent_run).")
+    links: dict[str, Any] = opt(
+        {}, "Config keys set to earlier stages' RunDirs: {reward_run: reward} or {runs: {sft: sft, dpo: dpo}}."
+    )
     overrides: dict[str, Any] = opt({}, "Dotted key: value overrides applied to the stage config.")
 
 
@@ -277,10 +425,21 @@ class PipelineConfig:
                 raise ConfigError(f"stages[{i}].name: '{st.name}' is used twice")
             if st.parent is not None and st.parent not in seen:
                 raise ConfigError(f"stages[{i}].parent: '{st.parent}' is not an earlier stage of this pipeline")
+            for key, target in st.links.items():
+                names = list(target.values()) if isinstance(target, dict) else [target]
+                for name in names:
+                    if name not in seen:
+                        raise ConfigError(f"stages[{i}].links.{key}: '{name}' is not an earlier stage of this pipeline")
             seen.add(st.name)
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "reward": RewardConfig,
+    "ppo": PPOConfig,
+    "eval": EvalConfig,
+}
 
 
 # --------------------------------------------------------------------------- loading

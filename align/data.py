@@ -270,12 +270,33 @@ def normalize_preference(row: Any, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def normalize_prompt(row: Any, where: str) -> dict:
+    """A prompt to sample from: `prompt` (messages or text) of any row, or an SFT conversation
+    up to its last assistant turn."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a row mapping, got {_kind(row)}")
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = _maybe_json(row["prompt"])
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, where, "prompt")
+    elif "messages" in row:
+        messages = normalize_sft(row, where)["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = messages[:last]
+        if not prompt:
+            raise DataError(f"{where}: field 'messages': no turn before the assistant's to use as a prompt")
+    else:
+        raise DataError(f"{where}: field 'prompt' missing (a prompt row has 'prompt', or 'messages')")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: field 'prompt': the last message must be from the user, got {prompt[-1]['role']!r}")
+    return {"prompt": prompt}
+
+
 # --------------------------------------------------------------------------- splits
 
 
 def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
-    """Read, validate and split a dataset; kind is 'sft' or 'preference'."""
-    normalize = {"sft": normalize_sft, "preference": normalize_preference}[kind]
+    """Read, validate and split a dataset; kind is 'sft', 'preference' or 'prompt'."""
+    normalize = {"sft": normalize_sft, "preference": normalize_preference, "prompt": normalize_prompt}[kind]
     raw = read_splits(cfg.path)
     if cfg.train_split not in raw:
         raise DataError(f"data.path '{cfg.path}': no split '{cfg.train_split}' (available: {', '.join(sorted(raw))})")

@@ -27,6 +27,14 @@ Built-in judges (see `load_judge`)
 * ``"length"`` -- `LengthJudge`: 1.0 if the response has between 1 and ``max_words``
   (default 50) whitespace-separated words, else 0.0. Applies to every prompt.
 
+`AnswerJudge` (verifiable answers: 1.0 if the response contains the reference answer of its
+question, else 0.0) needs the references, so it is built directly,
+``AnswerJudge(answers={question: answer})``, not by name (``align-data generate --judge answer``
+builds it from the prompts file).
+
+``load_judge("rm:<run dir>")`` resolves through a factory registered with
+`register_judge_prefix` (the reward-model judge, once that stage exists).
+
 ``load_judge("package.module:function")`` wraps any function
 ``(prompt: list[dict], response: str) -> float | None`` into a judge.
 
@@ -48,6 +56,7 @@ Message = Mapping[str, Any]
 Prompt = Sequence[Message]
 
 __all__ = [
+    "AnswerJudge",
     "FORMAT_CONSTRAINTS",
     "REFUSAL_PHRASES",
     "FormatConstraint",
@@ -64,6 +73,8 @@ __all__ = [
     "last_user_message",
     "load_judge",
     "register_judge",
+    "register_judge_prefix",
+    "check_judge_spec",
     "render_instruction",
     "requested_item_count",
 ]
@@ -491,6 +502,44 @@ class LengthJudge(RuleJudge):
         return 1.0 if 1 <= len(response.split()) <= self.max_words else 0.0
 
 
+def _answer_words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+class AnswerJudge(RuleJudge):
+    """Verifiable answers: 1.0 if the response contains a reference answer, else 0.0.
+
+    ``answers`` maps a question (the text of the last user message, stripped) to its reference
+    answer or answers. Matching ignores case and punctuation: the answer's words must appear
+    consecutively in the response ("The capital is Paris." contains "paris"). ``None`` for a
+    prompt without a reference.
+    """
+
+    name = "answer"
+
+    def __init__(self, answers: Mapping[str, str | Sequence[str]] | None = None) -> None:
+        if not answers:
+            raise JudgeSpecError("judge 'answer' needs reference answers: answers={question: answer, ...}")
+        self.answers: dict[str, list[list[str]]] = {}
+        for question, refs in answers.items():
+            refs = [refs] if isinstance(refs, str) else list(refs)
+            words = [w for w in (_answer_words(r) for r in refs) if w]
+            if words:
+                self.answers[question.strip()] = words
+
+    def score_one(self, prompt: Prompt, response: str) -> float | None:
+        question = last_user_message(prompt)
+        refs = self.answers.get(question.strip()) if question else None
+        if refs is None:
+            return None
+        said = _answer_words(response)
+        for ref in refs:
+            n = len(ref)
+            if any(said[i : i + n] == ref for i in range(len(said) - n + 1)):
+                return 1.0
+        return 0.0
+
+
 class FunctionJudge(RuleJudge):
     """Wraps ``fn(prompt: list[dict], response: str) -> float | None`` into a judge."""
 
@@ -516,6 +565,9 @@ _BUILTIN_JUDGES: dict[str, Callable[..., Judge]] = {
     "refusal": RefusalJudge,
     "length": LengthJudge,
 }
+# "prefix:argument" specs resolved by a registered factory, e.g. "rm:runs/demo/reward" for a
+# reward-model judge; the factory lives outside this module (it needs torch/transformers).
+_JUDGE_PREFIXES: dict[str, Callable[..., Judge]] = {}
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:
@@ -525,9 +577,33 @@ def register_judge(name: str, factory: Callable[..., Judge]) -> None:
     _BUILTIN_JUDGES[name] = factory
 
 
+def register_judge_prefix(prefix: str, factory: Callable[..., Judge]) -> None:
+    """Make ``load_judge("prefix:arg", **kw)`` return ``factory(arg, **kw)`` (e.g. ``rm`` for reward models)."""
+    if not prefix or ":" in prefix or not prefix.isidentifier():
+        raise ValueError(f"judge prefix {prefix!r} must be an identifier without ':'")
+    _JUDGE_PREFIXES[prefix] = factory
+
+
 def available_judges() -> list[str]:
     """Names accepted by `load_judge` besides ``module:function`` specs."""
     return sorted(_BUILTIN_JUDGES)
+
+
+def check_judge_spec(spec: str) -> None:
+    """Fail early, and cheaply, on a spec `load_judge` could not resolve (loads no model)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise JudgeSpecError(f"judge spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    prefix, sep, arg = spec.partition(":")
+    if spec in _BUILTIN_JUDGES or (sep and prefix in _JUDGE_PREFIXES):
+        return
+    if sep and prefix == "rm":
+        from pathlib import Path
+
+        if not (Path(arg) / "manifest.json").is_file():
+            raise JudgeSpecError(f"judge {spec!r}: {arg or '(empty)'} is not a RunDir (no manifest.json)")
+        return
+    load_judge(spec)  # rule judges and module:function are cheap to build
 
 
 def load_judge(spec: str, **kwargs: Any) -> Judge:
@@ -546,9 +622,16 @@ def load_judge(spec: str, **kwargs: Any) -> Judge:
     if spec in _BUILTIN_JUDGES:
         return _BUILTIN_JUDGES[spec](**kwargs)
 
-    # Extension point: a trained reward model saved as a RunDir (e.g. "rm:runs/<name>" or a
-    # run directory path) will be resolved here, before the "module:function" form, by a judge
-    # that lives outside this module so that this file stays free of torch/transformers.
+    # A trained reward model is a RunDir: "rm:<run dir>". Registered prefixes come before the
+    # "module:function" form; "rm" without a registered factory gets a clear error.
+    prefix, sep, arg = spec.partition(":")
+    if sep and prefix in _JUDGE_PREFIXES:
+        return _JUDGE_PREFIXES[prefix](arg, **kwargs)
+    if sep and prefix == "rm":
+        # Imported only here: it loads torch and a model, which rule-based users never need.
+        from align.reward_judge import RewardModelJudge
+
+        return RewardModelJudge(arg, **kwargs)
 
     if ":" not in spec:
         raise JudgeSpecError(

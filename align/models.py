@@ -218,12 +218,16 @@ def quantization_config(cfg: "ModelConfig", compute_dtype: "torch.dtype"):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_model(ref: ModelRef, cfg: "ModelConfig", device: str | None = None, dequantized: bool = False) -> "PreTrainedModel":
-    """Load a causal LM for training or scoring, placed on `device`.
+def load_model(
+    ref: ModelRef, cfg: "ModelConfig", device: str | None = None, dequantized: bool = False, head: str = "causal"
+) -> "PreTrainedModel":
+    """Load a model for training or scoring, placed on `device`.
 
+    head="causal": the language model; head="score": the same backbone with a scalar head
+    (a reward model; a new head is initialized from the current torch seed).
     `dequantized=True` ignores cfg.quantization (used when merging into full precision).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or default_device()
     dtype = resolve_dtype(cfg.dtype, device)
@@ -239,8 +243,11 @@ def load_model(ref: ModelRef, cfg: "ModelConfig", device: str | None = None, deq
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing the weights
+    if head == "score":
+        kwargs["num_labels"] = 1
+    auto = {"causal": AutoModelForCausalLM, "score": AutoModelForSequenceClassification}[head]
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+        model = auto.from_pretrained(ref.location, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model '{ref.name}': cannot load from {ref.location}: {_first_line(exc)}") from None
     if quant is None:

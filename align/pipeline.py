@@ -50,11 +50,15 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             stage_overrides["tracking"] = cfg.tracking
         if cfg.wandb_project is not None:
             stage_overrides["wandb.project"] = cfg.wandb_project
-        if cfg.resume:
+        if cfg.resume and st.stage != "eval":
             stage_overrides["resume"] = True
         if st.parent is not None:
             stage_overrides["parent_run"] = str(root / st.parent)
             stage_overrides["model.name_or_path"] = None
+        for key, target in st.links.items():
+            stage_overrides[key] = (
+                {alias: str(root / name) for alias, name in target.items()} if isinstance(target, dict) else str(root / target)
+            )
         stage_overrides.update(per_stage[st.name])
         stage_file = (path.parent / st.config).resolve() if not Path(st.config).is_absolute() else Path(st.config)
         configs[st.name] = (st.stage, load_config(STAGE_CONFIGS[st.stage], stage_file, stage_overrides))

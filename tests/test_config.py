@@ -38,16 +38,25 @@ def test_every_shipped_yaml_loads_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# python recipes/"), "a YAML config starts with the command that runs it"
     assert str(path.relative_to(REPO)) in first
-    if path.name == "pipeline.yaml":
+    if path.name.startswith("pipeline"):
         pipeline = load_pipeline(path)
         assert pipeline.stage_configs, "a pipeline with no stages"
         for name, (stage, cfg) in pipeline.stage_configs.items():
             assert cfg.stage == stage
             assert cfg.output_dir.endswith(name)
             assert cfg.wandb.group == pipeline.cfg.name
+        for st in pipeline.cfg.stages:  # links point at the RunDirs of earlier stages
+            _, cfg = pipeline.stage_configs[st.name]
+            for key, target in st.links.items():
+                value = getattr(cfg, key)
+                names = target if isinstance(target, dict) else {None: target}
+                for alias, name in names.items():
+                    got = value[alias] if alias else value
+                    assert got == pipeline.stage_configs[name][1].output_dir
     else:
-        cls = {"sft.yaml": SFTConfig, "dpo.yaml": DPOConfig}[path.name]
-        cfg = load_config(cls, path)
+        from align.config import STAGE_CONFIGS
+
+        cfg = load_config(STAGE_CONFIGS[path.stem], path)
         assert cfg.output_dir and cfg.data.path
 
 

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from wandb_offline import read_offline_run
 
 from align.config import DPOConfig, SFTConfig, load_config
+from align.stages.common import resolve_base
 
 PROBE = [{"role": "user", "content": "What is 3 plus one?"}, {"role": "assistant", "content": "4"}]
 
@@ -159,7 +160,7 @@ def test_dpo_reference_logps_equal_merged_sft_model(pipeline_runs, tmp_path):
     from align.stages import dpo
 
     cfg = pipeline_runs["dpo"][0]
-    base, _ = dpo.base_model(cfg)
+    base, _ = resolve_base(cfg)
     splits = load_splits(cfg.data, "preference", cfg.train.seed)
     tokenizer = models.load_tokenizer(base, cfg.model)
     train_ds, eval_ds, _ = dpo.prepare(splits, tokenizer, cfg.train.max_length)
@@ -241,7 +242,7 @@ def test_qlora_sft_then_dpo_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     # The base really was 4-bit during training.
     from align import models
 
-    base, _ = dpo.base_model(dpo_cfg)
+    base, _ = resolve_base(dpo_cfg)
     model = models.load_model(base, dpo_cfg.model)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     quant = model.config.quantization_config

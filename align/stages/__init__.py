@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "reward", "ppo", "eval")
 
 
 def runner(stage: str):

@@ -50,6 +50,30 @@ def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
     return parent
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else peak resident set size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def resolve_base(cfg) -> tuple[ModelRef, RunDir | None]:
+    """The frozen base of a stage: its parent SFT run's merged model, or model.name_or_path."""
+    from align import models
+
+    if getattr(cfg, "parent_run", None):
+        parent = finished_parent(cfg.parent_run)
+        merged = parent.merged_dir
+        if not (merged / "config.json").is_file():
+            raise DataError(f"parent_run: {parent.path} has no merged model ({merged}); is it an SFT run?")
+        return ModelRef(name=str(merged), location=str(merged.resolve()), is_local=True), parent
+    return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
+
+
 class StageRun:
     """One stage run: decides skip, resume or fresh start; owns the RunDir and the tracker."""
 
@@ -61,6 +85,7 @@ class StageRun:
         splits: Splits,
         parent: RunDir | None = None,
         force: bool = False,
+        inputs: dict | None = None,
     ):
         self.cfg = cfg
         self.stage = cfg.stage
@@ -70,10 +95,13 @@ class StageRun:
         self.run_dir = RunDir(Path(cfg.output_dir))
         self.base_hash = content_hash(base)
         self.data_info = splits.info()
-        self.key = run_key(cfg, self.base_hash, self.data_info["hash"])
+        # `inputs`: identities of other runs this one reads (an evaluation's policies, a PPO reward model).
+        self.key = run_key(cfg, self.base_hash, self.data_info["hash"]) if not inputs else hash_json(
+            {"run": run_key(cfg, self.base_hash, self.data_info["hash"]), "inputs": inputs}
+        )
         parent_id = (parent.manifest() or {}).get("run_id") if parent else None
         self.skipped = not force and self.run_dir.matches(self.key, parent_id)
-        self.resume_from = self._checkpoint_to_resume() if cfg.resume and not self.skipped else None
+        self.resume_from = self._checkpoint_to_resume() if getattr(cfg, "resume", False) and not self.skipped else None
         self.tracker: Tracker | None = None
         self._started = 0.0
 
@@ -145,7 +173,8 @@ class StageRun:
         base = Path(self.base.location)
         weights = sum(p.stat().st_size for p in base.glob("*.safetensors")) if self.base.is_local else 0
         adapter_and_state = weights // 10  # LoRA weights + Adam moments stay well under 10% of the base
-        checkpoints = self.cfg.train.save_total_limit if self.cfg.train.save_steps else 1
+        train = getattr(self.cfg, "train", None)
+        checkpoints = train.save_total_limit if train is not None and train.save_steps else 1
         merged = weights if self.stage == "sft" else 0
         return merged + adapter_and_state * (1 + checkpoints) + 50 * 2**20
 
@@ -196,7 +225,7 @@ class StageRun:
         return target
 
     def finish(self, summary: dict[str, Any], outputs: dict[str, str]) -> None:
-        summary = {**summary, "wall_time_s": round(time.time() - self._started, 1)}
+        summary = {**summary, "wall_time_s": round(time.time() - self._started, 1), "peak_memory_mb": peak_memory_mb()}
         if self.tracker.wandb_path is not None:
             outputs = {**outputs, "wandb": str(self.tracker.wandb_path)}
         self.tracker.set_summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
@@ -217,22 +246,27 @@ class Trained:
     summary: dict[str, Any]  # train loss, steps, parameters, token counts, samples, judge
 
 
-def train_adapter(stage: StageRun, *, prepare, build_trainer, before_label: str, callbacks=()) -> Trained:
+def train_adapter(
+    stage: StageRun, *, prepare, build_trainer, before_label: str, callbacks=(), head: str = "causal", samples=None
+) -> Trained:
     """The part every stage shares: data -> model -> trainer -> eval, train, eval -> adapter, samples.
 
     `prepare(splits, tokenizer, max_length)` returns (train_ds, eval_ds, token stats);
     `build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, callbacks)` returns a TRL trainer.
-    Training resumes from `stage.resume_from` when set; Ctrl-C/SIGTERM checkpoint and stop it;
-    a non-finite gradient stops it before the bad update.
+    `samples(stage, model, tokenizer, before_label, step)` logs the end-of-stage table
+    (default: generations before/after). Training resumes from `stage.resume_from` when set;
+    Ctrl-C/SIGTERM checkpoint and stop it; a non-finite gradient stops it before the bad update.
     """
     import torch
+    from transformers import set_seed
 
     from align import models
 
     cfg = stage.cfg
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     train_ds, eval_ds, token_stats = prepare(stage.splits, tokenizer, cfg.train.max_length)
-    model = models.load_model(stage.base, cfg.model)
+    set_seed(cfg.train.seed)  # new heads and adapters initialize the same way on every run and rank
+    model = models.load_model(stage.base, cfg.model, head=head)
     interrupt = InterruptCallback()
     guards = [MarkCompleteCallback(), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)), interrupt]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
@@ -260,7 +294,7 @@ def train_adapter(stage: StageRun, *, prepare, build_trainer, before_label: str,
     except torch.cuda.OutOfMemoryError as exc:
         raise AlignError(oom_advice(cfg, trainer.state.global_step + 1)) from exc
     adapter_dir = stage.save_adapter(trainer)
-    sampled = log_sample_table(stage, trainer.model, tokenizer, before_label, step=trainer.state.global_step)
+    sampled = (samples or log_sample_table)(stage, trainer.model, tokenizer, before_label, step=trainer.state.global_step)
     summary: dict[str, Any] = {
         "train_loss": result.training_loss,
         "steps": result.global_step,

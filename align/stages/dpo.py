@@ -11,27 +11,13 @@ from __future__ import annotations
 
 import logging
 
-from align import models
 from align.adapters import lora_config
 from align.artifacts import RunDir
 from align.config import DPOConfig
 from align.data import Splits, load_splits
-from align.errors import DataError
-from align.models import ModelRef
-from align.stages.common import StageRun, finished_parent, to_datasets, train_adapter, trainer_kwargs
+from align.stages.common import StageRun, resolve_base, to_datasets, train_adapter, trainer_kwargs
 
 log = logging.getLogger("align")
-
-
-def base_model(cfg: DPOConfig) -> tuple[ModelRef, RunDir | None]:
-    """The frozen base: the parent SFT run's merged model, or model.name_or_path."""
-    if cfg.parent_run:
-        parent = finished_parent(cfg.parent_run)
-        merged = parent.merged_dir
-        if not (merged / "config.json").is_file():
-            raise DataError(f"parent_run: {parent.path} has no merged model ({merged}); is it an SFT run?")
-        return ModelRef(name=str(merged), location=str(merged.resolve()), is_local=True), parent
-    return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
 
 
 def prepare(splits: Splits, tokenizer, max_length: int):
@@ -84,7 +70,7 @@ _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
 
 def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
     splits = load_splits(cfg.data, "preference", cfg.train.seed)
-    base, parent = base_model(cfg)
+    base, parent = resolve_base(cfg)
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
     if stage.skipped:
         log.info("dpo: skipped: the finished run in %s matches its config, parent run and data", stage.run_dir.path)

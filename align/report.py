@@ -1,0 +1,244 @@
+"""The comparison report: report.md and report.html with PNG plots, from an evaluation RunDir.
+
+Everything comes from files on disk: the evaluation's eval.json and generations.jsonl,
+and each policy run's manifest and metrics.jsonl (training curves, the PPO reward/KL
+trajectory). The same tables and images go to W&B when a tracker is given.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from align.artifacts import RunDir, atomic_write_text
+
+
+def _metrics(run: RunDir) -> list[dict]:
+    if not run.metrics_path.is_file():
+        return []
+    return [json.loads(line) for line in run.metrics_path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plot_reward_vs_kl(results: dict, runs: dict[str, RunDir], path: Path, y_key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, r in results["policies"].items():
+        y = r["scores"].get(y_key, {}).get("mean")
+        if y is None:
+            continue
+        ax.scatter([r["kl_mean"]], [y], s=60, zorder=3)
+        ax.annotate(name, (r["kl_mean"], y), textcoords="offset points", xytext=(6, 4))
+        run = runs[name]
+        if (run.manifest() or {}).get("stage") == "ppo" and y_key == "reward_model":
+            curve = [(row["eval/kl"], row["eval/reward"], row["_step"]) for row in _metrics(run) if "eval/kl" in row]
+            if len(curve) > 1:
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], "--", alpha=0.6, label=f"{name} during training")
+    ax.set_xlabel("KL(policy || reference), nats per response")
+    ax.set_ylabel("reward-model score" if y_key == "reward_model" else f"{y_key} judge score")
+    ax.set_title("Reward vs KL on held-out prompts")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_win_rates(results: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = results["baseline"]
+    bars = []
+    for name, r in results["policies"].items():
+        for judge, w in (r.get(f"win_rate_vs_{baseline}") or {}).items():
+            if w:
+                bars.append((f"{name}\n{judge}", w["win_rate"], w["ci95"]))
+    if not bars:
+        return False
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(bars)), 4))
+    xs = range(len(bars))
+    heights = [b[1] for b in bars]
+    errors = [[b[1] - b[2][0] for b in bars], [b[2][1] - b[1] for b in bars]]
+    ax.bar(xs, heights, yerr=errors, capsize=6, color="#4c72b0")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(list(xs), [b[0] for b in bars])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate vs {baseline} (ties = 1/2), 95% CI")
+    ax.set_title("Win rates on held-out prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+_CURVES = {
+    "sft": [("train/loss", "train loss"), ("eval/loss", "held-out loss")],
+    "dpo": [("train/loss", "train loss"), ("train/rewards/accuracies", "reward accuracy")],
+    "reward": [("train/loss", "train loss"), ("train/accuracy", "pairwise accuracy")],
+    "ppo": [("ppo/reward_raw", "reward"), ("ppo/kl", "KL")],
+}
+
+
+def _plot_training_curves(stages: dict[str, RunDir], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for name, run in stages.items():
+        rows = _metrics(run)
+        kind = (run.manifest() or {}).get("stage")
+        for key, label in _CURVES.get(kind, []):
+            points = [(r["_step"], r[key]) for r in rows if key in r]
+            if len(points) > 1:
+                panels.append((f"{name}: {label}", points))
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3 * rows_n), squeeze=False)
+    for ax, (title, points) in zip(axes.flat, panels):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _policy_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    baseline = results["baseline"]
+    judges = sorted({j for r in results["policies"].values() for j in r["scores"]})
+    header = ["policy", *[f"{j} score" for j in judges], *[f"win rate vs {baseline} ({j})" for j in judges],
+              "KL to reference", "response tokens", "SFT perplexity", "implicit-reward acc."]
+    rows = []
+    for name, r in results["policies"].items():
+        wins = r.get(f"win_rate_vs_{baseline}") or {}
+        cells = [name]
+        cells += [_fmt(r["scores"].get(j, {}).get("mean")) for j in judges]
+        for j in judges:
+            w = wins.get(j)
+            cells.append(f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['wins']}/{w['ties']}/{w['losses']})" if w else "-")
+        cells += [_fmt(r["kl_mean"]), _fmt(r["response_tokens_mean"], 1), _fmt(r["perplexity"]), _fmt(r["implicit_reward_accuracy"])]
+        rows.append(cells)
+    return header, rows
+
+
+def _compute_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "stage", "wall time (s)", "peak memory (MB)", "trainable params", "trainable %", "steps", "tokens"]
+    rows = [
+        [name, c["stage"] or "", _fmt(c["wall_time_s"], 0), _fmt(c["peak_memory_mb"], 0),
+         f"{c['trainable_parameters']:,}" if c["trainable_parameters"] else "n/a", _fmt(c["trainable_pct"], 2),
+         _fmt(c["steps"]), _fmt(c["tokens"], 0)]
+        for name, c in results["compute"].items()
+    ]
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None, out_dir: Path, n_samples: int, tracker=None) -> dict:
+    results = json.loads((Path(eval_dir) / "eval.json").read_text())
+    generations = [json.loads(line) for line in (Path(eval_dir) / "generations.jsonl").read_text().splitlines()]
+    out_dir = Path(out_dir)
+    plots_dir = out_dir / "report_plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    y_key = "reward_model" if results.get("reward_model_accuracy") is not None else next(
+        iter(next(iter(results["policies"].values()))["scores"]), "reward_model"
+    )
+    plots = {}
+    _plot_reward_vs_kl(results, runs, plots_dir / "reward_vs_kl.png", y_key)
+    plots["Reward vs KL"] = plots_dir / "reward_vs_kl.png"
+    if _plot_win_rates(results, plots_dir / "win_rates.png"):
+        plots["Win rates"] = plots_dir / "win_rates.png"
+    stages = dict(runs)
+    if reward is not None:
+        stages["reward"] = reward
+    if _plot_training_curves(stages, plots_dir / "training_curves.png"):
+        plots["Training curves"] = plots_dir / "training_curves.png"
+
+    policy_header, policy_rows = _policy_table(results)
+    compute_header, compute_rows = _compute_rows(results)
+    names = list(results["policies"])
+    sample_header = ["prompt", *names]
+    sample_rows = [[g["prompt"], *(g.get(n, "") for n in names)] for g in generations[:n_samples]]
+    sampling = results["sampling"]
+    intro = (
+        f"{results['num_prompts']} held-out prompts, responses sampled with temperature {sampling['temperature']}, "
+        f"top-p {sampling['top_p']}, up to {sampling['max_new_tokens']} tokens, seed {sampling['seed']} (the same draws "
+        f"for every policy). Win rates compare each policy with **{results['baseline']}** prompt by prompt under each "
+        "judge (ties count 1/2; wins/ties/losses in brackets), with 95% bootstrap intervals over prompts. KL is "
+        "estimated from each policy's own samples against the reference (the SFT model)."
+    )
+    rm = results.get("reward_model_accuracy")
+    rm_line = f"Reward model pairwise accuracy on {results['num_pairs']} held-out pairs: **{rm:.3f}**." if rm is not None else ""
+
+    md = [f"# Comparison report: {', '.join(names)}", "", intro, "", rm_line, "", "## Policies", "",
+          _md_table(policy_header, policy_rows), ""]
+    for title, path in plots.items():
+        md += [f"## {title}", "", f"![{title}]({path.relative_to(out_dir)})", ""]
+    md += ["## Compute", "", _md_table(compute_header, compute_rows), "", "## Samples", "", _md_table(sample_header, sample_rows), ""]
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
+
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top;font-size:14px}th{background:#f3f3f3}img{max-width:100%}")
+    body = [f"<h1>Comparison report: {html.escape(', '.join(names))}</h1>",
+            f"<p>{html.escape(intro).replace('**', '')}</p>", f"<p>{html.escape(rm_line).replace('**', '')}</p>",
+            "<h2>Policies</h2>", _html_table(policy_header, policy_rows)]
+    for title, path in plots.items():
+        body += [f"<h2>{html.escape(title)}</h2>", f'<img src="{path.relative_to(out_dir)}" alt="{html.escape(title)}">']
+    body += ["<h2>Compute</h2>", _html_table(compute_header, compute_rows), "<h2>Samples</h2>", _html_table(sample_header, sample_rows)]
+    atomic_write_text(out_dir / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>align report</title>"
+                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+    if tracker is not None and tracker.wandb_run is not None:
+        import wandb
+
+        tracker.wandb_run.log({
+            "report/policies": wandb.Table(columns=policy_header, data=policy_rows),
+            "report/compute": wandb.Table(columns=compute_header, data=compute_rows),
+            "report/samples": wandb.Table(columns=sample_header, data=sample_rows),
+            **{f"report/{title}": wandb.Image(str(path)) for title, path in plots.items()},
+        })
+    return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "plots": list(plots.values())}

@@ -1,0 +1,309 @@
+"""Cleaning rules. Each pair is checked in this order and dropped for the first rule it breaks,
+counted under that rule's key (the report lists them all, including zeros):
+
+  malformed_roles, empty_turn, identical, prompt_too_long, response_too_long, total_too_long,
+  contaminated, exact_duplicate, near_duplicate_prompt
+
+Roles: a prompt is an optional system message, then user/assistant turns alternating from user,
+ending with a user turn; each response alternates from an assistant turn and ends with one.
+Lengths are tokens of `--tokenizer` (message contents, without chat-template markup), or
+whitespace-separated words without one. Decontamination drops pairs any of whose texts contain
+a word n-gram (`--decontam-ngram`, default 13) of an evaluation prompt; evaluation prompts of
+5 to n-1 words are matched whole.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from align.errors import DataError
+from data_tools.dedup import PromptClusters, U64Map, digest64, words
+from data_tools.sources.base import Messages, Pair, json_cell
+
+REASONS = {
+    "malformed_roles": "malformed roles or turn order",
+    "empty_turn": "empty or whitespace-only turn",
+    "identical": "chosen identical to rejected",
+    "prompt_too_long": "prompt over --max-prompt-tokens",
+    "response_too_long": "chosen or rejected over --max-response-tokens",
+    "total_too_long": "prompt + response over --max-total-tokens",
+    "contaminated": "overlaps the evaluation set (--decontaminate)",
+    "exact_duplicate": "exact duplicate of an earlier pair",
+    "near_duplicate_prompt": "near-duplicate prompt (--near-dup)",
+}
+ROLES = ("system", "user", "assistant")
+SHORT_EVAL_MIN_WORDS = 5
+
+
+# --------------------------------------------------------------------------- row checks
+
+
+def role_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
+    """Why the roles or turn order are malformed, or None."""
+    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not msgs:
+            return f"'{name}' has no messages"
+        for i, m in enumerate(msgs):
+            if m["role"] not in ROLES:
+                return f"'{name}[{i}].role' is {m['role']!r}, not one of {', '.join(ROLES)}"
+    start = 1 if prompt[0]["role"] == "system" else 0
+    if start == len(prompt):
+        return "'prompt' has only a system message"
+    expected = "user"
+    for i in range(start, len(prompt)):
+        if prompt[i]["role"] != expected:
+            article = "an" if expected == "assistant" else "a"
+            return f"'prompt[{i}]' is a {prompt[i]['role']} turn where {article} {expected} turn belongs (turns alternate from user)"
+        expected = "assistant" if expected == "user" else "user"
+    if prompt[-1]["role"] != "user":
+        return "'prompt' ends with an assistant turn (the prompt's last turn is the user's)"
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        expected = "assistant"
+        for i, m in enumerate(msgs):
+            if m["role"] != expected:
+                article = "an" if expected == "assistant" else "a"
+                return f"'{name}[{i}]' is a {m['role']} turn where {article} {expected} turn belongs (a response starts with the assistant)"
+            expected = "user" if expected == "assistant" else "assistant"
+        if msgs[-1]["role"] != "assistant":
+            return f"'{name}' ends with a user turn"
+    return None
+
+
+def empty_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
+    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        for i, m in enumerate(msgs):
+            if not m["content"].strip():
+                return f"'{name}[{i}].content' is empty or whitespace"
+    return None
+
+
+def same_response(chosen: Messages, rejected: Messages) -> bool:
+    return [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]
+
+
+def prompt_text(prompt: Messages) -> str:
+    return "\n".join(m["content"] for m in prompt)
+
+
+def _serial(msgs: Messages) -> str:
+    # Length-prefixed, so no content can imitate a boundary (cheaper than json.dumps).
+    return "".join(f"{m['role']}:{len(m['content'])}:{m['content']}" for m in msgs)
+
+
+def pair_digest(prompt: Messages, chosen: Messages, rejected: Messages) -> int:
+    return digest64(f"{_serial(prompt)}|{len(chosen)}|{_serial(chosen)}|{_serial(rejected)}")
+
+
+def prompt_digest(prompt: Messages) -> int:
+    return digest64(_serial(prompt))
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+class Lengths:
+    """Text lengths in tokens of a tokenizer, or in words without one."""
+
+    def __init__(self, tokenizer_spec: str | None) -> None:
+        self.spec = tokenizer_spec
+        self.tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else None
+        self.unit = f"tokens ({tokenizer_spec})" if tokenizer_spec else "words"
+
+    def of(self, texts: list[str]) -> list[int]:
+        if self.tokenizer is None:
+            return [len(t.split()) for t in texts]
+        if not texts:
+            return []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def pairs(self, pairs: list[Pair]) -> list[tuple[int, int, int]]:
+        """(prompt, chosen, rejected) lengths: the sums over each side's message contents."""
+        texts: list[str] = []
+        spans = []
+        for p in pairs:
+            row = []
+            for msgs in (p.prompt, p.chosen, p.rejected):
+                row.append((len(texts), len(texts) + len(msgs)))
+                texts.extend(m["content"] for m in msgs)
+            spans.append(row)
+        lens = self.of(texts)
+        return [tuple(sum(lens[a:b]) for a, b in row) for row in spans]
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from align.errors import ModelError
+    from align.models import resolve
+
+    ref = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(ref.location, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--tokenizer '{spec}': cannot load a tokenizer from {ref.location}: {str(exc).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- decontamination
+
+
+class EvalOverlap:
+    """Word n-grams of evaluation prompts; `hits(text)` says whether a text contains one."""
+
+    def __init__(self, specs: list[str], n: int) -> None:
+        from data_tools.readers import iter_rows
+
+        self.n, self.specs = n, specs
+        self.grams: set[str] = set()
+        self.short: dict[int, set[str]] = {}
+        self.prompts = 0
+        for spec in specs:
+            for where, row in iter_rows(spec):
+                if isinstance(row, Exception):
+                    raise DataError(f"--decontaminate: {row}")
+                for text in eval_prompts(row, where):
+                    self._add(words(text))
+                    self.prompts += 1
+        if not self.prompts:
+            raise DataError(f"--decontaminate {', '.join(specs)}: no evaluation prompts found")
+
+    def _add(self, toks: list[str]) -> None:
+        n = self.n
+        if len(toks) >= n:
+            self.grams.update(" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1))
+        elif len(toks) >= SHORT_EVAL_MIN_WORDS:
+            self.short.setdefault(len(toks), set()).add(" ".join(toks))
+
+    def hits(self, text: str) -> bool:
+        toks = words(text)
+        n = self.n
+        if len(toks) >= n and any(" ".join(toks[i : i + n]) in self.grams for i in range(len(toks) - n + 1)):
+            return True
+        for size, seqs in self.short.items():
+            if len(toks) >= size and any(" ".join(toks[i : i + size]) in seqs for i in range(len(toks) - size + 1)):
+                return True
+        return False
+
+
+def eval_prompts(row: Any, where: str) -> list[str]:
+    """The prompt texts of an evaluation row: a preference/SFT row's user (and system) turns,
+    or its prompt/question/instruction/input/text field."""
+    if not isinstance(row, dict):
+        raise DataError(f"--decontaminate: {where}: expected a row object")
+    for key in ("prompt", "messages", "chosen"):
+        value = json_cell(row.get(key))
+        if isinstance(value, list):
+            return [m["content"] for m in value if isinstance(m, dict) and m.get("role") in ("user", "system") and isinstance(m.get("content"), str)]
+        if isinstance(value, str) and key == "prompt":
+            return [value]
+    for key in ("question", "instruction", "input", "problem", "text"):
+        if isinstance(row.get(key), str) and row[key].strip():
+            return [row[key]]
+    raise DataError(f"--decontaminate: {where}: no prompt found (fields prompt, messages, question, instruction, input, problem or text)")
+
+
+# --------------------------------------------------------------------------- the cleaner
+
+
+@dataclass
+class CleanOptions:
+    near_dup: str = "minhash"
+    near_dup_threshold: float = 0.8
+    near_dup_ngram: int = 3
+    tokenizer: str | None = None
+    max_prompt_tokens: int | None = None
+    max_response_tokens: int | None = None
+    max_total_tokens: int | None = None
+    decontaminate: list[str] = field(default_factory=list)
+    decontam_ngram: int = 13
+
+
+@dataclass
+class Kept:
+    pair: Pair
+    lengths: tuple[int, int, int]  # prompt, chosen, rejected
+    prompt_digest: int
+    prompt_key: str  # normalized prompt text: what the split hashes
+    new_prompt: bool  # the first kept pair with this prompt
+    cluster: int  # near-duplicate cluster id (-1 with --near-dup off)
+
+
+class Cleaner:
+    """Applies the rules to batches of pairs, in input order; counts drops in `self.dropped`."""
+
+    def __init__(self, opts: CleanOptions) -> None:
+        self.opts = opts
+        self.dropped: Counter = Counter({k: 0 for k in REASONS})
+        self.lengths = Lengths(opts.tokenizer)
+        self.overlap = EvalOverlap(opts.decontaminate, opts.decontam_ngram) if opts.decontaminate else None
+        self.seen_pairs = U64Map()
+        self.clusters = PromptClusters(method=opts.near_dup, threshold=opts.near_dup_threshold, ngram=opts.near_dup_ngram)
+
+    def _structural(self, p: Pair) -> str | None:
+        if role_problem(p.prompt, p.chosen, p.rejected):
+            return "malformed_roles"
+        if empty_problem(p.prompt, p.chosen, p.rejected):
+            return "empty_turn"
+        if same_response(p.chosen, p.rejected):
+            return "identical"
+        return None
+
+    def _length(self, lens: tuple[int, int, int]) -> str | None:
+        o = self.opts
+        prompt, chosen, rejected = lens
+        if o.max_prompt_tokens is not None and prompt > o.max_prompt_tokens:
+            return "prompt_too_long"
+        if o.max_response_tokens is not None and max(chosen, rejected) > o.max_response_tokens:
+            return "response_too_long"
+        if o.max_total_tokens is not None and prompt + max(chosen, rejected) > o.max_total_tokens:
+            return "total_too_long"
+        return None
+
+    def _contaminated(self, p: Pair) -> bool:
+        return any(self.overlap.hits(m["content"]) for msgs in (p.prompt, p.chosen, p.rejected) for m in msgs)
+
+    def process(self, pairs: list[Pair]) -> list[Kept]:
+        survivors = []
+        for p in pairs:
+            reason = self._structural(p)
+            if reason:
+                self.dropped[reason] += 1
+            else:
+                survivors.append(p)
+        lens = self.lengths.pairs(survivors)
+        stage2 = []
+        for p, ln in zip(survivors, lens):
+            reason = self._length(ln) or ("contaminated" if self.overlap and self._contaminated(p) else None)
+            if reason:
+                self.dropped[reason] += 1
+            else:
+                stage2.append((p, ln))
+        if not stage2:
+            return []
+        pair_keys = [pair_digest(p.prompt, p.chosen, p.rejected) for p, _ in stage2]
+        known = self.seen_pairs.bulk_get(np.asarray(pair_keys, dtype=np.uint64))
+        kept_pre = []
+        for (p, ln), key, k in zip(stage2, pair_keys, known):
+            if self.seen_pairs.get(key, int(k)) >= 0:
+                self.dropped["exact_duplicate"] += 1
+                continue
+            self.seen_pairs.put(key, 1)
+            kept_pre.append((p, ln))
+        texts = [prompt_text(p.prompt) for p, _ in kept_pre]
+        word_lists = [words(t) for t in texts]
+        digests = [prompt_digest(p.prompt) for p, _ in kept_pre]
+        assigned = self.clusters.assign(digests, word_lists, texts)
+        out = []
+        for (p, ln), ws, d, (cid, near, new) in zip(kept_pre, word_lists, digests, assigned):
+            if near:
+                self.dropped["near_duplicate_prompt"] += 1
+                self.clusters.count_row(cid)
+                continue
+            out.append(Kept(p, ln, d, " ".join(ws), new, cid))
+        self.seen_pairs.maybe_merge()
+        self.clusters.end_batch()
+        return out

@@ -1,0 +1,240 @@
+"""Reward model and PPO on a tiny model: the invariants of the RLHF comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_metrics, tiny_overrides
+
+from align.config import PPOConfig, RewardConfig, SFTConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, tiny_data):
+    """SFT, then a reward model on its merged model."""
+    from align.stages import reward, sft
+
+    root = tmp_path_factory.mktemp("rlhf")
+    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], root / "sft", tracking="none")))
+    reward_cfg = load_config(
+        RewardConfig, None,
+        tiny_overrides(None, tiny_data["prefs"], root / "reward", parent_run=str(root / "sft"),
+                       **{"train.max_steps": 6, "reward.stats_samples": 16, "samples.num_prompts": 3}),
+    )
+    reward.run(reward_cfg)
+    return {"root": root, "reward_cfg": reward_cfg}
+
+
+def ppo_config(runs, tiny_data, **extra):
+    root = runs["root"]
+    overrides = tiny_overrides(
+        None, tiny_data["prefs"], root / extra.pop("name", "ppo"), parent_run=str(root / "sft"), reward_run=str(root / "reward"),
+        **{"train.max_steps": 2, "ppo.rollout_batch_size": 4, "ppo.minibatch_size": 2, "ppo.max_new_tokens": 6,
+           "tracking": "none", **extra},
+    )
+    return load_config(PPOConfig, None, overrides)
+
+
+def build(cfg):
+    from align import models
+    from align.artifacts import RunDir
+    from align.stages.common import resolve_base
+    from align.stages.ppo import PolicyValueReward
+
+    base, _ = resolve_base(cfg)
+    tok = models.load_tokenizer(base, cfg.model)
+    return PolicyValueReward(cfg, base, RunDir(cfg.reward_run), tok)
+
+
+def test_reward_run_outputs(runs):
+    path = runs["root"] / "reward"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["stage"] == "reward"
+    stats = json.loads((path / "reward_stats.json").read_text())
+    assert stats["n"] == 16 and stats["std"] > 0
+    config = json.loads((path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    assert "eval/accuracy" in {k for r in read_metrics(path) for k in r}
+
+
+def test_reward_adapter_reloads_with_identical_scores(runs):
+    """The known upstream pitfall: a reward adapter saved without its score head scores randomly."""
+    from peft import PeftModel
+
+    from align import models
+    from align.stages.common import resolve_base
+    from align.stages.reward import score_conversations
+
+    cfg = runs["reward_cfg"]
+    base, _ = resolve_base(cfg)
+    tok = models.load_tokenizer(base, cfg.model)
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(5)]
+    scores = []
+    for seed in (0, 1):  # a different seed would initialize a missing head differently
+        torch.manual_seed(seed)
+        model = PeftModel.from_pretrained(models.load_model(base, cfg.model, head="score"), str(runs["root"] / "reward" / "adapter"))
+        model.config.pad_token_id = tok.pad_token_id
+        scores.append(score_conversations(model, tok, convs))
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+    assert len(set(round(s, 5) for s in scores[0])) > 1
+    # ... and the same adapter loaded onto the causal LM inside PPO scores identically.
+    pvr = build(ppo_config(runs, {"prefs": runs["reward_cfg"].data.path}))
+    inside = pvr.scores(convs).tolist()
+    assert inside == pytest.approx(scores[0], abs=1e-5)
+
+
+def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
+    from align.stages.ppo import sample
+
+    cfg = ppo_config(runs, tiny_data)
+    pvr = build(cfg)
+    prompts = [[{"role": "user", "content": f"What is {i} plus one?"}] for i in range(3)]
+    torch.manual_seed(0)
+    roll = sample(pvr, prompts, cfg)
+    with torch.no_grad():
+        policy = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
+        with pvr.model.disable_adapter():
+            ref = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
+    torch.testing.assert_close(policy, ref, atol=0, rtol=0)
+    from align.losses.ppo import kl_per_token
+
+    assert (kl_per_token(policy, ref, "k1") * roll.mask).abs().sum().item() == 0.0
+
+
+def test_ppo_step_changes_only_policy_value_and_head(runs, tiny_data):
+    from transformers import get_scheduler
+
+    from align.stages.ppo import ppo_step
+    from align.stages.reward import read_stats
+    from align.artifacts import RunDir
+
+    cfg = ppo_config(runs, tiny_data, **{"train.learning_rate": 5e-3})
+    pvr = build(cfg)
+    before = {n: p.detach().clone() for n, p in pvr.model.named_parameters()}
+    score_head = {n: p.detach().clone() for n, p in pvr.score_head.named_parameters()}
+    value_head = {n: p.detach().clone() for n, p in pvr.value_head.named_parameters()}
+    params = pvr.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=5e-3)
+    sched = get_scheduler("constant", opt)
+    prompts = [[{"role": "user", "content": f"What is {i} plus one? Reply with only the answer."}] for i in range(4)]
+    stats = read_stats(RunDir(cfg.reward_run))
+    torch.manual_seed(0)
+    for _ in range(2):  # lora_A moves from the second update on (lora_B starts at 0)
+        metrics = ppo_step(pvr, cfg, prompts, opt, sched, kl_coef=0.05, stats=stats)
+    after = dict(pvr.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    trainable = {n for n in before if ".policy." in n or ".value." in n}
+    assert changed == trainable, (sorted(changed - trainable)[:3], sorted(trainable - changed)[:3])
+    assert all(torch.equal(score_head[n], p) for n, p in pvr.score_head.named_parameters())
+    assert any(not torch.equal(value_head[n], p) for n, p in pvr.value_head.named_parameters())
+    for key in ("ppo/kl", "ppo/entropy", "ppo/clip_frac", "ppo/approx_kl", "ppo/value_loss", "ppo/explained_variance",
+                "ppo/reward_raw", "ppo/reward_with_kl", "ppo/response_length", "ppo/eos_share", "time/generation_s"):
+        assert key in metrics
+
+
+def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_data):
+    from safetensors.torch import load_file
+
+    from align.stages import ppo
+
+    full = ppo.run(ppo_config(runs, tiny_data, name="ppo-full", **{"train.max_steps": 4, "train.save_steps": 2}))
+    manifest = json.loads((full.path / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert (full.path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (full.path / "value" / "value_head.safetensors").is_file()
+    rows = read_metrics(full.path)
+    assert rows[0]["_step"] == 0 and rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+
+    # Stop after step 2 (as a crash after its checkpoint would), then resume.
+    part_cfg = ppo_config(runs, tiny_data, name="ppo-part", **{"train.max_steps": 4, "train.save_steps": 2})
+
+    class Crash(Exception):
+        pass
+
+    original = ppo.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        folder = original(*args, **kwargs)
+        raise Crash()
+
+    ppo.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(Crash):
+            ppo.run(part_cfg)
+    finally:
+        ppo.save_checkpoint = original
+    resumed_cfg = ppo_config(runs, tiny_data, name="ppo-part", **{"train.max_steps": 4, "train.save_steps": 2, "resume": True})
+    resumed = ppo.run(resumed_cfg)
+    a = load_file(full.path / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_win_rate_counts_ties_as_half_and_skips_missing():
+    from align.stages.eval import bootstrap_interval, win_rate
+
+    w = win_rate([1.0, 0.0, 1.0, None, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0], n_boot=500, seed=0)
+    # outcomes: win, tie, tie, (skipped), loss -> (1 + 0.5 + 0.5 + 0) / 4
+    assert w["win_rate"] == pytest.approx(0.5) and (w["wins"], w["ties"], w["losses"], w["n"]) == (1, 2, 1, 4)
+    assert w["ci95"][0] <= 0.5 <= w["ci95"][1]
+    assert bootstrap_interval([0.7] * 10, 100, 0) == pytest.approx((0.7, 0.7))
+    low, high = bootstrap_interval([0.0] * 50 + [1.0] * 50, 2000, 1)
+    assert 0.38 < low < 0.5 < high < 0.62  # ~ +-1.96 * sqrt(.25/100)
+    assert win_rate([None], [1.0], 10, 0) is None
+
+
+def test_eval_stage_compares_policies_and_writes_the_report(runs, tiny_data, tmp_path):
+    from align.config import DPOConfig, EvalConfig
+    from align.stages import dpo, eval as eval_stage, ppo
+
+    root = runs["root"]
+    dpo.run(load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], root / "dpo", parent_run=str(root / "sft"), tracking="none")))
+    ppo.run(ppo_config(runs, tiny_data, name="ppo-eval", **{"train.eval_steps": 1}))
+    cfg = load_config(EvalConfig, None, {
+        "output_dir": str(tmp_path / "pipe" / "eval"),
+        "runs": {"sft": str(root / "sft"), "dpo": str(root / "dpo"), "ppo": str(root / "ppo-eval")},
+        "reward_run": str(root / "reward"),
+        "data.path": str(tiny_data["prefs"]), "data.eval_split": None, "data.eval_fraction": 0.25,
+        "perplexity_data": str(tiny_data["sft"]),
+        "num_prompts": 6, "num_pairs": 5, "perplexity_rows": 4, "bootstrap": 100,
+        "sampling.max_new_tokens": 6, "judges": ["format", "length"],
+    })
+    run = eval_stage.run(cfg)
+    results = json.loads((run.path / "eval.json").read_text())
+    policies = results["policies"]
+    assert set(policies) == {"sft", "dpo", "ppo"}
+    assert policies["sft"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # the baseline is the reference
+    assert policies["sft"]["implicit_reward_accuracy"] == 0.0  # no margin against itself
+    for name in ("dpo", "ppo"):
+        wins = policies[name]["win_rate_vs_sft"]
+        assert set(wins) == {"reward_model", "format", "length"}
+        assert all(0 <= w["win_rate"] <= 1 and w["n"] > 0 for w in wins.values() if w)
+        assert policies[name]["perplexity"] > 1
+    assert 0 <= results["reward_model_accuracy"] <= 1
+    assert set(results["compute"]) == {"sft", "dpo", "ppo", "reward"}
+    assert results["compute"]["dpo"]["trainable_parameters"] > 0 and results["compute"]["dpo"]["peak_memory_mb"] > 0
+    generations = (run.path / "generations.jsonl").read_text().splitlines()
+    assert len(generations) == 6 and {"sft", "dpo", "ppo"} <= set(json.loads(generations[0]))
+    report = tmp_path / "pipe"
+    md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    for png in ("reward_vs_kl.png", "win_rates.png", "training_curves.png"):
+        assert (report / "report_plots" / png).stat().st_size > 1000
+        assert f"report_plots/{png}" in md and f'src="report_plots/{png}"' in page
+    assert "win rate vs sft" in md and "## Compute" in md and "## Samples" in md
+
+
+def test_reward_run_is_a_judge(runs):
+    from align.judges import check_judge_spec, load_judge
+    from align.errors import ConfigError
+
+    judge = load_judge(f"rm:{runs['root'] / 'reward'}")
+    prompts = [[{"role": "user", "content": "What is 1 plus one? Reply with only the answer."}]] * 2
+    scores = judge.score(prompts, ["2", "Adding one to 1 gives 2, as you can check."])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    check_judge_spec(f"rm:{runs['root'] / 'reward'}")
+    with pytest.raises(ConfigError, match="not a RunDir"):
+        check_judge_spec(f"rm:{runs['root'] / 'nope'}")
+    with pytest.raises(ConfigError, match="not a finished reward-model RunDir"):
+        load_judge(f"rm:{runs['root'] / 'sft'}")
