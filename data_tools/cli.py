@@ -190,16 +190,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
-        return _run(args, _command_line(argv))
-    except AlignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        try:
+            return _run(args, _command_line(argv))
+        except AlignError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted: no output was written", file=sys.stderr)
+            return 130
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
+        # The signal came while reporting or restoring the handler, after the work
+        # ended either way: still exit as interrupted, never with a traceback.
+        print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args, command: str) -> int:

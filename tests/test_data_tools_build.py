@@ -408,6 +408,6 @@ def test_terminated_build_process_leaves_no_output(tmp_path):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().endswith("interrupted: no output was written")
+    assert proc.returncode == 130 and err.strip().endswith("interrupted: no output was written"), (proc.returncode, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
     assert os.path.getsize(src) > 0

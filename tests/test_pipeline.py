@@ -66,3 +66,34 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, tiny_model_
             assert b"fake-key-0123456789abcdef" not in blob and b"hf_fake_token_0123456789" not in blob, file
     for proc in (first, second, third):
         assert "fake-key-0123456789abcdef" not in proc.stdout + proc.stderr
+
+
+def test_full_pipeline_links_reward_ppo_and_eval_and_writes_the_report(tmp_path, tiny_model_dir, tiny_data):
+    """The `full` profile's wiring: links fill reward_run and the eval's runs; the report lands
+    in the pipeline's output dir."""
+    path = write_pipeline(tmp_path, tiny_model_dir, tiny_data)
+    tiny = "train:\n  max_steps: 1\n  batch_size: 4\n  max_length: 64\nsamples:\n  num_prompts: 1\n  max_new_tokens: 2\n"
+    (tmp_path / "reward.yaml").write_text(
+        f"output_dir: unused\nparent_run: unused\ndata:\n  path: {tiny_data['prefs']}\n  eval_split: null\n"
+        f"reward:\n  stats_samples: 8\n{tiny}")
+    (tmp_path / "ppo.yaml").write_text(
+        f"output_dir: unused\nparent_run: unused\nreward_run: unused\ndata:\n  path: {tiny_data['prefs']}\n  eval_split: null\n"
+        f"ppo:\n  rollout_batch_size: 2\n  minibatch_size: 2\n  max_new_tokens: 4\n{tiny}")
+    (tmp_path / "eval.yaml").write_text(
+        f"output_dir: unused\nreward_run: unused\nruns: {{}}\ndata:\n  path: {tiny_data['prefs']}\n  eval_split: null\n"
+        f"  eval_fraction: 0.25\nperplexity_data: {tiny_data['sft']}\nnum_prompts: 3\nnum_pairs: 3\nperplexity_rows: 2\n"
+        "bootstrap: 50\njudges: [format]\nsampling:\n  max_new_tokens: 4\n")
+    path.write_text(path.read_text() + (
+        "  - {name: reward, stage: reward, config: reward.yaml, parent: sft}\n"
+        "  - {name: ppo, stage: ppo, config: ppo.yaml, parent: sft, links: {reward_run: reward}}\n"
+        "  - {name: eval, stage: eval, config: eval.yaml, links: {reward_run: reward, runs: {sft: sft, dpo: dpo, ppo: ppo}}}\n"
+    ))
+    proc = run_pipeline(path, "tracking=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    ppo_cfg = (runs / "ppo" / "config.yaml").read_text()
+    assert f"reward_run: {runs / 'reward'}" in ppo_cfg and f"parent_run: {runs / 'sft'}" in ppo_cfg
+    results = json.loads((runs / "eval" / "eval.json").read_text())
+    assert set(results["policies"]) == {"sft", "dpo", "ppo"}
+    assert (runs / "report.md").is_file() and (runs / "report.html").is_file()
+    assert "win rate vs sft" in (runs / "report.md").read_text()
