@@ -215,6 +215,7 @@ def test_eval_stage_compares_policies_and_writes_the_report(runs, tiny_data, tmp
     assert 0 <= results["reward_model_accuracy"] <= 1
     assert set(results["compute"]) == {"sft", "dpo", "ppo", "reward"}
     assert results["compute"]["dpo"]["trainable_parameters"] > 0 and results["compute"]["dpo"]["peak_memory_mb"] > 0
+    assert all(results["compute"][s]["tokens"] > 0 for s in ("sft", "dpo", "ppo", "reward"))
     generations = (run.path / "generations.jsonl").read_text().splitlines()
     assert len(generations) == 6 and {"sft", "dpo", "ppo"} <= set(json.loads(generations[0]))
     report = tmp_path / "pipe"

@@ -348,12 +348,14 @@ def compute_table(runs: dict[str, RunDir], reward: RunDir | None) -> dict[str, d
     for name, run in stages.items():
         m = run.manifest() or {}
         s = m.get("summary", {})
-        tokens = None
+        tokens, rollout_tokens = None, 0
         if run.metrics_path.is_file():
             for line in run.metrics_path.read_text().splitlines():
                 row = json.loads(line)
-                if "train/num_tokens" in row:
+                if "train/num_tokens" in row:  # TRL's running count
                     tokens = row["train/num_tokens"]
+                rollout_tokens += row.get("ppo/rollout_tokens", 0)  # PPO logs each rollout's count
+        tokens = tokens if tokens is not None else rollout_tokens or None
         params = s.get("parameters") or {}
         table[name] = {
             "stage": m.get("stage"),

@@ -273,6 +273,7 @@ def ppo_step(pvr: PolicyValueReward, cfg: PPOConfig, prompts, optimizer, schedul
             "ppo/explained_variance": P.explained_variance(old_values, returns, mask).item(),
             "ppo/response_length": mask.sum(1).mean().item(),
             "ppo/eos_share": roll.has_eos.float().mean().item(),
+            "ppo/rollout_tokens": int(roll.attn.sum().item()),  # prompt + response tokens sampled and trained on
             "ppo/learning_rate": scheduler.get_last_lr()[0],
             "time/generation_s": t_gen,
             "time/training_s": t_train,
