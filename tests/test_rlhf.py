@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_da
     original = ppo.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
-        folder = original(*args, **kwargs)
+        original(*args, **kwargs)
         raise Crash()
 
     ppo.save_checkpoint = save_then_crash
@@ -239,3 +240,14 @@ def test_reward_run_is_a_judge(runs):
         check_judge_spec(f"rm:{runs['root'] / 'nope'}")
     with pytest.raises(ConfigError, match="not a finished reward-model RunDir"):
         load_judge(f"rm:{runs['root'] / 'sft'}")
+
+
+def test_ppo_refuses_to_run_on_several_processes(runs, tiny_data, monkeypatch):
+    from align.errors import ConfigError
+    from align.stages import ppo
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = ppo_config(runs, tiny_data, name="ppo-ddp")
+    with pytest.raises(ConfigError, match="runs as one process; it was launched with WORLD_SIZE=2"):
+        ppo.run(cfg)
+    assert not Path(cfg.output_dir).exists()  # nothing written

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -30,7 +31,7 @@ from align.artifacts import ADAPTER, RunDir, atomic_dir, atomic_write_json, atom
 from align.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, latest_complete
 from align.config import PPOConfig
 from align.data import load_splits
-from align.errors import AlignError, DataError
+from align.errors import AlignError, ConfigError, DataError
 from align.generation import Sampled, Sampling, eos_token_ids, position_ids, response_logprobs, sample_tokens
 from align.losses import ppo as P
 from align.safeguards import InterruptCallback, Interrupted, NonFiniteError, oom_advice
@@ -305,6 +306,9 @@ def held_out_reward_and_kl(pvr: PolicyValueReward, prompts: list[list[dict]], cf
 
 
 def run(cfg: PPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # each rank would train its own policy on its own rollouts, silently
+        raise ConfigError(f"ppo: runs as one process; it was launched with WORLD_SIZE={world} (start it with plain python)")
     splits = load_splits(cfg.data, "prompt", cfg.train.seed)
     base, parent = resolve_base(cfg)
     reward_run = finished_parent(cfg.reward_run, key="reward_run")

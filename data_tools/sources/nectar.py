@@ -12,12 +12,11 @@ from data_tools.sources.base import (
     Format,
     Group,
     Item,
-    RowError,
     as_number,
     assistant,
     check_unique_ranks,
-    kind,
     list_field,
+    mapping_field,
     parse_transcript,
     require,
     short_where,
@@ -35,8 +34,7 @@ class Nectar(Format):
         candidates, ranks = [], []
         for i, answer in enumerate(answers):
             name = f"answers[{i}]"
-            if not isinstance(answer, dict):
-                raise RowError(where, name, f"field '{name}': expected an object, got {kind(answer)}", "wrong_type")
+            answer = mapping_field(answer, where, name)
             response = text(answer, "answer", where, f"{name}.answer")
             rank = as_number(require(answer, "rank", where, f"{name}.rank"), where, f"{name}.rank")
             ranks.append((rank, where, f"{name}.rank"))

@@ -19,7 +19,6 @@ from data_tools.sources.base import (
     RowError,
     as_number,
     assistant,
-    kind,
     list_field,
     mapping_field,
     short_where,
@@ -50,8 +49,7 @@ class UltraFeedback(Format):
         candidates, out = [], []
         for i, completion in enumerate(completions):
             name = f"completions[{i}]"
-            if not isinstance(completion, dict):
-                raise RowError(where, name, f"field '{name}': expected an object, got {kind(completion)}", "wrong_type")
+            completion = mapping_field(completion, where, name)
             response = text(completion, "response", where, f"{name}.response")
             score = self._score(completion, where, name)
             if score is None:
