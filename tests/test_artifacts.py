@@ -65,3 +65,16 @@ def test_secrets_are_redacted(monkeypatch, tmp_path):
         text = path.read_text()
         assert "abcd1234secretkey" not in text and "hf_topsecretvalue" not in text
     assert json.loads(run.manifest_path.read_text())["base_model"]["name"] == "<redacted>"
+
+
+def test_peak_memory_restarts_per_stage():
+    """A pipeline runs its stages in one process: each stage's peak must be its own."""
+    import numpy as np
+
+    from align.stages.common import peak_memory_mb, reset_peak_memory
+
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    with_block = peak_memory_mb()
+    del block
+    reset_peak_memory()
+    assert peak_memory_mb() < with_block - 200

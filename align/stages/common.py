@@ -50,14 +50,32 @@ def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
     return parent
 
 
+def reset_peak_memory() -> None:
+    """Start a stage's peak-memory count afresh: a pipeline runs every stage in one process."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the figure stays the process's peak so far
+
+
 def peak_memory_mb() -> float:
-    """Peak memory of this process: CUDA max allocated on a GPU, else peak resident set size."""
+    """Peak memory since reset_peak_memory: CUDA max allocated on a GPU, else peak resident set size."""
     import resource
 
     import torch
 
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
@@ -122,6 +140,7 @@ class StageRun:
 
     def __enter__(self) -> "StageRun":
         self._started = time.time()
+        reset_peak_memory()
         wandb_id = None
         if self.resume_from is not None:
             wandb_id = (self.run_dir.manifest() or {}).get("wandb_run_id")
