@@ -123,3 +123,14 @@ def tiny_overrides(model_dir: Path, data: Path, output_dir: Path, **extra) -> di
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
+    """A finished SFT run on the tiny model: the parent of child-stage tests."""
+    from align.config import SFTConfig, load_config
+    from align.stages import sft
+
+    out = tmp_path_factory.mktemp("parent") / "sft"
+    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none")))
+    return out

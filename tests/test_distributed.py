@@ -43,16 +43,6 @@ def run_stage(stage, overrides, record, processes):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data):
-    from align.config import SFTConfig, load_config
-    from align.stages import sft
-
-    out = tmp_path_factory.mktemp("parent") / "sft"
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none")))
-    return out
-
-
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_processes_match_one_with_double_batch(stage, tmp_path, tiny_model_dir, tiny_data, sft_parent):
     def overrides(name, batch):

@@ -62,15 +62,6 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data):
-    from align.stages import sft
-
-    out = tmp_path_factory.mktemp("parent") / "sft"
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none")))
-    return out
-
-
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_kill_9_then_resume_matches_an_uninterrupted_run(stage, tmp_path, tiny_model_dir, tiny_data, sft_parent):
     flat = stage_overrides(stage, tmp_path, tiny_model_dir, tiny_data, sft_parent)

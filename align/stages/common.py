@@ -119,6 +119,9 @@ class StageRun:
         )
         parent_id = (parent.manifest() or {}).get("run_id") if parent else None
         self.skipped = not force and self.run_dir.matches(self.key, parent_id)
+        if self.skipped:
+            source = "parent run" if parent else "base model"
+            log.info("%s: skipped: the finished run in %s matches its config, %s and data", self.stage, self.run_dir.path, source)
         self.resume_from = self._checkpoint_to_resume() if getattr(cfg, "resume", False) and not self.skipped else None
         self.tracker: Tracker | None = None
         self._started = 0.0

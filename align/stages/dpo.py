@@ -73,7 +73,6 @@ def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
     base, parent = resolve_base(cfg)
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
     if stage.skipped:
-        log.info("dpo: skipped: the finished run in %s matches its config, parent run and data", stage.run_dir.path)
         return stage.run_dir
     with stage:
         trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label="reference", callbacks=callbacks)

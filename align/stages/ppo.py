@@ -317,7 +317,6 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
     reward_id = (reward_run.manifest() or {}).get("run_id")
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs={"reward_run": reward_id})
     if stage.skipped:
-        log.info("ppo: skipped: the finished run in %s matches its config, parent run and data", stage.run_dir.path)
         return stage.run_dir
     with stage:
         from transformers import get_scheduler, set_seed

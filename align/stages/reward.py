@@ -121,7 +121,6 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()) -> RunDir:
     base, parent = resolve_base(cfg)
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
     if stage.skipped:
-        log.info("reward: skipped: the finished run in %s matches its config, parent run and data", stage.run_dir.path)
         return stage.run_dir
     with stage:
         trained = train_adapter(

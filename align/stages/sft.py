@@ -61,7 +61,6 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()) -> RunDir:
     base = models.resolve(cfg.model.name_or_path, cfg.model.revision)
     stage = StageRun(cfg, base=base, splits=splits, force=force)
     if stage.skipped:
-        log.info("sft: skipped: the finished run in %s matches its config, base model and data", stage.run_dir.path)
         return stage.run_dir
     with stage:
         trained = train_adapter(stage, prepare=tokenize, build_trainer=build_trainer, before_label="base", callbacks=callbacks)
