@@ -492,6 +492,52 @@ class PipelineConfig:
             seen.add(st.name)
 
 
+@dataclass
+class CompareConfig:
+    """The same SFT (and DPO) run with each PEFT method, same steps and seed, and a table comparing them."""
+
+    output_dir: str | None = opt(None, "Runs go to <output_dir>/<method>/{sft,dpo}; the table to comparison.md (required).")
+    methods: list[Literal[PEFT_METHODS]] = opt(list(PEFT_METHODS), "Methods to compare, in table order.")  # type: ignore[valid-type]
+    sft_config: str = opt("sft.yaml", "The SFT stage YAML every method runs, relative to this file.")
+    dpo_config: str | None = opt(
+        "dpo.yaml",
+        "The DPO stage YAML, relative to this file; null = SFT only. DPO starts from the SFT config's base model "
+        "(the same for every method), not from each method's SFT run: prompt and prefix tuning have no merged model.",
+    )
+    dpo_methods: list[Literal[PEFT_METHODS]] | None = opt(  # type: ignore[valid-type]
+        None, "Methods that also run DPO; null = all of methods (every method has a DPO reference, see README)."
+    )
+    overrides: dict[str, Any] = opt({}, "Dotted overrides for both stages of every method (train.max_steps: 8).")
+    sft_overrides: dict[str, Any] = opt({}, "Dotted overrides for the SFT stage only.")
+    dpo_overrides: dict[str, Any] = opt({}, "Dotted overrides for the DPO stage only.")
+    method_overrides: dict[str, Any] = opt(
+        {}, "Per method, dotted overrides for both its stages, e.g. {full: {train.learning_rate: 2.0e-5}}."
+    )
+    isolate: bool = opt(True, "Run each stage in its own process, so its peak memory is its own (and a crash stays local).")
+    tracking: Literal["wandb", "none"] = opt("wandb", "Tracking of every stage and of the comparison table.")
+    wandb: WandbConfig = opt(WandbConfig, "W&B settings; the group holds every run of the comparison.")
+
+    stage = "compare"
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: required (where the runs and the table go)")
+        if not self.methods:
+            raise ConfigError("methods: at least one method is required")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: a method is listed twice ({self.methods})")
+        for m in self.dpo_methods or []:
+            if m not in self.methods:
+                raise ConfigError(f"dpo_methods: '{m}' is not one of methods ({', '.join(self.methods)})")
+        for m, extra in self.method_overrides.items():
+            if m not in PEFT_METHODS:
+                close = difflib.get_close_matches(str(m), PEFT_METHODS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"method_overrides.{m}: not a PEFT method{hint}")
+            if not isinstance(extra, dict):
+                raise ConfigError(f"method_overrides.{m}: expected a mapping of dotted keys, got {type(extra).__name__}")
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "dpo": DPOConfig,
