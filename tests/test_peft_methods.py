@@ -405,6 +405,22 @@ def test_qlora_sets_4bit_and_dora_is_lora_with_use_dora(tmp_path):
     assert peft_config_for(cfg) is None
 
 
+def test_prompt_tuning_starts_from_init_text(tiny_model_dir, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from align.adapters import peft_config_for
+
+    overrides = {"peft.method": "prompt_tuning", "peft.prompt_tuning.num_virtual_tokens": 6, "peft.prompt_tuning.init_text": "Answer briefly."}
+    cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, Path("d.jsonl"), tmp_path, **overrides))
+    base = load_causal_lm(tiny_model_dir)
+    model = get_peft_model(base, peft_config_for(cfg, base_location=str(tiny_model_dir)))
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)("Answer briefly.", add_special_tokens=False)["input_ids"]
+    ids = (ids * 6)[:6]  # PEFT repeats the text to fill the virtual tokens
+    expected = base.get_input_embeddings().weight[ids]
+    torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, expected)
+
+
 # --------------------------------------------------------------------------- the comparison recipe
 
 
