@@ -197,6 +197,16 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def config(self) -> dict:
+        """The resolved config the run ran with (config.yaml); {} when missing or unreadable."""
+        import yaml
+
+        try:
+            loaded = yaml.safe_load((self.path / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
     @property
     def status(self) -> str | None:
         m = self.manifest()

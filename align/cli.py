@@ -51,7 +51,7 @@ def _with_resume(args) -> dict:
     return overrides
 
 
-def _guarded(work) -> int:
+def guarded(work) -> int:
     """Run `work()`; bad input is one line on stderr and exit status 2, Ctrl-C is 130."""
     try:
         return work()
@@ -85,7 +85,7 @@ def recipe_main(stage: str, argv: list[str] | None = None) -> int:
         print("\n".join(describe_run(stage, run_dir.path)))
         return 0
 
-    return _guarded(work)
+    return guarded(work)
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:
@@ -112,7 +112,7 @@ def pipeline_main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
 
-    return _guarded(work)
+    return guarded(work)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -164,10 +164,20 @@ def describe_run(stage: str, path: Path, name: str | None = None, skipped: bool 
         report = path.parent / "report.md"
         if report.is_file():
             lines.append(f"  report   {report} (and report.html)")
+    params = s.get("parameters")
+    if params and "adapter_bytes" in params:
+        method = (run.config().get("peft") or {}).get("method", "lora")
+        saved = "model" if method == "full" else "adapter"
+        lines.append(
+            f"  {method}: {params['trainable']:,} trainable of {params['total']:,} parameters ({params['trainable_pct']:.4g}%), "
+            f"{saved} {params['adapter_bytes'] / 2**20:.2f} MB on disk"
+        )
     if "judge" in s:
         j = s["judge"]
         lines.append(f"  {j['name']} judge on {j['n']} held-out prompts: {_fmt(j['before'])} ({j['before_label']}) -> {_fmt(j['after'])}")
     if s.get("wall_time_s") is not None:
         steps = f", {s['steps']} steps" if s.get("steps") is not None else ""
+        if s.get("seconds_per_step") is not None:
+            steps += f" ({s['seconds_per_step']:.3g} s/step)"
         lines.append(f"  wall time {s['wall_time_s']:.0f} s{steps}, peak memory {_fmt(s.get('peak_memory_mb'))} MB")
     return lines

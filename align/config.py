@@ -72,6 +72,61 @@ class LoraConfig:
     )
 
 
+PEFT_METHODS = ("full", "lora", "qlora", "dora", "vera", "ia3", "prompt_tuning", "prefix_tuning")
+
+
+@dataclass
+class VeraOptions:
+    r: int = opt(256, "Rank of the shared frozen random projections; VeRA trains only two scaling vectors per layer, so r can be large.")
+    target_modules: list[str] | str = opt(
+        ["q_proj", "v_proj"],
+        "Modules to adapt. Shapes may differ (q_proj 576x576, v_proj 576x192 with grouped-query attention): "
+        "PEFT draws one A/B of the largest shape and slices it per layer.",
+    )
+    projection_prng_key: int = opt(0, "Seed of the shared random A and B.")
+    save_projection: bool = opt(True, "Store A and B in the adapter file (larger file; loads without regenerating them).")
+    d_initial: float = opt(0.1, "Initial value of the lambda_d scaling vector (lambda_b starts at 0: no effect at step 0).")
+    dropout: float = opt(0.0, "Dropout on the VeRA input.")
+
+
+@dataclass
+class IA3Options:
+    target_modules: list[str] = opt(
+        ["k_proj", "v_proj", "down_proj"], "Modules whose activations are rescaled by a learned vector (the IA3 paper: keys, values, FFN)."
+    )
+    feedforward_modules: list[str] = opt(
+        ["down_proj"], "Targets whose *input* is rescaled (the feed-forward ones); a subset of target_modules."
+    )
+
+
+@dataclass
+class PromptTuningOptions:
+    num_virtual_tokens: int = opt(20, "Trainable embeddings prepended to every input.")
+    init_text: str | None = opt(
+        None, "Start the virtual tokens from the embeddings of this text (repeated or cut to length); null = random vocabulary tokens."
+    )
+
+
+@dataclass
+class PrefixTuningOptions:
+    num_virtual_tokens: int = opt(20, "Trainable key/value positions prepended in every attention layer.")
+
+
+@dataclass
+class PeftConfig:
+    """Which parameter-efficient method a stage trains; lora, qlora and dora take their options from `lora:`."""
+
+    method: Literal[PEFT_METHODS] = opt(  # type: ignore[valid-type]
+        "lora",
+        "full (every weight), lora, qlora (LoRA on a 4-bit NF4 base; sets model.quantization: 4bit), dora (LoRA + "
+        "magnitude), vera, ia3, prompt_tuning, prefix_tuning.",
+    )
+    vera: VeraOptions = opt(VeraOptions, "VeRA options (peft.method: vera).")
+    ia3: IA3Options = opt(IA3Options, "IA3 options (peft.method: ia3).")
+    prompt_tuning: PromptTuningOptions = opt(PromptTuningOptions, "Prompt-tuning options (peft.method: prompt_tuning).")
+    prefix_tuning: PrefixTuningOptions = opt(PrefixTuningOptions, "Prefix-tuning options (peft.method: prefix_tuning).")
+
+
 @dataclass
 class DataConfig:
     path: str | None = opt(
@@ -139,7 +194,8 @@ class StageConfig:
     output_dir: str | None = opt(None, "RunDir of this stage (required).")
     model: ModelConfig = opt(ModelConfig, "Base model.")
     data: DataConfig = opt(DataConfig, "Training and held-out data.")
-    lora: LoraConfig = opt(LoraConfig, "The LoRA adapter this stage trains.")
+    peft: PeftConfig = opt(PeftConfig, "The parameter-efficient method this stage trains (default: LoRA).")
+    lora: LoraConfig = opt(LoraConfig, "LoRA options (peft.method lora, qlora and dora).")
     train: TrainConfig = opt(TrainConfig, "Optimization.")
     samples: SamplesConfig = opt(SamplesConfig, "Sample generations logged at the end of the stage.")
     tracking: Literal["wandb", "none"] = opt("wandb", "wandb = W&B run (offline without a key) + metrics.jsonl; none = metrics.jsonl only.")
@@ -180,6 +236,9 @@ class StageConfig:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
         if not 0 <= self.lora.dropout < 1:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
+        from align.methods import validate_method
+
+        validate_method(self)
         if self.samples.judge:
             from align.judges import check_judge_spec
 
@@ -431,6 +490,52 @@ class PipelineConfig:
                     if name not in seen:
                         raise ConfigError(f"stages[{i}].links.{key}: '{name}' is not an earlier stage of this pipeline")
             seen.add(st.name)
+
+
+@dataclass
+class CompareConfig:
+    """The same SFT (and DPO) run with each PEFT method, same steps and seed, and a table comparing them."""
+
+    output_dir: str | None = opt(None, "Runs go to <output_dir>/<method>/{sft,dpo}; the table to comparison.md (required).")
+    methods: list[Literal[PEFT_METHODS]] = opt(list(PEFT_METHODS), "Methods to compare, in table order.")  # type: ignore[valid-type]
+    sft_config: str = opt("sft.yaml", "The SFT stage YAML every method runs, relative to this file.")
+    dpo_config: str | None = opt(
+        "dpo.yaml",
+        "The DPO stage YAML, relative to this file; null = SFT only. DPO starts from the SFT config's base model "
+        "(the same for every method), not from each method's SFT run: prompt and prefix tuning have no merged model.",
+    )
+    dpo_methods: list[Literal[PEFT_METHODS]] | None = opt(  # type: ignore[valid-type]
+        None, "Methods that also run DPO; null = all of methods (every method has a DPO reference, see README)."
+    )
+    overrides: dict[str, Any] = opt({}, "Dotted overrides for both stages of every method (train.max_steps: 8).")
+    sft_overrides: dict[str, Any] = opt({}, "Dotted overrides for the SFT stage only.")
+    dpo_overrides: dict[str, Any] = opt({}, "Dotted overrides for the DPO stage only.")
+    method_overrides: dict[str, Any] = opt(
+        {}, "Per method, dotted overrides for both its stages, e.g. {full: {train.learning_rate: 2.0e-5}}."
+    )
+    isolate: bool = opt(True, "Run each stage in its own process, so its peak memory is its own (and a crash stays local).")
+    tracking: Literal["wandb", "none"] = opt("wandb", "Tracking of every stage and of the comparison table.")
+    wandb: WandbConfig = opt(WandbConfig, "W&B settings; the group holds every run of the comparison.")
+
+    stage = "compare"
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: required (where the runs and the table go)")
+        if not self.methods:
+            raise ConfigError("methods: at least one method is required")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: a method is listed twice ({self.methods})")
+        for m in self.dpo_methods or []:
+            if m not in self.methods:
+                raise ConfigError(f"dpo_methods: '{m}' is not one of methods ({', '.join(self.methods)})")
+        for m, extra in self.method_overrides.items():
+            if m not in PEFT_METHODS:
+                close = difflib.get_close_matches(str(m), PEFT_METHODS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"method_overrides.{m}: not a PEFT method{hint}")
+            if not isinstance(extra, dict):
+                raise ConfigError(f"method_overrides.{m}: expected a mapping of dotted keys, got {type(extra).__name__}")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {

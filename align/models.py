@@ -15,6 +15,7 @@ import fcntl
 import importlib.util
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,9 +294,19 @@ def load_tokenizer(ref: ModelRef, cfg: "ModelConfig") -> "PreTrainedTokenizerBas
     return tokenizer
 
 
+def _numel(param) -> int:
+    """Parameters a tensor stands for: a packed 4-bit tensor holds two per byte of storage."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    if param.__class__.__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def count_parameters(model) -> dict[str, int | float]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return {"trainable": trainable, "total": total, "trainable_pct": round(100.0 * trainable / max(total, 1), 4)}
 
 

@@ -102,22 +102,30 @@ class Tracker:
 
     def log_samples(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A table of generations: samples.jsonl in the RunDir and a W&B table."""
+        self.log_table(name, columns, rows, step, filename=SAMPLES)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int, filename: str | None = None) -> None:
+        """A table: one JSON line per row in the RunDir (`<name>.jsonl` unless named) and a W&B table."""
         if not self.active:
             return
         lines = [json.dumps(dict(zip(columns, row)), ensure_ascii=False) for row in rows]
-        atomic_write_text(self.run_dir.path / SAMPLES, "\n".join(lines) + "\n")
+        atomic_write_text(self.run_dir.path / (filename or f"{name}.jsonl"), "\n".join(lines) + "\n")
         if self.wandb_run is not None:
             import wandb
 
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def log_artifact(self, path: Path, name: str, type: str, metadata: dict | None = None) -> None:
+    def log_artifact(self, path: Path, name: str, type: str, metadata: dict | None = None, reference: bool = False) -> None:
+        """Log a folder as a W&B artifact; `reference=True` records its files by path instead of copying them."""
         if self.wandb_run is None:
             return
         import wandb
 
         art = wandb.Artifact(name=name, type=type, metadata=redact(metadata or {}))
-        art.add_dir(str(path))
+        if reference:
+            art.add_reference(Path(path).resolve().as_uri())
+        else:
+            art.add_dir(str(path))
         self.wandb_run.log_artifact(art)
 
     def set_summary(self, summary: dict[str, Any]) -> None:

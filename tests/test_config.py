@@ -53,6 +53,14 @@ def test_every_shipped_yaml_loads_and_names_its_command(path):
                 for alias, name in names.items():
                     got = value[alias] if alias else value
                     assert got == pipeline.stage_configs[name][1].output_dir
+    elif path.stem == "compare_methods":
+        from align.compare import stage_configs
+        from align.config import CompareConfig
+
+        cfg = load_config(CompareConfig, path)
+        configs = stage_configs(cfg, path)  # every method's SFT and DPO config is valid
+        assert list(configs) == cfg.methods
+        assert all(c.peft.method == m for m, stages in configs.items() for c in stages.values())
     else:
         from align.config import STAGE_CONFIGS
 

@@ -20,7 +20,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from align.artifacts import ADAPTER, RunDir, atomic_dir, hash_json, redact
+from align.adapters import adapter_bytes
+from align.artifacts import ADAPTER, MERGED, RunDir, atomic_dir, hash_json, redact
 from align.config import StageConfig, to_dict, to_yaml
 from align.data import Splits
 from align.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
@@ -87,7 +88,12 @@ def resolve_base(cfg) -> tuple[ModelRef, RunDir | None]:
         parent = finished_parent(cfg.parent_run)
         merged = parent.merged_dir
         if not (merged / "config.json").is_file():
-            raise DataError(f"parent_run: {parent.path} has no merged model ({merged}); is it an SFT run?")
+            method = (parent.config().get("peft") or {}).get("method")
+            why = (
+                f"its method {method} trains virtual tokens, which do not merge into weights"
+                if method in ("prompt_tuning", "prefix_tuning") else "is it an SFT run?"
+            )
+            raise DataError(f"parent_run: {parent.path} has no merged model ({merged}); {why}")
         return ModelRef(name=str(merged), location=str(merged.resolve()), is_local=True), parent
     return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
 
@@ -194,10 +200,13 @@ class StageRun:
         """A generous estimate of what this stage writes: merged model (SFT), adapter, checkpoints."""
         base = Path(self.base.location)
         weights = sum(p.stat().st_size for p in base.glob("*.safetensors")) if self.base.is_local else 0
-        adapter_and_state = weights // 10  # LoRA weights + Adam moments stay well under 10% of the base
+        full = getattr(getattr(self.cfg, "peft", None), "method", None) == "full"
+        # Adapter weights + Adam moments stay well under 10% of the base; full fine-tuning saves
+        # the whole model (and its checkpoints two Adam moments on top).
+        adapter_and_state = weights * 3 if full else weights // 10
         train = getattr(self.cfg, "train", None)
         checkpoints = train.save_total_limit if train is not None and train.save_steps else 1
-        merged = weights if self.stage == "sft" else 0
+        merged = weights if self.stage == "sft" and not full else 0
         return merged + adapter_and_state * (1 + checkpoints) + 50 * 2**20
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -223,12 +232,14 @@ class StageRun:
         return TrackerCallback(self.tracker)
 
     def save_adapter(self, trainer) -> Path:
-        """The trained adapter in standard PEFT format, written atomically, logged as an artifact.
+        """The trained adapter in standard PEFT format (adapter/), written atomically, logged as an artifact.
 
-        Every rank calls this: under FSDP/ZeRO-3 the trainer gathers the sharded weights
-        and the main process writes them.
+        Full fine-tuning has no adapter: the trained model itself is written to merged/, where
+        the next stage looks for its base. Every rank calls this: under FSDP/ZeRO-3 the trainer
+        gathers the sharded weights and the main process writes them.
         """
-        target = self.run_dir.path / ADAPTER
+        full = self.cfg.peft.method == "full"
+        target = self.run_dir.path / (MERGED if full else ADAPTER)
         staging = self.run_dir.path / f".{ADAPTER}.staging"
         if is_main_process():
             shutil.rmtree(staging, ignore_errors=True)
@@ -241,8 +252,10 @@ class StageRun:
                         os.replace(item, tmp / item.name)
             shutil.rmtree(staging, ignore_errors=True)
             self.tracker.log_artifact(
-                target, name=f"{self.stage}-adapter", type="model",
-                metadata={"stage": self.stage, "base_model": self.base.name, "run_dir": str(self.run_dir.path)},
+                target, name=f"{self.stage}-{'model' if full else 'adapter'}", type="model",
+                metadata={"stage": self.stage, "base_model": self.base.name, "run_dir": str(self.run_dir.path),
+                          "peft_method": self.cfg.peft.method},
+                reference=full,  # a whole model is referenced in place, not copied into W&B's cache
             )
         return target
 
@@ -250,7 +263,9 @@ class StageRun:
         summary = {**summary, "wall_time_s": round(time.time() - self._started, 1), "peak_memory_mb": peak_memory_mb()}
         if self.tracker.wandb_path is not None:
             outputs = {**outputs, "wandb": str(self.tracker.wandb_path)}
-        self.tracker.set_summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+        scalars.update({f"parameters/{k}": v for k, v in (summary.get("parameters") or {}).items()})
+        self.tracker.set_summary(scalars)
         self.tracker.finish()
         if is_main_process():
             self.run_dir.finish(summary=summary, outputs={"metrics": "metrics.jsonl", **outputs})
@@ -264,8 +279,8 @@ class Trained:
     tokenizer: Any
     before: dict[str, float]  # held-out metrics at step 0
     after: dict[str, float]  # held-out metrics after training
-    adapter_dir: Path
-    summary: dict[str, Any]  # train loss, steps, parameters, token counts, samples, judge
+    adapter_dir: Path  # adapter/, or merged/ for full fine-tuning
+    summary: dict[str, Any]  # train loss, steps, seconds per step, parameters (+ adapter bytes), token counts, samples, judge
 
 
 def train_adapter(
@@ -289,11 +304,17 @@ def train_adapter(
     train_ds, eval_ds, token_stats = prepare(stage.splits, tokenizer, cfg.train.max_length)
     set_seed(cfg.train.seed)  # new heads and adapters initialize the same way on every run and rank
     model = models.load_model(stage.base, cfg.model, head=head)
+    # Full fine-tuning has no adapter to switch off afterwards: sample the starting weights now.
+    before_samples = reference_generations(stage, model, tokenizer) if cfg.peft.method == "full" and samples is None else None
     interrupt = InterruptCallback()
-    guards = [MarkCompleteCallback(), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)), interrupt]
+    timer = StepTimer()
+    guards = [MarkCompleteCallback(), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)), interrupt, timer]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
     params = models.count_parameters(trainer.model)
-    log.info("%s: %s trainable of %s parameters (%.2f%%)", stage.stage, f"{params['trainable']:,}", f"{params['total']:,}", params["trainable_pct"])
+    log.info(
+        "%s (%s): %s trainable of %s parameters (%.4g%%)", stage.stage, cfg.peft.method,
+        f"{params['trainable']:,}", f"{params['total']:,}", params["trainable_pct"],
+    )
     # The step-0 evaluation runs inside train() (eval_on_start), after the model is wrapped for
     # DDP: evaluating before train() lets accelerate mark the model prepared without wrapping it,
     # and training then runs without gradient synchronization (every rank drifts on its own).
@@ -316,10 +337,14 @@ def train_adapter(
     except torch.cuda.OutOfMemoryError as exc:
         raise AlignError(oom_advice(cfg, trainer.state.global_step + 1)) from exc
     adapter_dir = stage.save_adapter(trainer)
-    sampled = (samples or log_sample_table)(stage, trainer.model, tokenizer, before_label, step=trainer.state.global_step)
+    params["adapter_bytes"] = adapter_bytes(adapter_dir)
+    log.info("%s: %s on disk: %.2f MB", stage.stage, adapter_dir.name, params["adapter_bytes"] / 2**20)
+    extra = {"before": before_samples} if before_samples is not None else {}
+    sampled = (samples or log_sample_table)(stage, trainer.model, tokenizer, before_label, step=trainer.state.global_step, **extra)
     summary: dict[str, Any] = {
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        "seconds_per_step": timer.seconds_per_step(),
         "parameters": params,
         "tokens": token_stats,
         "samples": sampled.get("rows", []),
@@ -327,6 +352,25 @@ def train_adapter(
     if "judge" in sampled:
         summary["judge"] = sampled["judge"]
     return Trained(trainer, tokenizer, before, after, adapter_dir, summary)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, update); evaluations fall outside it."""
+
+    def __init__(self):
+        self.durations: list[float] = []
+        self._started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._started is not None:
+            self.durations.append(time.perf_counter() - self._started)
+            self._started = None
+
+    def seconds_per_step(self) -> float | None:
+        return round(sum(self.durations) / len(self.durations), 3) if self.durations else None
 
 
 class TrackerCallback(TrainerCallback):
@@ -431,21 +475,35 @@ def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:
     return prompts
 
 
-def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step: int) -> dict[str, Any]:
+def _sample_prompts(stage: StageRun) -> list[list[dict]]:
+    samples = stage.cfg.samples
+    if not is_main_process():  # generation involves no other rank; only the main one reports it
+        return []
+    return held_out_prompts(stage.splits, samples.num_prompts) if samples.num_prompts > 0 else []
+
+
+def reference_generations(stage: StageRun, model, tokenizer) -> list[str]:
+    """Greedy generations of the sample prompts from `model` as it is now (before training)."""
+    from align.generation import generate
+
+    return generate(model, tokenizer, _sample_prompts(stage), stage.cfg.samples.max_new_tokens)
+
+
+def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step: int, before: list[str] | None = None) -> dict[str, Any]:
     """Greedy generations on held-out prompts with the adapter off (before) and on (after).
 
+    `before`: generations taken before training (full fine-tuning, which has no adapter to switch off).
     Returns the rows and, when `samples.judge` is set, the judge's mean score before and after.
     """
     from align.generation import generate
 
     samples = stage.cfg.samples
-    if not is_main_process():  # generation involves no other rank; only the main one reports it
-        return {}
-    prompts = held_out_prompts(stage.splits, samples.num_prompts) if samples.num_prompts > 0 else []
+    prompts = _sample_prompts(stage)
     if not prompts:
         return {}
-    with model.disable_adapter():
-        before = generate(model, tokenizer, prompts, samples.max_new_tokens)
+    if before is None:
+        with model.disable_adapter():
+            before = generate(model, tokenizer, prompts, samples.max_new_tokens)
     after = generate(model, tokenizer, prompts, samples.max_new_tokens)
     columns = ["prompt", before_label, stage.stage]
     rows = [[p[-1]["content"], b, a] for p, b, a in zip(prompts, before, after)]

@@ -1,17 +1,25 @@
-"""DPO stage: TRL's DPOTrainer on a frozen base with a fresh LoRA adapter.
+"""DPO stage: TRL's DPOTrainer on a frozen base with a fresh adapter (LoRA by default).
 
 The reference model is the policy with its adapter disabled: TRL wraps the base
 with our `peft_config` and, given no `ref_model`, runs the reference forward under
 `disable_adapter()`. No second copy of the base exists. With `parent_run`, the base
 is the SFT stage's merged model, so the reference *is* the SFT model: at step 0
 the loss is ln 2 and both rewards are 0.
+
+Per method (align/methods.py): lora, qlora, dora, vera and ia3 start with no effect, so
+the same holds. prompt_tuning and prefix_tuning disable to the base too, but their
+virtual tokens change the policy from step 0 (the step-0 loss is not ln 2). `full` has
+no adapter: the reference is a frozen copy of the starting weights, one more copy of
+the model in memory (no gradients or optimizer state for it). A full run writes the
+trained model to merged/ instead of adapter/.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
-from align.adapters import lora_config
+from align.adapters import peft_config_for
 from align.artifacts import RunDir
 from align.config import DPOConfig
 from align.data import Splits, load_splits
@@ -53,14 +61,18 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: 
         truncation_mode="keep_start",
         dataset_num_proc=None,
     )
+    peft_config = peft_config_for(cfg, base_location=model.name_or_path)
+    ref_model = None  # the reference is this model with the adapter disabled
+    if peft_config is None:  # full fine-tuning: a frozen copy of the starting weights
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     return DPOTrainer(
         model=model,
-        ref_model=None,  # the reference is this model with the adapter disabled
+        ref_model=ref_model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora),
+        peft_config=peft_config,
         callbacks=list(callbacks),
     )
 
@@ -79,5 +91,6 @@ def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
         summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in _EVAL_KEYS}
         summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
         summary.update(trained.summary)
-        stage.finish(summary=summary, outputs={"adapter": "adapter", "samples": "samples.jsonl"})
+        saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
+        stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
     return stage.run_dir

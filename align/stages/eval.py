@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from align import models
-from align.adapters import load_frozen_adapter
+from align.adapters import load_frozen_adapter, peft_type
 from align.artifacts import RunDir, atomic_write_json, atomic_write_text
 from align.config import DataConfig, EvalConfig
 from align.data import load_splits
@@ -67,6 +67,12 @@ def load_policies(cfg: EvalConfig, runs: dict[str, RunDir], reward: RunDir | Non
     tokenizer = models.load_tokenizer(base_ref, cfg.model)
     model = models.load_model(base_ref, cfg.model)
     adapters = {name: path for name, (_, path) in sources.items() if path is not None}
+    kinds = {name: peft_type(path) for name, path in adapters.items()}
+    if reward is not None:
+        kinds["reward_run"] = peft_type(reward.adapter_dir)
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+        raise ConfigError(f"runs: {listing}: one shared base holds adapters of a single PEFT type; evaluate each type separately")
     peft = None
     for name, path in adapters.items():
         if peft is None:

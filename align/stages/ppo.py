@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from align import models
-from align.adapters import load_frozen_adapter, lora_config
+from align.adapters import load_frozen_adapter, peft_config_for
 from align.artifacts import ADAPTER, RunDir, atomic_dir, atomic_write_json, atomic_write_text
 from align.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, latest_complete
 from align.config import PPOConfig
@@ -65,8 +65,8 @@ class PolicyValueReward:
 
         self.tokenizer = tokenizer
         model = models.load_model(base, cfg.model)
-        self.model = get_peft_model(model, lora_config(cfg.lora), adapter_name="policy")
-        self.model.add_adapter("value", lora_config(cfg.lora))
+        self.model = get_peft_model(model, peft_config_for(cfg), adapter_name="policy")
+        self.model.add_adapter("value", peft_config_for(cfg))
         head = load_frozen_adapter(self.model, reward_run.adapter_dir, "reward")
         if head is None:
             raise DataError(f"reward_run: {reward_run.path}/adapter has no score head; is it a reward run?")

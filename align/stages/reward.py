@@ -12,7 +12,7 @@ import json
 import logging
 import random
 
-from align.adapters import lora_config
+from align.adapters import peft_config_for
 from align.artifacts import RunDir, atomic_write_json
 from align.config import RewardConfig
 from align.data import Splits, load_splits
@@ -56,7 +56,7 @@ def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_di
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         # task SEQ_CLS puts the score head in modules_to_save: it trains and is saved with the adapter.
-        peft_config=lora_config(cfg.lora, task_type="SEQ_CLS"),
+        peft_config=peft_config_for(cfg, task_type="SEQ_CLS"),
         callbacks=list(callbacks),
     )
 

@@ -1,7 +1,9 @@
-"""SFT stage: TRL's SFTTrainer + a LoRA adapter, loss on assistant tokens only.
+"""SFT stage: TRL's SFTTrainer + the adapter of `peft.method` (LoRA by default), loss on assistant tokens only.
 
 Outputs in the RunDir: `adapter/` (standard PEFT format) and `merged/` (base +
-adapter as one safetensors model: the frozen base of every later stage).
+adapter as one safetensors model: the frozen base of every later stage). Full
+fine-tuning writes only `merged/` (the trained model); prompt and prefix tuning only
+`adapter/` (virtual tokens do not merge into weights, so such a run is no parent_run).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import logging
 
 from align import models
-from align.adapters import lora_config, merge_adapter
+from align.adapters import merge_adapter, peft_config_for
 from align.artifacts import MERGED, RunDir
 from align.config import SFTConfig
+from align.methods import METHODS
 from align.data import Splits, load_splits
 from align.stages.common import StageRun, to_datasets, train_adapter, trainer_kwargs
 from align.templates import tokenize_for_sft
@@ -51,7 +54,7 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir: 
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora),
+        peft_config=peft_config_for(cfg, base_location=model.name_or_path),
         callbacks=list(callbacks),
     )
 
@@ -66,10 +69,19 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()) -> RunDir:
         trained = train_adapter(stage, prepare=tokenize, build_trainer=build_trainer, before_label="base", callbacks=callbacks)
         tokenizer, adapter_dir = trained.tokenizer, trained.adapter_dir
         trained.trainer = None  # free the training copy before loading the base again to merge
+        method = cfg.peft.method
         merged_hash = None
-        if is_main_process():
+        outputs = {"samples": "samples.jsonl"}
+        if method != "full":
+            outputs["adapter"] = "adapter"
+        if METHODS[method].mergeable:
+            outputs["merged"] = MERGED
+        else:
+            log.info("sft: %s trains virtual tokens, which do not merge into weights: no merged/ model", method)
+        if is_main_process() and METHODS[method].mergeable:
             merged_dir = stage.run_dir.path / MERGED
-            merge_adapter(base, cfg.model, adapter_dir, merged_dir, tokenizer)
+            if method != "full":  # full fine-tuning saved its trained model there already
+                merge_adapter(base, cfg.model, adapter_dir, merged_dir, tokenizer)
             # Hashing here caches the hash beside the weights, so later stages need not re-read them.
             merged_hash = models.content_hash(models.ModelRef(str(merged_dir), str(merged_dir.resolve()), True))
         summary = {
@@ -78,5 +90,5 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()) -> RunDir:
             "merged_content_hash": merged_hash,
             **trained.summary,
         }
-        stage.finish(summary=summary, outputs={"adapter": "adapter", "merged": MERGED, "samples": "samples.jsonl"})
+        stage.finish(summary=summary, outputs=outputs)
     return stage.run_dir

@@ -1,0 +1,14 @@
+"""`python -m align.stages STAGE --config FILE [key=value ...]`: run one stage (what recipes/<stage>.py does).
+
+The methods comparison runs each stage this way, in its own process.
+"""
+
+import sys
+
+from align.cli import recipe_main
+from align.stages import STAGES
+
+if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
+    print(f"usage: python -m align.stages {{{','.join(STAGES)}}} --config FILE [key=value ...]", file=sys.stderr)
+    sys.exit(2)
+sys.exit(recipe_main(sys.argv[1], sys.argv[2:]))
