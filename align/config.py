@@ -277,6 +277,19 @@ class DPOOptions:
     beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).")
     loss_type: Literal[DPO_LOSS_TYPES] = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), ...")  # type: ignore[valid-type]
     label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative/robust DPO), in [0, 0.5).")
+    shared_prefix: bool = opt(
+        True,
+        "Compute each pair's prompt once for chosen and rejected (block attention mask); off, or where it "
+        "cannot run (prompt/prefix tuning, flash attention), the batch is TRL's two rows per pair.",
+    )
+    ref_cache: bool = opt(
+        True,
+        "Keep reference log-probs on disk, keyed by base model, precision and each pair's tokens; "
+        "later epochs, runs and sweeps skip the reference forward.",
+    )
+    ref_cache_dir: str | None = opt(
+        None, "Where the reference cache lives; null = $ALIGN_REF_CACHE_DIR or ~/.cache/align/ref-logps."
+    )
 
 
 @dataclass

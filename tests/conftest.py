@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# DPO's reference log-prob cache: one fresh folder per test session, never the user's.
+os.environ["ALIGN_REF_CACHE_DIR"] = tempfile.mkdtemp(prefix="align-ref-cache-")
 
 LN2 = math.log(2)
 

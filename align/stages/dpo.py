@@ -12,17 +12,26 @@ virtual tokens change the policy from step 0 (the step-0 loss is not ln 2). `ful
 no adapter: the reference is a frozen copy of the starting weights, one more copy of
 the model in memory (no gradients or optimizer state for it). A full run writes the
 trained model to merged/ instead of adapter/.
+
+Speed (align/dpo_trainer.py): each pair's prompt is computed once for both responses, and
+reference log-probs are cached on disk and reused across epochs, runs and sweeps. Both are
+on by default and switch themselves off, with a log line, where they cannot run.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+from pathlib import Path
 
 from align.adapters import peft_config_for
 from align.artifacts import RunDir
 from align.config import DPOConfig
 from align.data import Splits, load_splits
+from align.dpo_trainer import AlignDPOTrainer, plan
+from align.ref_cache import RefLogpCache
+from align.ref_cache import default_dir as default_cache_dir
 from align.stages.common import StageRun, resolve_base, to_datasets, train_adapter, trainer_kwargs
 
 log = logging.getLogger("align")
@@ -48,9 +57,24 @@ def prepare(splits: Splits, tokenizer, max_length: int):
     return to_datasets(splits, convert, "dpo", max_length, "prompt alone fills max_length")
 
 
+def reference_cache(cfg: DPOConfig, model, device: str) -> RefLogpCache:
+    """The reference cache for this base model, quantization and precision."""
+    from align.models import ModelRef, content_hash, resolve_dtype
+
+    location = model.name_or_path
+    base = ModelRef(location, location, Path(location).is_dir(), cfg.model.revision)
+    key = {
+        "base": content_hash(base),
+        "quantization": cfg.model.quantization,
+        "dtype": str(resolve_dtype(cfg.model.dtype, device)),
+        "device": device.split(":")[0],
+    }
+    directory = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else default_cache_dir()
+    return RefLogpCache(directory, key, rank=int(os.environ.get("RANK", 0)))
+
+
 def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
     from trl import DPOConfig as TRLDPOConfig
-    from trl import DPOTrainer
 
     device = str(next(model.parameters()).device)
     args = TRLDPOConfig(
@@ -62,10 +86,12 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: 
         dataset_num_proc=None,
     )
     peft_config = peft_config_for(cfg, base_location=model.name_or_path)
+    fast = plan(cfg.dpo, cfg.peft.method, model)
+    cache = reference_cache(cfg, model, device) if fast.ref_cache else None
     ref_model = None  # the reference is this model with the adapter disabled
     if peft_config is None:  # full fine-tuning: a frozen copy of the starting weights
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    return DPOTrainer(
+    return AlignDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -74,6 +100,8 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: 
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=list(callbacks),
+        fast_path=fast,
+        cache=cache,
     )
 
 

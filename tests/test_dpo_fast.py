@@ -1,0 +1,231 @@
+"""The DPO fast path (prefix sharing + reference cache) against TRL's plain path, on a tiny model.
+
+Same model, adapter initialization, batch and loss: the loss, the chosen/rejected rewards and
+every adapter gradient must agree (fp32, CPU). The cache must hit on a rerun and miss when
+the base model, the data or the tokenization changes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from align import shared_prefix
+from align.dpo_trainer import AlignDPOTrainer, FastPath
+from align.ref_cache import RefLogpCache
+
+BATCH = 4
+
+
+def variable_rows(n: int, offset: int = 0) -> list[dict]:
+    """Pairs with prompts and responses of different lengths, chosen and rejected unequal."""
+    rows = []
+    for i in range(offset, offset + n):
+        context = " ".join(["Think step by step."] * (i % 4))
+        rows.append({
+            "prompt": [{"role": "user", "content": f"{context} What is {i} plus {i % 5}?".strip()}],
+            "chosen": [{"role": "assistant", "content": f"{i + i % 5}" + "!" * (i % 3)}],
+            "rejected": [{"role": "assistant", "content": " ".join(["Well, let me see."] * (1 + i % 3))}],
+        })
+    return rows
+
+
+def load_tiny(model_dir, attn: str = "eager"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+
+
+def make_trainer(model, tokenizer, rows, tmp_path, *, fast: FastPath | None, cache=None, max_length=96, ref_model=None):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, max_length=max_length,
+        gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], learning_rate=1e-3,
+        beta=0.1, dataset_num_proc=None, seed=0,
+    )
+    peft = None if ref_model is not None else LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    kwargs = dict(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                  processing_class=tokenizer, peft_config=peft)
+    torch.manual_seed(0)
+    if fast is None:
+        return DPOTrainer(**kwargs)
+    return AlignDPOTrainer(**kwargs, fast_path=fast, cache=cache)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def step(trainer, batch=None):
+    """Loss, rewards and adapter gradients of one forward/backward on the first batch."""
+    model = trainer.model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch if batch is not None else first_batch(trainer))
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/"))}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), metrics, grads
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_packed_rows_hold_each_sequence_once_with_its_positions(tokenizer):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    examples = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+        {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12]},
+    ]
+    batch = DataCollatorForPreference(pad_token_id=0)(examples)
+    packed = shared_prefix.pack_pairs(batch, pad_token_id=0)
+    # Pair 0: shared [1, 2], then [3, 4, 5] (chosen) and [3, 6] (rejected), positions restarting at 2.
+    assert packed["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 3, 6]
+    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2, 3]
+    assert packed["shift_labels"][0].tolist() == [-100, -100, 4, 5, -100, 6, -100]
+    # Pair 1: shared [7], [8, 9] and [8, 10, 11, 12], one pad.
+    assert packed["input_ids"][1].tolist() == [7, 8, 9, 8, 10, 11, 12]
+    assert packed["shift_labels"][1].tolist() == [-100, 9, -100, 10, 11, 12, -100]
+    # TRL's valid log-prob positions are exactly its completion labels.
+    assert torch.equal(packed["valid"], batch["completion_mask"][:, 1:].bool())
+    mask = shared_prefix.block_mask(packed["segment_ids"], "sdpa", torch.float32)[0, 0]
+    assert not mask[5, 3] and not mask[6, 4], "rejected tokens must not see chosen tokens"
+    assert mask[5, 1] and mask[6, 5], "rejected tokens see the shared prompt and themselves"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fast_path_matches_plain_trl(tiny_model_dir, tokenizer, tmp_path, attn):
+    rows = variable_rows(8)
+    base = load_tiny(tiny_model_dir, attn)
+    plain = make_trainer(copy.deepcopy(base), tokenizer, rows, tmp_path / "plain", fast=None, max_length=60)
+    cache = RefLogpCache(tmp_path / "cache", {"base": "tiny"})
+    fast = make_trainer(copy.deepcopy(base), tokenizer, rows, tmp_path / "fast",
+                        fast=FastPath(True, True, {}), cache=cache, max_length=60)
+    init_plain = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
+    init_fast = {n: p for n, p in fast.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(init_plain[n], init_fast[n]) for n in init_plain), "same adapter initialization"
+    # Step the adapters off zero so the rewards are not trivially 0.
+    with torch.no_grad():
+        for name, p in init_plain.items():
+            noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05
+            p.add_(noise)
+            init_fast[name].add_(noise)
+
+    batch = first_batch(plain)
+    assert batch["input_ids"].shape[1] == 60, "some rows are truncated at max_length"
+    loss_a, metrics_a, grads_a = step(plain, batch)
+    loss_c, metrics_c, grads_c = step(fast)
+    assert cache.misses == BATCH and cache.hits == 0
+    assert abs(loss_a - loss_c) < 1e-5
+    assert metrics_a.keys() == metrics_c.keys() and metrics_a
+    for key in metrics_a:
+        assert abs(metrics_a[key] - metrics_c[key]) < 1e-4, key
+    assert abs(metrics_a["rewards/margins"]) > 1e-3, "the adapters move the policy away from the reference"
+    for name in grads_a:
+        torch.testing.assert_close(grads_c[name], grads_a[name], atol=1e-5, rtol=1e-4)
+    # The same batch again: the reference comes from the cache, the results do not change.
+    loss_warm, metrics_warm, grads_warm = step(fast)
+    assert cache.hits == BATCH
+    assert abs(loss_warm - loss_c) < 1e-6
+    for name in grads_c:
+        torch.testing.assert_close(grads_warm[name], grads_c[name], atol=1e-6, rtol=1e-5)
+
+
+def test_full_fine_tuning_reference_copy_takes_the_shared_prefix(tiny_model_dir, tokenizer, tmp_path):
+    rows = variable_rows(4)
+    base = load_tiny(tiny_model_dir)
+    plain = make_trainer(copy.deepcopy(base), tokenizer, rows, tmp_path / "p", fast=None,
+                         ref_model=copy.deepcopy(base).requires_grad_(False))
+    fast = make_trainer(copy.deepcopy(base), tokenizer, rows, tmp_path / "f", fast=FastPath(True, False, {}),
+                        ref_model=copy.deepcopy(base).requires_grad_(False))
+    loss_a, metrics_a, grads_a = step(plain)
+    loss_c, metrics_c, grads_c = step(fast)
+    assert abs(loss_a - loss_c) < 1e-5
+    assert abs(metrics_a["rewards/chosen"] - metrics_c["rewards/chosen"]) < 1e-4
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(grads_c[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_reference_cache_invalidation(tiny_model_dir, tokenizer, tmp_path):
+    """A rerun hits; another base, changed data or changed tokenization miss."""
+    from transformers import LlamaForCausalLM
+
+    def run(model, rows, key, max_length=96):
+        cache = RefLogpCache(tmp_path / "cache", key)
+        known = set(cache.values)
+        trainer = make_trainer(model, tokenizer, rows, tmp_path / "run", fast=FastPath(True, True, {}),
+                               cache=cache, max_length=max_length)
+        batch = first_batch(trainer)
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, dict(batch))
+        cache.flush()
+        cache.new = set(cache.values) - known
+        return cache
+
+    rows = variable_rows(BATCH)
+    first = run(load_tiny(tiny_model_dir), rows, {"base": "tiny-a"})
+    assert (first.hits, first.misses) == (0, BATCH)
+    assert list((tmp_path / "cache").glob("*.rank0.npz")), "flushed to disk"
+    again = run(load_tiny(tiny_model_dir), rows, {"base": "tiny-a"})
+    assert (again.hits, again.misses) == (BATCH, 0), "a rerun reads the reference from disk"
+    assert again.values == first.values
+
+    other = LlamaForCausalLM(load_tiny(tiny_model_dir).config)  # other weights, so another content hash
+    assert (run(other, rows, {"base": "tiny-b"}).misses) == BATCH
+
+    changed = copy.deepcopy(rows)
+    changed[2]["chosen"][0]["content"] += " (edited)"
+    edited = run(load_tiny(tiny_model_dir), changed, {"base": "tiny-a"})
+    assert edited.misses == BATCH and len(edited.new) == 1, "the batch is recomputed; one new pair"
+    shorter = run(load_tiny(tiny_model_dir), rows, {"base": "tiny-a"}, max_length=56)
+    assert shorter.misses == BATCH and len(shorter.new) == 3, "three pairs exceed 56 tokens: other tokens"
+    template = tokenizer.chat_template
+    tokenizer.chat_template = template.replace("<|im_start|>", "<|im_start|> ")
+    try:
+        retemplated = run(load_tiny(tiny_model_dir), rows, {"base": "tiny-a"})
+    finally:
+        tokenizer.chat_template = template
+    assert len(retemplated.new) == BATCH
+
+
+def test_reference_cache_key_names_the_base_and_precision(tiny_model_dir, tmp_path):
+    """The stage keys the cache file by the base model's content hash, quantization, dtype and device."""
+    from align.config import DPOConfig, load_config
+    from align.stages.dpo import reference_cache
+
+    cfg = load_config(DPOConfig, None, {"model.name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
+                                        "dpo.ref_cache_dir": str(tmp_path / "c"), "data.path": "bundled:demo-prefs"})
+    model = load_tiny(tiny_model_dir)
+    key = reference_cache(cfg, model, "cpu").key
+    assert key["base"].startswith("sha256:") and key["dtype"] == "torch.float32" and key["device"] == "cpu"
+    other = tmp_path / "other-model"
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(other)
+    model.name_or_path = str(other)
+    assert reference_cache(cfg, model, "cpu").key["base"] != key["base"]
+
+
+def test_plan_falls_back_with_a_reason(tiny_model_dir):
+    from align.config import DPOOptions
+    from align.dpo_trainer import plan
+
+    model = load_tiny(tiny_model_dir)
+    assert plan(DPOOptions(), "lora", model).shared_prefix
+    prompt = plan(DPOOptions(), "prompt_tuning", model)
+    assert not prompt.shared_prefix and "virtual tokens" in prompt.why_not["shared_prefix"] and prompt.ref_cache
+    model.config._attn_implementation = "flash_attention_2"
+    flash = plan(DPOOptions(), "lora", model)
+    assert not flash.shared_prefix and "flash_attention_2" in flash.why_not["shared_prefix"]
+    off = plan(DPOOptions(shared_prefix=False, ref_cache=False), "lora", model)
+    assert "shared_prefix off: dpo.shared_prefix is false" in off.describe()
