@@ -229,3 +229,30 @@ def test_plan_falls_back_with_a_reason(tiny_model_dir):
     assert not flash.shared_prefix and "flash_attention_2" in flash.why_not["shared_prefix"]
     off = plan(DPOOptions(shared_prefix=False, ref_cache=False), "lora", model)
     assert "shared_prefix off: dpo.shared_prefix is false" in off.describe()
+
+
+def test_dpo_stage_beta_sweep_reuses_the_reference(sft_parent, tiny_data, tmp_path):
+    """The stage's defaults take the fast path; a second run with another beta never runs the reference."""
+    import json
+
+    from align.config import DPOConfig, load_config
+    from align.stages import dpo
+    from conftest import read_metrics, tiny_overrides
+
+    def run(beta):
+        overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / f"beta-{beta}", parent_run=str(sft_parent), **{
+            "dpo.beta": beta, "dpo.ref_cache_dir": str(tmp_path / "cache"), "tracking": "none", "samples.num_prompts": 0,
+        })
+        path = dpo.run(load_config(DPOConfig, None, overrides)).path
+        summary = json.loads((path / "manifest.json").read_text())["summary"]
+        step0 = next(r for r in read_metrics(path) if r["_step"] == 0 and "eval/loss" in r)
+        return summary, step0
+
+    first, first_step0 = run(0.1)
+    assert first["dpo_fast_path"] == "DPO fast path: shared_prefix, ref_cache"
+    assert first["ref_cache_misses"] > 0
+    second, second_step0 = run(0.3)
+    assert second["ref_cache_misses"] == 0 and second["ref_cache_hits"] > 0
+    # The held-out reference log-probs are the same numbers, now read from disk.
+    assert second_step0["eval/logps/chosen"] == pytest.approx(first_step0["eval/logps/chosen"], abs=1e-6)
+    assert second_step0["eval/loss"] == pytest.approx(0.6931, abs=1e-3)

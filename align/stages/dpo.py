@@ -105,6 +105,14 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: 
     )
 
 
+def fast_path_summary(trainer) -> dict:
+    """What the fast path did: which parts ran, and how often the reference came from the cache."""
+    out = {"dpo_fast_path": trainer.fast_path.describe()}
+    if trainer.ref_cache is not None:
+        out.update(ref_cache_hits=trainer.ref_cache.hits, ref_cache_misses=trainer.ref_cache.misses)
+    return out
+
+
 _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 
 
@@ -119,6 +127,7 @@ def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
         summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in _EVAL_KEYS}
         summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
         summary.update(trained.summary)
+        summary.update(fast_path_summary(trained.trainer))
         saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
         stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
     return stage.run_dir
