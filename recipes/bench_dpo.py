@@ -14,6 +14,8 @@ LoRA config and learning-rate schedule:
   c        our DPO stage's trainer (align.stages.dpo.build_trainer) with its defaults; its
            reference cache starts empty, so every step still runs the reference forward
   c-warm   the same with the cache filled by the c run: a rerun, another epoch or a beta sweep
+  c-plain  (ablation, opt-in) our stage with dpo.shared_prefix and dpo.ref_cache off: what the
+           stage's other defaults (no gradient checkpointing) give on TRL's layout
 LoRA dropout is 0 for all: dropout masks are random, and the correctness check compares
 per-step values. Each variant sees each pair once (steps x batch pairs), in the same order.
 
@@ -207,9 +209,11 @@ def run_variant(name, args, cfg, make_model, tokenizer, train_ds, workdir, cache
     model = make_model()
     torch.manual_seed(cfg.train.seed)  # the same adapter initialization for every variant
     setup_start = time.perf_counter()
-    if name in ("c", "c-warm"):
+    if name.startswith("c"):
         cfg = copy.deepcopy(cfg)
         cfg.dpo.ref_cache_dir = str(cache_dir)
+        if name == "c-plain":  # the ablation: our stage's settings, TRL's layout, no cache
+            cfg.dpo.shared_prefix = cfg.dpo.ref_cache = False
         trainer = build_trainer(cfg, model, tokenizer, train_ds, None, run_dir, callbacks=[timer.callback])
     else:
         common = trainer_kwargs(cfg, run_dir, device, has_eval=False)
@@ -376,8 +380,10 @@ def print_table(results, ceiling):
             row += f" {r['tflops']:.0f} | {r['share_of_ceiling']:.0%} |"
         print(row)
     by = {r["variant"]: r for r in results}
-    for mine in ("c", "c-warm"):
-        for other in ("a", "b"):
+    for mine in ("c", "c-warm", "c-plain"):
+        for other in ("a", "b", "c-plain"):
+            if mine == other:
+                continue
             if mine in by and other in by:
                 print(f"{mine} / {other}: {by[mine]['pairs_per_s'] / by[other]['pairs_per_s']:.2f}x pairs/s, "
                       f"peak memory {by[mine]['peak_memory_mb'] / by[other]['peak_memory_mb']:.2f}x")
