@@ -38,14 +38,15 @@ def load_tiny(model_dir, attn: str = "eager"):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
 
 
-def make_trainer(model, tokenizer, rows, tmp_path, *, fast: FastPath | None, cache=None, max_length=96, ref_model=None):
+def make_trainer(model, tokenizer, rows, tmp_path, *, fast: FastPath | None, cache=None, max_length=96, ref_model=None,
+                 cuda=False):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, max_length=max_length,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], learning_rate=1e-3,
+        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, report_to=[], learning_rate=1e-3,
         beta=0.1, dataset_num_proc=None, seed=0,
     )
     peft = None if ref_model is not None else LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
@@ -256,3 +257,22 @@ def test_dpo_stage_beta_sweep_reuses_the_reference(sft_parent, tiny_data, tmp_pa
     # The held-out reference log-probs are the same numbers, now read from disk.
     assert second_step0["eval/logps/chosen"] == pytest.approx(first_step0["eval/logps/chosen"], abs=1e-6)
     assert second_step0["eval/loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+@pytest.mark.gpu
+def test_fast_path_matches_plain_trl_on_cuda_bf16(tiny_model_dir, tokenizer, tmp_path):
+    """The same comparison in bf16 autocast on CUDA with sdpa (bool mask): bf16-sized tolerances."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rows = variable_rows(8)
+    base = load_tiny(tiny_model_dir, "sdpa")
+    plain = make_trainer(copy.deepcopy(base), tokenizer, rows, tmp_path / "plain", fast=None, max_length=60, cuda=True)
+    fast = make_trainer(copy.deepcopy(base), tokenizer, rows, tmp_path / "fast", fast=FastPath(True, False, {}),
+                        max_length=60, cuda=True)
+    loss_a, metrics_a, grads_a = step(plain)
+    loss_c, metrics_c, grads_c = step(fast)
+    assert abs(loss_a - loss_c) < 1e-2
+    for key in metrics_a:
+        assert abs(metrics_a[key] - metrics_c[key]) < 5e-2 * max(1.0, abs(metrics_a[key])), key
+    for name in grads_a:
+        torch.testing.assert_close(grads_c[name], grads_a[name], atol=1e-2, rtol=5e-2)
