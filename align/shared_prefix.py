@@ -13,15 +13,14 @@ hidden state predicts the first response token, which differs between the two. E
 then sees exactly the context (and position) it has in TRL's layout, so the log-probs are the
 same up to float rounding.
 
-The row is built from TRL's own collated batch (same tokens, same truncation), and the
-per-token outputs are gathered back into TRL's 2B-row layout, so TRL's loss code, all its loss
+The row is built from TRL's own collated batch (same tokens, same truncation; the trainer's
+collator adds it under KEY), and the per-token outputs are gathered back into TRL's 2B-row layout, so TRL's loss code, all its loss
 types and metrics, run unchanged on them.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
@@ -63,7 +62,7 @@ def pack_pairs(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, t
         shared = max(0, min(_common_prefix(*seqs), firsts[0] - 1, firsts[1] - 1))
         rows.append((seqs, firsts, shared))
 
-    width = max(shared + (len(c) - shared) + (len(r) - shared) for (c, r), _, shared in rows)
+    width = max(len(c) + len(r) - shared for (c, r), _, shared in rows)
     out_len = ids.size(1) - 1
     packed = torch.full((n_pairs, width), pad_token_id, dtype=torch.long)
     positions = torch.zeros((n_pairs, width), dtype=torch.long)
@@ -122,19 +121,6 @@ def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dt
     if attn_implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-class SharedPrefixCollator:
-    """TRL's preference collator, plus the shared-prefix layout of the same batch under KEY."""
-
-    def __init__(self, trl_collator, pad_token_id: int):
-        self.trl_collator = trl_collator
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.trl_collator(examples)
-        batch[KEY] = pack_pairs(batch, self.pad_token_id)
-        return batch
 
 
 def unsupported_reason(model) -> str | None:

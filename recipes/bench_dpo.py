@@ -118,7 +118,7 @@ def synthetic_pairs(n: int, seed: int) -> list[dict]:
 
 
 def build_base(args, device: str, workdir: Path):
-    """(model factory, tokenizer, align ModelConfig) for the chosen shape; each call is a fresh copy."""
+    """(model factory, tokenizer, align ModelConfig) for the chosen shape; each factory call loads a fresh copy."""
     from align.config import ModelConfig
     from align.models import load_model, load_tokenizer, resolve
 
@@ -142,7 +142,7 @@ def build_base(args, device: str, workdir: Path):
         ref = ModelRef(str(folder), str(folder), True)
         mcfg = ModelConfig(name_or_path=str(folder), quantization=args.quantization)
     tokenizer = load_tokenizer(ref, mcfg)
-    return (lambda: load_model(ref, mcfg, device)), tokenizer, mcfg, ref
+    return (lambda: load_model(ref, mcfg, device)), tokenizer, mcfg
 
 
 def matmul_ceiling_tflops(device: str) -> float | None:
@@ -284,7 +284,35 @@ def _liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def pair_tokens(tokenizer, rows) -> list[int]:
+def workload(args, tokenizer, max_length):
+    """The pairs every variant trains on, their token lengths, and the tokens of each step.
+
+    A step's tokens: each pair's prompt + chosen + rejected after truncation at max_length
+    (prompt counted once), the same count for every variant.
+    """
+    import datasets
+
+    n_pairs = (args.warmup + args.steps) * args.batch
+    rows = demo_pairs(n_pairs) if args.data == "demo" else synthetic_pairs(n_pairs, seed=0)
+    lengths = pair_tokens(tokenizer, rows)
+    per_pair = [min(p + c, max_length) + min(p + r, max_length) - min(p, max_length) for p, c, r in lengths]
+    per_step = [sum(per_pair[i:i + args.batch]) for i in range(0, n_pairs, args.batch)]
+    return datasets.Dataset.from_list(rows), lengths, per_step
+
+
+def non_embedding_params(mcfg) -> int:
+    """Parameters outside the embeddings, counted on a weightless (meta) copy: no load, no quantization packing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from align.models import resolve
+
+    config = AutoConfig.from_pretrained(resolve(mcfg.name_or_path).location)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def pair_tokens(tokenizer, rows) -> list[tuple[int, int, int]]:
     def n(messages, gen=False):
         return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
 
@@ -309,12 +337,8 @@ def main() -> int:
     max_length = args.max_length or (256 if args.data == "demo" else 1800)
     n_pairs = (args.warmup + args.steps) * args.batch
     workdir = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
-    make_model, tokenizer, mcfg, ref = build_base(args, device, workdir)
-    rows = demo_pairs(n_pairs) if args.data == "demo" else synthetic_pairs(n_pairs, seed=0)
-    lengths = pair_tokens(tokenizer, rows)
-    tokens_per_step = [sum(min(p + c, max_length) + min(p + r, max_length) - min(p, max_length) for p, c, r in lengths[i:i + args.batch])
-                       for i in range(0, n_pairs, args.batch)]
-    train_ds = datasets.Dataset.from_list(rows)
+    make_model, tokenizer, mcfg = build_base(args, device, workdir)
+    train_ds, lengths, tokens_per_step = workload(args, tokenizer, max_length)
     cfg = load_config(DPOConfig, Path(__file__).parent / "configs/smollm2-135m/dpo.yaml", {
         "parent_run": None, "model.name_or_path": mcfg.name_or_path, "model.quantization": args.quantization,
         "peft.method": "qlora" if args.quantization == "4bit" else "lora", "lora.dropout": 0.0,
@@ -322,9 +346,7 @@ def main() -> int:
         "train.logging_steps": 1, "train.save_steps": None, "output_dir": str(workdir / "unused"),
     })
 
-    sample = make_model()
-    n_params = sum(p.numel() for n, p in sample.named_parameters() if "embed_tokens" not in n)
-    del sample
+    n_params = non_embedding_params(mcfg)
     ceiling = matmul_ceiling_tflops(device)
     print(f"device: {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU, %d threads' % torch.get_num_threads()})")
     print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
@@ -341,12 +363,7 @@ def main() -> int:
     if args.find_max_batch:
         args.batch = largest_batch(args, cfg, make_model, tokenizer, workdir, device)
         print(f"largest batch that fits (variant c, doubling from {cfg.train.batch_size}): {args.batch}")
-        n_pairs = (args.warmup + args.steps) * args.batch
-        rows = synthetic_pairs(n_pairs, seed=0) if args.data == "synthetic" else demo_pairs(n_pairs)
-        lengths = pair_tokens(tokenizer, rows)
-        tokens_per_step = [sum(min(p + c, max_length) + min(p + r, max_length) - min(p, max_length)
-                               for p, c, r in lengths[i:i + args.batch]) for i in range(0, n_pairs, args.batch)]
-        train_ds = datasets.Dataset.from_list(rows)
+        train_ds, lengths, tokens_per_step = workload(args, tokenizer, max_length)
         cfg.train.batch_size, cfg.train.max_steps = args.batch, args.warmup + args.steps
 
     cache_dir = workdir / "ref-cache"
