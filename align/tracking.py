@@ -16,8 +16,13 @@ from typing import Any
 from align.artifacts import SAMPLES, RunDir, atomic_write_text, redact
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun/accelerate (RANK), 0 when run alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_rank() == 0
 
 
 def wandb_mode(configured: str) -> str:

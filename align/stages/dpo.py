@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 
 from align.adapters import peft_config_for
@@ -33,6 +32,7 @@ from align.dpo_trainer import AlignDPOTrainer, plan
 from align.ref_cache import RefLogpCache
 from align.ref_cache import default_dir as default_cache_dir
 from align.stages.common import StageRun, resolve_base, to_datasets, train_adapter, trainer_kwargs
+from align.tracking import process_rank
 
 log = logging.getLogger("align")
 
@@ -70,7 +70,7 @@ def reference_cache(cfg: DPOConfig, model, device: str) -> RefLogpCache:
         "device": device.split(":")[0],
     }
     directory = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else default_cache_dir()
-    return RefLogpCache(directory, key, rank=int(os.environ.get("RANK", 0)))
+    return RefLogpCache(directory, key, rank=process_rank())
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
