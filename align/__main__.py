@@ -1,7 +1,7 @@
-"""`python -m align ...`: the adapter lifecycle CLI (see align/lifecycle.py)."""
+"""`python -m align ...`: the adapter lifecycle CLI (see align/cli/lifecycle.py)."""
 
 import sys
 
-from align.lifecycle import main
+from align.cli.lifecycle import main
 
 sys.exit(main())

@@ -21,9 +21,9 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from align.artifacts import atomic_dir, atomic_write_text, now, redact
-from align.data import normalize_preference
-from align.errors import ConfigError, DataError
+from align.core.artifacts import atomic_dir, atomic_write_text, now, redact
+from align.core.data import normalize_preference
+from align.core.errors import ConfigError, DataError
 from data_tools import output
 from data_tools.clean import Cleaner, CleanOptions
 from data_tools.dedup import NEAR_DUP_METHODS, digest64, shorten
@@ -164,9 +164,9 @@ def source_items(fmt: Format, cfg: BuildConfig, counts: Counts, workdir: Path, r
 
 
 def _progress(rows: Iterable) -> Iterable:
-    from tqdm import tqdm
+    from align.core.progress import progress
 
-    return tqdm(rows, unit=" rows", desc="reading", disable=None, file=sys.stderr, mininterval=1.0, leave=False)
+    return progress(rows, "reading", unit="rows")
 
 
 # --------------------------------------------------------------------------- build

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from align.errors import DataError
+from align.core.errors import DataError
 from data_tools.dedup import PromptClusters, U64Map, digest64, words
 from data_tools.sources.base import Messages, Pair, json_cell
 
@@ -138,8 +138,8 @@ class Lengths:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    from align.errors import ModelError
-    from align.models import resolve
+    from align.core.errors import ModelError
+    from align.modeling.models import resolve
 
     ref = resolve(spec)
     try:

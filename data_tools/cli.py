@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from align.errors import AlignError, ConfigError
+from align.core.errors import AlignError, ConfigError
 
 
 def _weights(text: str) -> dict[str, float]:

@@ -10,12 +10,12 @@ Everything is written by this script from small hand-written fact tables and com
 * SFT: a short factual question (no format instruction) -> ONE short plain sentence
   ("What is the capital of France?" -> "The capital of France is Paris.").
 * DPO: the same kind of question with a FORMAT INSTRUCTION appended (phrasings imported
-  from ``align.judges.FORMAT_CONSTRAINTS``) -> chosen obeys the instruction, rejected gives
+  from ``align.evaluation.judges.FORMAT_CONSTRAINTS``) -> chosen obeys the instruction, rejected gives
   the correct answer but ignores it (the plain sentence, a rambling variant, or a near miss).
 
 The train/test split is by fact group: a question that appears in any test file appears in no
 train file of either dataset. Every chosen response scores 1.0 and every rejected 0.0 under
-``align.judges.FormatJudge``; this is asserted before anything is written. Output is
+``align.evaluation.judges.FormatJudge``; this is asserted before anything is written. Output is
 deterministic for a given ``--seed`` and written atomically.
 """
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.judges import FORMAT_CONSTRAINTS, FormatJudge
+from align.evaluation.judges import FORMAT_CONSTRAINTS, FormatJudge
 
 SOURCE = "align-demo"
 SFT_NAME = "demo_sft"
@@ -755,7 +755,7 @@ def prefs_card(data: DemoData) -> str:
         "## Format instructions (constraints)",
         "",
         "Each prompt is `<question> <instruction>`. The phrasings and checks live in one table,",
-        "`align.judges.FORMAT_CONSTRAINTS`; the generator imports it, and `align.judges.FormatJudge`",
+        "`align.evaluation.judges.FORMAT_CONSTRAINTS`; the generator imports it, and `align.evaluation.judges.FormatJudge`",
         "(`load_judge('format')`) scores a response 1.0 if it obeys the instruction, 0.0 if not.",
         "Every chosen response scores 1.0 and every rejected one 0.0 (asserted at generation).",
         "",

@@ -5,7 +5,7 @@ score each response with a judge, and hand the scored groups to the same pairing
 split and output steps as `build` (the default best-vs-worst pairing with --min-margin 0 keeps
 only pairs whose chosen score is strictly above the rejected one).
 
-Judges (align.judges): a built-in rule judge by name (format, refusal, length), `answer` (the
+Judges (align.evaluation.judges): a built-in rule judge by name (format, refusal, length), `answer` (the
 response must contain the row's reference `answer`, from the prompts file), a Python
 `module:function` scorer, or `rm:<RunDir>` for a reward model once that stage registers its
 judge factory. Every sample and its score is kept in `samples.jsonl` beside the dataset.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from align.errors import ConfigError, DataError
+from align.core.errors import ConfigError, DataError
 from data_tools.build import BuildConfig, build, check_output
 from data_tools.report import Counts
 from data_tools.sources.base import Candidate, Drop, Group, Item, RowError, json_cell, messages_value, short_where
@@ -101,7 +101,7 @@ def _prompt_row(row: dict, where: str) -> PromptRow:
 
 
 def _judge(spec: str, args: list[str], prompts: list[PromptRow]):
-    from align.judges import AnswerJudge, load_judge
+    from align.evaluation.judges import AnswerJudge, load_judge
 
     kwargs: dict[str, Any] = {}
     for arg in args:
@@ -141,8 +141,8 @@ def _adapter_dir(spec: str) -> Path:
 
 
 def load_policy(cfg: GenerateConfig):
-    from align.config import ModelConfig
-    from align.models import default_device, load_model, load_tokenizer, resolve
+    from align.core.config import ModelConfig
+    from align.modeling.models import default_device, load_model, load_tokenizer, resolve
 
     device = cfg.device or default_device()
     ref = resolve(_model_dir(cfg.model))
@@ -161,12 +161,11 @@ def load_policy(cfg: GenerateConfig):
 
 def scored_groups(cfg: GenerateConfig, prompts: list[PromptRow], judge, model, tokenizer, samples: list[str]) -> Iterator[Item]:
     """Sample, judge and yield one Group per prompt; `samples` collects JSONL lines of every sample."""
-    from tqdm import tqdm
-
-    from align.generation import Sampling, generate
+    from align.core.progress import Progress
+    from align.modeling.generation import Sampling, generate
 
     k = cfg.num_samples
-    bar = tqdm(total=len(prompts), unit=" prompts", desc="generating", disable=None, leave=False)
+    bar = Progress(len(prompts), "generating and judging", unit="prompts")
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         sampling = Sampling(

@@ -3,7 +3,7 @@ them, `save_to_disk` datasets, or a hub dataset id (streamed with `datasets.load
 
 Each row comes with `where`, which errors quote: `file:LINE` for JSONL, JSON and CSV (true line
 numbers), `file row N` for Parquet and saved datasets, `hub:ID[split] row N` for the hub (N
-counts from 0, as in align.data). A row that cannot be read is yielded as a `RowError` instead of
+counts from 0, as in align.core.data). A row that cannot be read is yielded as a `RowError` instead of
 a dict, so the caller decides whether to stop or to skip and count it.
 """
 
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from align.errors import DataError
+from align.core.errors import DataError
 from data_tools.sources.base import RowError, kind
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from align.artifacts import atomic_write_text
-from align.data import normalize_preference
-from align.errors import DataError
+from align.core.artifacts import atomic_write_text
+from align.core.data import normalize_preference
+from align.core.errors import DataError
 from data_tools.clean import Lengths, prompt_digest, prompt_text
 from data_tools.dedup import PromptClusters, U64Map, shorten, words
 from data_tools.readers import iter_splits

@@ -2,7 +2,7 @@
 with its row (file:line or row), then a summary. Exit status 0 when clean, 1 when problems
 were found (2 when the dataset cannot be read at all).
 
-Checked per row: align's canonical validation (align.data.normalize_preference: fields, types,
+Checked per row: align's canonical validation (align.core.data.normalize_preference: fields, types,
 roles), the cleaning rules that apply to a single row (turn order, empty turns, chosen identical
 to rejected), scores that are not numbers or rank rejected above chosen; across rows: exact
 duplicates and prompts that appear in more than one split.
@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from align.data import normalize_preference
-from align.errors import DataError
+from align.core.data import normalize_preference
+from align.core.errors import DataError
 from data_tools.clean import empty_problem, pair_digest, prompt_digest, role_problem, same_response
 from data_tools.dedup import U64Map
 from data_tools.readers import iter_splits

@@ -74,8 +74,8 @@ def parse_args():
 
 
 def demo_pairs(n: int) -> list[dict]:
-    from align.data import load_splits
-    from align.config import DataConfig
+    from align.core.data import load_splits
+    from align.core.config import DataConfig
 
     splits = load_splits(DataConfig(path="bundled:demo-prefs"), "preference", 0)  # train split, file order
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in splits.train]
@@ -119,8 +119,8 @@ def synthetic_pairs(n: int, seed: int) -> list[dict]:
 
 def build_base(args, device: str, workdir: Path):
     """(model factory, tokenizer, align ModelConfig) for the chosen shape; each factory call loads a fresh copy."""
-    from align.config import ModelConfig
-    from align.models import load_model, load_tokenizer, resolve
+    from align.core.config import ModelConfig
+    from align.modeling.models import load_model, load_tokenizer, resolve
 
     if args.shape == "embedded":
         ref = resolve("smollm2-135m-instruct")
@@ -128,7 +128,7 @@ def build_base(args, device: str, workdir: Path):
     else:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from align.models import ModelRef
+        from align.modeling.models import ModelRef
 
         folder = workdir / args.shape
         tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct").location)
@@ -198,8 +198,8 @@ def run_variant(name, args, cfg, make_model, tokenizer, train_ds, workdir, cache
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from align.adapters import peft_config_for
-    from align.artifacts import RunDir
+    from align.modeling.adapters import peft_config_for
+    from align.core.artifacts import RunDir
     from align.stages.common import peak_memory_mb, reset_peak_memory, trainer_kwargs
     from align.stages.dpo import build_trainer
 
@@ -304,7 +304,7 @@ def non_embedding_params(mcfg) -> int:
     """Parameters outside the embeddings, counted on a weightless (meta) copy: no load, no quantization packing."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from align.models import resolve
+    from align.modeling.models import resolve
 
     config = AutoConfig.from_pretrained(resolve(mcfg.name_or_path).location)
     with torch.device("meta"):
@@ -330,8 +330,9 @@ def main() -> int:
     import trl
     import peft
 
-    from align.config import DPOConfig, load_config
-    from align.models import default_device
+    from align.core.config import load_config
+    from align.stages.dpo import DPOConfig
+    from align.modeling.models import default_device
 
     device = default_device()
     max_length = args.max_length or (256 if args.data == "demo" else 1800)

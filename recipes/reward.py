@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from align.cli import recipe_main  # noqa: E402
+from align.cli.recipes import recipe_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(recipe_main("reward"))

@@ -31,7 +31,7 @@ LN2 = math.log(2)
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from align.models import embedded_model_dir
+    from align.modeling.models import embedded_model_dir
 
     return embedded_model_dir("smollm2-135m-instruct")
 
@@ -131,7 +131,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     """A finished SFT run on the tiny model: the parent of child-stage tests."""
-    from align.config import SFTConfig, load_config
+    from align.core.config import load_config
+    from align.stages.sft import SFTConfig
     from align.stages import sft
 
     out = tmp_path_factory.mktemp("parent") / "sft"

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from align.cli import setup_logging  # noqa: E402
-from align.config import STAGE_CONFIGS, load_config  # noqa: E402
-from align.stages import runner  # noqa: E402
+from align.cli.recipes import setup_logging  # noqa: E402
+from align.stages.registry import get_stage, load_stage_config  # noqa: E402
 
 
 class SaveTrainable(TrainerCallback):
@@ -37,8 +36,8 @@ def main() -> int:
     stage, overrides, record = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     record.mkdir(parents=True, exist_ok=True)
     setup_logging()
-    cfg = load_config(STAGE_CONFIGS[stage], None, overrides)
-    runner(stage)(cfg, callbacks=[SaveTrainable(record)])
+    cfg = load_stage_config(stage, None, overrides)
+    get_stage(stage).run(cfg, callbacks=[SaveTrainable(record)])
     return 0
 
 

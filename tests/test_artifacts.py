@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from align.artifacts import RunDir, atomic_dir, atomic_write_text, redact
-from align.errors import ConfigError
+from align.core.artifacts import RunDir, atomic_dir, atomic_write_text, redact
+from align.core.errors import ConfigError
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):

@@ -7,15 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from align.config import (
-    DPOConfig,
-    PipelineConfig,
-    SFTConfig,
-    describe,
-    load_config,
-    parse_overrides,
-)
-from align.errors import ConfigError
+from align.core.config import PipelineConfig, describe, load_config, parse_overrides
+from align.stages.dpo import DPOConfig
+from align.stages.sft import SFTConfig
+from align.core.errors import ConfigError
 
 CONFIG_FILES = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
 
@@ -33,7 +28,7 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_yaml_loads_and_names_its_command(path):
-    from align.pipeline import load_pipeline
+    from align.cli.pipeline import load_pipeline
 
     first = path.read_text().splitlines()[0]
     assert first.startswith("# python recipes/"), "a YAML config starts with the command that runs it"
@@ -54,17 +49,17 @@ def test_every_shipped_yaml_loads_and_names_its_command(path):
                     got = value[alias] if alias else value
                     assert got == pipeline.stage_configs[name][1].output_dir
     elif path.stem == "compare_methods":
-        from align.compare import stage_configs
-        from align.config import CompareConfig
+        from align.evaluation.compare import stage_configs
+        from align.evaluation.compare import CompareConfig
 
         cfg = load_config(CompareConfig, path)
         configs = stage_configs(cfg, path)  # every method's SFT and DPO config is valid
         assert list(configs) == cfg.methods
         assert all(c.peft.method == m for m, stages in configs.items() for c in stages.values())
     else:
-        from align.config import STAGE_CONFIGS
+        from align.stages.registry import load_stage_config
 
-        cfg = load_config(STAGE_CONFIGS[path.stem], path)
+        cfg = load_stage_config(path.stem, path)
         assert cfg.output_dir and cfg.data.path
 
 
@@ -149,7 +144,7 @@ def test_missing_config_file():
 
 
 def test_pipeline_stage_overrides_are_routed(tmp_path):
-    from align.pipeline import load_pipeline
+    from align.cli.pipeline import load_pipeline
 
     pipeline = load_pipeline(
         REPO / "recipes/configs/smollm2-135m/pipeline.yaml",
@@ -180,7 +175,7 @@ def test_every_key_is_typed_and_documented():
             if dataclasses.is_dataclass(hints[f.name]):
                 check(hints[f.name])
 
-    from align.config import PipelineStage
+    from align.core.config import PipelineStage
 
     for cls in (SFTConfig, DPOConfig, PipelineConfig, PipelineStage):
         check(cls)

@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from align.config import DataConfig
-from align.data import load_splits, normalize_preference, normalize_sft, read_splits
-from align.errors import DataError
+from align.core.config import DataConfig
+from align.core.data import load_splits, normalize_preference, normalize_sft, read_splits
+from align.core.errors import DataError
 
 
 def cfg(path, **kw) -> DataConfig:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import DataConfig
-from align.data import load_splits
-from align.judges import AnswerJudge, JudgeSpecError
+from align.core.config import DataConfig
+from align.core.data import load_splits
+from align.evaluation.judges import AnswerJudge, JudgeSpecError
 from data_tools.cli import main
 
 PROMPTS = [

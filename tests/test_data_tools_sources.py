@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from align.config import DataConfig
-from align.data import load_splits
+from align.core.config import DataConfig
+from align.core.data import load_splits
 from data_tools.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "data_tools"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from align.judges import FORMAT_CONSTRAINTS, FormatJudge, find_format_instructions
+from align.evaluation.judges import FORMAT_CONSTRAINTS, FormatJudge, find_format_instructions
 from data_tools import demo_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from align import shared_prefix
-from align.dpo_trainer import AlignDPOTrainer, FastPath
-from align.ref_cache import RefLogpCache
+from align.dpo import shared_prefix
+from align.dpo.trainer import AlignDPOTrainer, FastPath
+from align.dpo.ref_cache import RefLogpCache
 
 BATCH = 4
 
@@ -201,7 +201,8 @@ def test_reference_cache_invalidation(tiny_model_dir, tokenizer, tmp_path):
 
 def test_reference_cache_key_names_the_base_and_precision(tiny_model_dir, tmp_path):
     """The stage keys the cache file by the base model's content hash, quantization, dtype and device."""
-    from align.config import DPOConfig, load_config
+    from align.core.config import load_config
+    from align.stages.dpo import DPOConfig
     from align.stages.dpo import reference_cache
 
     cfg = load_config(DPOConfig, None, {"model.name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
@@ -218,8 +219,8 @@ def test_reference_cache_key_names_the_base_and_precision(tiny_model_dir, tmp_pa
 
 
 def test_plan_falls_back_with_a_reason(tiny_model_dir):
-    from align.config import DPOOptions
-    from align.dpo_trainer import plan
+    from align.stages.dpo import DPOOptions
+    from align.dpo.trainer import plan
 
     model = load_tiny(tiny_model_dir)
     assert plan(DPOOptions(), "lora", model).shared_prefix
@@ -236,7 +237,8 @@ def test_dpo_stage_beta_sweep_reuses_the_reference(sft_parent, tiny_data, tmp_pa
     """The stage's defaults take the fast path; a second run with another beta never runs the reference."""
     import json
 
-    from align.config import DPOConfig, load_config
+    from align.core.config import load_config
+    from align.stages.dpo import DPOConfig
     from align.stages import dpo
     from conftest import read_metrics, tiny_overrides
 

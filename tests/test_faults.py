@@ -16,8 +16,10 @@ from conftest import REPO, read_metrics, tiny_overrides
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from align.config import DPOConfig, SFTConfig, load_config
-from align.errors import AlignError, ConfigError
+from align.core.config import load_config
+from align.stages.dpo import DPOConfig
+from align.stages.sft import SFTConfig
+from align.core.errors import AlignError, ConfigError
 
 
 def nested(flat: dict) -> dict:

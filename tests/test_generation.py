@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from align import models
-from align.config import ModelConfig
-from align.generation import Sampling, generate
+from align.modeling import models
+from align.core.config import ModelConfig
+from align.modeling.generation import Sampling, generate
 
 PROMPTS = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Count to three, please."}]]
 

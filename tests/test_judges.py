@@ -1,4 +1,4 @@
-"""Tests for align.judges: the format constraints, the other rule judges and load_judge."""
+"""Tests for align.evaluation.judges: the format constraints, the other rule judges and load_judge."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from align.judges import (
+from align.evaluation.judges import (
     FORMAT_CONSTRAINTS,
     FormatJudge,
     FunctionJudge,
@@ -23,7 +23,7 @@ from align.judges import (
     render_instruction,
     requested_item_count,
 )
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 
 def user(text: str) -> list[dict]:
@@ -348,7 +348,7 @@ def test_register_judge():
         assert load_judge("short3").score([user("q")], ["a b c d"]) == [0.0]
         assert "short3" in available_judges()
     finally:
-        from align import judges
+        from align.evaluation import judges
 
         judges._BUILTIN_JUDGES.pop("short3")
     with pytest.raises(ValueError):

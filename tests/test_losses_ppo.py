@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.losses.ppo import (
+from align.rlhf.losses import (
     AdaptiveKLController,
     entropy_from_logits,
     explained_variance,

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from align import models
-from align.config import ModelConfig
-from align.errors import ModelError
+from align.modeling import models
+from align.core.config import ModelConfig
+from align.core.errors import ModelError
 
 
 def test_embedded_alias_is_converted_once_to_safetensors(embedded_dir):

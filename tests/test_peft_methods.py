@@ -20,9 +20,14 @@ import torch
 from conftest import LN2, tiny_overrides, write_jsonl
 from test_stages import Recorder, load_causal_lm, probe_ids
 
-from align import lifecycle
-from align.config import DPOConfig, ModelConfig, PPOConfig, RewardConfig, SFTConfig, load_config
-from align.errors import ConfigError, DataError
+from align.cli import lifecycle
+from align.core.config import ModelConfig
+from align.stages.registry import load_stage_config as load_config
+from align.stages.dpo import DPOConfig
+from align.stages.ppo import PPOConfig
+from align.stages.reward import RewardConfig
+from align.stages.sft import SFTConfig
+from align.core.errors import ConfigError, DataError
 
 METHODS = ["full", "lora", "qlora", "dora", "vera", "ia3", "prompt_tuning", "prefix_tuning"]
 LORA_R, VERA_R, VIRTUAL = 4, 8, 4
@@ -139,7 +144,7 @@ def test_summary_reports_size_on_disk(sft_runs, method):
 def base_plus_adapter(tiny_model_dir, adapter_dir, quantized: bool = False):
     from peft import PeftModel
 
-    from align import models
+    from align.modeling import models
 
     if quantized:  # QLoRA: the dequantized 4-bit base, as the merge sees it
         ref = models.resolve(str(tiny_model_dir))
@@ -252,8 +257,8 @@ def test_combine_rejects_other_bases_and_non_lora_adapters(sft_runs, tiny_model_
 
 
 def test_generate_routes_each_request_to_its_adapter(sft_runs, tiny_model_dir, tmp_path):
-    from align.generation import Sampling, generate
-    from align.models import load_tokenizer, resolve
+    from align.modeling.generation import Sampling, generate
+    from align.modeling.models import load_tokenizer, resolve
 
     lora, _ = sft_runs("lora")
     other = random_lora(tiny_model_dir, tmp_path / "other")
@@ -291,9 +296,9 @@ def test_generate_refuses_adapters_of_different_types(sft_runs, capsys):
 
 
 def dpo_trainer(method: str, model_dir: Path, data: Path, out: Path, **extra):
-    from align import models
-    from align.artifacts import RunDir
-    from align.data import load_splits
+    from align.modeling import models
+    from align.core.artifacts import RunDir
+    from align.core.data import load_splits
     from align.stages import dpo
 
     cfg = load_config(DPOConfig, None, tiny_overrides(model_dir, data, out, **{**SMALL, "peft.method": method, **extra}))
@@ -394,7 +399,7 @@ def test_invalid_combination_names_the_key(tmp_path, cls, overrides, message):
 
 
 def test_qlora_sets_4bit_and_dora_is_lora_with_use_dora(tmp_path):
-    from align.adapters import peft_config_for
+    from align.modeling.adapters import peft_config_for
 
     cfg = load_config(SFTConfig, None, tiny_overrides(Path("m"), Path("d.jsonl"), tmp_path, **{"peft.method": "qlora"}))
     assert cfg.model.quantization == "4bit"
@@ -409,7 +414,7 @@ def test_prompt_tuning_starts_from_init_text(tiny_model_dir, tmp_path):
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from align.adapters import peft_config_for
+    from align.modeling.adapters import peft_config_for
 
     overrides = {"peft.method": "prompt_tuning", "peft.prompt_tuning.num_virtual_tokens": 6, "peft.prompt_tuning.init_text": "Answer briefly."}
     cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, Path("d.jsonl"), tmp_path, **overrides))
@@ -429,7 +434,7 @@ def test_compare_methods_recipe_end_to_end(tmp_path, tiny_model_dir, tiny_data):
     from conftest import REPO
     from wandb_offline import read_offline_run
 
-    from align import compare
+    from align.evaluation import compare
 
     shipped = REPO / "recipes" / "configs" / "smollm2-135m" / "compare_methods.yaml"
     out = tmp_path / "compare"

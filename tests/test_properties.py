@@ -12,9 +12,11 @@ import typing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.config import DPOConfig, SFTConfig, load_config, parse_overrides
-from align.data import ROLES, normalize_preference, normalize_sft
-from align.errors import ConfigError, DataError
+from align.core.config import load_config, parse_overrides
+from align.stages.dpo import DPOConfig
+from align.stages.sft import SFTConfig
+from align.core.data import ROLES, normalize_preference, normalize_sft
+from align.core.errors import ConfigError, DataError
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import read_metrics, tiny_overrides
 
-from align.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from align.core.config import load_config
+from align.stages.ppo import PPOConfig
+from align.stages.reward import RewardConfig
+from align.stages.sft import SFTConfig
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +42,10 @@ def ppo_config(runs, tiny_data, **extra):
 
 
 def build(cfg):
-    from align import models
-    from align.artifacts import RunDir
+    from align.modeling import models
+    from align.core.artifacts import RunDir
     from align.stages.common import resolve_base
-    from align.stages.ppo import PolicyValueReward
+    from align.rlhf.ppo import PolicyValueReward
 
     base, _ = resolve_base(cfg)
     tok = models.load_tokenizer(base, cfg.model)
@@ -64,9 +67,9 @@ def test_reward_adapter_reloads_with_identical_scores(runs):
     """The known upstream pitfall: a reward adapter saved without its score head scores randomly."""
     from peft import PeftModel
 
-    from align import models
+    from align.modeling import models
     from align.stages.common import resolve_base
-    from align.stages.reward import score_conversations
+    from align.rlhf.scoring import score_with_model as score_conversations
 
     cfg = runs["reward_cfg"]
     base, _ = resolve_base(cfg)
@@ -87,7 +90,7 @@ def test_reward_adapter_reloads_with_identical_scores(runs):
 
 
 def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
-    from align.stages.ppo import sample
+    from align.rlhf.ppo import sample
 
     cfg = ppo_config(runs, tiny_data)
     pvr = build(cfg)
@@ -99,7 +102,7 @@ def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
         with pvr.model.disable_adapter():
             ref = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
     torch.testing.assert_close(policy, ref, atol=0, rtol=0)
-    from align.losses.ppo import kl_per_token
+    from align.rlhf.losses import kl_per_token
 
     assert (kl_per_token(policy, ref, "k1") * roll.mask).abs().sum().item() == 0.0
 
@@ -107,9 +110,9 @@ def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
 def test_ppo_step_changes_only_policy_value_and_head(runs, tiny_data):
     from transformers import get_scheduler
 
-    from align.stages.ppo import ppo_step
-    from align.stages.reward import read_stats
-    from align.artifacts import RunDir
+    from align.rlhf.ppo import ppo_step
+    from align.rlhf.scoring import read_stats
+    from align.core.artifacts import RunDir
 
     cfg = ppo_config(runs, tiny_data, **{"train.learning_rate": 5e-3})
     pvr = build(cfg)
@@ -138,6 +141,7 @@ def test_ppo_step_changes_only_policy_value_and_head(runs, tiny_data):
 def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_data):
     from safetensors.torch import load_file
 
+    from align.rlhf import ppo as ppo_lib
     from align.stages import ppo
 
     full = ppo.run(ppo_config(runs, tiny_data, name="ppo-full", **{"train.max_steps": 4, "train.save_steps": 2}))
@@ -154,18 +158,18 @@ def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_da
     class Crash(Exception):
         pass
 
-    original = ppo.save_checkpoint
+    original = ppo_lib.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         original(*args, **kwargs)
         raise Crash()
 
-    ppo.save_checkpoint = save_then_crash
+    ppo_lib.save_checkpoint = save_then_crash
     try:
         with pytest.raises(Crash):
             ppo.run(part_cfg)
     finally:
-        ppo.save_checkpoint = original
+        ppo_lib.save_checkpoint = original
     resumed_cfg = ppo_config(runs, tiny_data, name="ppo-part", **{"train.max_steps": 4, "train.save_steps": 2, "resume": True})
     resumed = ppo.run(resumed_cfg)
     a = load_file(full.path / "adapter" / "adapter_model.safetensors")
@@ -174,7 +178,7 @@ def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_da
 
 
 def test_win_rate_counts_ties_as_half_and_skips_missing():
-    from align.stages.eval import bootstrap_interval, win_rate
+    from align.evaluation.metrics import bootstrap_interval, win_rate
 
     w = win_rate([1.0, 0.0, 1.0, None, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0], n_boot=500, seed=0)
     # outcomes: win, tie, tie, (skipped), loss -> (1 + 0.5 + 0.5 + 0) / 4
@@ -187,7 +191,8 @@ def test_win_rate_counts_ties_as_half_and_skips_missing():
 
 
 def test_eval_stage_compares_policies_and_writes_the_report(runs, tiny_data, tmp_path):
-    from align.config import DPOConfig, EvalConfig
+    from align.stages.dpo import DPOConfig
+    from align.stages.eval import EvalConfig
     from align.stages import dpo, eval as eval_stage, ppo
 
     root = runs["root"]
@@ -228,8 +233,8 @@ def test_eval_stage_compares_policies_and_writes_the_report(runs, tiny_data, tmp
 
 
 def test_reward_run_is_a_judge(runs):
-    from align.judges import check_judge_spec, load_judge
-    from align.errors import ConfigError
+    from align.evaluation.judges import check_judge_spec, load_judge
+    from align.core.errors import ConfigError
 
     judge = load_judge(f"rm:{runs['root'] / 'reward'}")
     prompts = [[{"role": "user", "content": "What is 1 plus one? Reply with only the answer."}]] * 2
@@ -243,7 +248,7 @@ def test_reward_run_is_a_judge(runs):
 
 
 def test_ppo_refuses_to_run_on_several_processes(runs, tiny_data, monkeypatch):
-    from align.errors import ConfigError
+    from align.core.errors import ConfigError
     from align.stages import ppo
 
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -19,7 +19,9 @@ from conftest import LN2, read_metrics, tiny_overrides
 from transformers import TrainerCallback
 from wandb_offline import read_offline_run
 
-from align.config import DPOConfig, SFTConfig, load_config
+from align.core.config import load_config
+from align.stages.dpo import DPOConfig
+from align.stages.sft import SFTConfig
 from align.stages.common import resolve_base
 
 PROBE = [{"role": "user", "content": "What is 3 plus one?"}, {"role": "assistant", "content": "4"}]
@@ -154,9 +156,9 @@ def test_dpo_step0_loss_is_ln2_and_rewards_zero(pipeline_runs):
 
 def test_dpo_reference_logps_equal_merged_sft_model(pipeline_runs, tmp_path):
     """The implicit reference (adapter disabled) reproduces the merged SFT model loaded on its own."""
-    from align import models
-    from align.artifacts import RunDir
-    from align.data import load_splits
+    from align.modeling import models
+    from align.core.artifacts import RunDir
+    from align.core.data import load_splits
     from align.stages import dpo
 
     cfg = pipeline_runs["dpo"][0]
@@ -240,7 +242,7 @@ def test_qlora_sft_then_dpo_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     assert first["train/loss"] == pytest.approx(LN2, abs=1e-4)
     assert first["train/rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     # The base really was 4-bit during training.
-    from align import models
+    from align.modeling import models
 
     base, _ = resolve_base(dpo_cfg)
     model = models.load_model(base, dpo_cfg.model)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from align.errors import ModelError
-from align.templates import INSTRUCTION_TEMPLATE, apply_chat_template_choice, tokenize_for_sft
+from align.core.errors import ModelError
+from align.modeling.templates import INSTRUCTION_TEMPLATE, apply_chat_template_choice, tokenize_for_sft
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

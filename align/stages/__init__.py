@@ -1,17 +1,6 @@
-"""Training stages. Each module has `run(cfg, force=False) -> RunDir`.
+"""The stages: one module each, registered in align.stages.registry; they never import each other.
 
-Imported lazily: config errors are reported before torch and TRL load.
+Shared machinery (the RunDir lifecycle, the training skeleton, sample tables) is in
+align.stages.common. A stage module imports only light things at module level, so configs
+load and fail before torch and TRL do.
 """
-
-from __future__ import annotations
-
-import importlib
-
-STAGES = ("sft", "dpo", "reward", "ppo", "eval")
-
-
-def runner(stage: str):
-    """The `run` function of a stage module."""
-    if stage not in STAGES:
-        raise KeyError(stage)
-    return importlib.import_module(f"align.stages.{stage}").run

@@ -20,15 +20,15 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from align.adapters import adapter_bytes
-from align.artifacts import ADAPTER, MERGED, RunDir, atomic_dir, hash_json, redact
-from align.config import StageConfig, to_dict, to_yaml
-from align.data import Splits
-from align.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
-from align.errors import AlignError, ConfigError, DataError
-from align.models import ModelRef, content_hash
-from align.safeguards import InterruptCallback, Interrupted, NonFiniteGuard, check_disk_space, oom_advice
-from align.tracking import Tracker, is_main_process, trainer_metric_name
+from align.modeling.adapters import adapter_bytes
+from align.core.artifacts import ADAPTER, MERGED, RunDir, atomic_dir, hash_json, redact
+from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
+from align.core.data import Splits, distinct_prompts
+from align.core.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
+from align.core.errors import AlignError, ConfigError, DataError
+from align.modeling.models import ModelRef, content_hash
+from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteGuard, check_disk_space, oom_advice
+from align.core.tracking import Tracker, is_main_process, trainer_metric_name
 
 log = logging.getLogger("align")
 
@@ -36,7 +36,7 @@ log = logging.getLogger("align")
 _NOT_IN_RUN_KEY = ("output_dir", "tracking", "wandb", "resume")
 
 
-def run_key(cfg: StageConfig, base_hash: str, data_hash: str) -> str:
+def run_key(cfg: RunConfig, base_hash: str, data_hash: str) -> str:
     """Identity of what a run computes: config (minus reporting), base model, data."""
     computed = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_RUN_KEY}
     return hash_json({"config": computed, "base_model": base_hash, "data": data_hash})
@@ -82,9 +82,9 @@ def peak_memory_mb() -> float:
 
 def resolve_base(cfg) -> tuple[ModelRef, RunDir | None]:
     """The frozen base of a stage: its parent SFT run's merged model, or model.name_or_path."""
-    from align import models
+    from align.modeling import models
 
-    if getattr(cfg, "parent_run", None):
+    if isinstance(cfg, ChildStageConfig) and cfg.parent_run:
         parent = finished_parent(cfg.parent_run)
         merged = parent.merged_dir
         if not (merged / "config.json").is_file():
@@ -103,7 +103,7 @@ class StageRun:
 
     def __init__(
         self,
-        cfg: StageConfig,
+        cfg: RunConfig,
         *,
         base: ModelRef,
         splits: Splits,
@@ -128,7 +128,8 @@ class StageRun:
         if self.skipped:
             source = "parent run" if parent else "base model"
             log.info("%s: skipped: the finished run in %s matches its config, %s and data", self.stage, self.run_dir.path, source)
-        self.resume_from = self._checkpoint_to_resume() if getattr(cfg, "resume", False) and not self.skipped else None
+        resumable = isinstance(cfg, StageConfig) and cfg.resume
+        self.resume_from = self._checkpoint_to_resume() if resumable and not self.skipped else None
         self.tracker: Tracker | None = None
         self._started = 0.0
 
@@ -174,19 +175,7 @@ class StageRun:
                 dataset=self.data_info,
             )
         try:
-            self.tracker = Tracker(
-                self.run_dir,
-                stage=self.stage,
-                enabled_wandb=self.cfg.tracking == "wandb",
-                project=self.cfg.wandb.project,
-                group=self.cfg.wandb.group,
-                name=self.cfg.wandb.name,
-                entity=self.cfg.wandb.entity,
-                mode=self.cfg.wandb.mode,
-                tags=self.cfg.wandb.tags,
-                config=to_dict(self.cfg),
-                resume_id=wandb_id,
-            )
+            self.tracker = Tracker.for_config(self.run_dir, self.cfg, resume_id=wandb_id)
             if is_main_process() and self.tracker.wandb_run_id:
                 self.run_dir.update(wandb_run_id=self.tracker.wandb_run_id)
         except BaseException as exc:  # __exit__ does not run when __enter__ raises
@@ -200,12 +189,12 @@ class StageRun:
         """A generous estimate of what this stage writes: merged model (SFT), adapter, checkpoints."""
         base = Path(self.base.location)
         weights = sum(p.stat().st_size for p in base.glob("*.safetensors")) if self.base.is_local else 0
-        full = getattr(getattr(self.cfg, "peft", None), "method", None) == "full"
+        training = isinstance(self.cfg, StageConfig)
+        full = training and self.cfg.peft.method == "full"
         # Adapter weights + Adam moments stay well under 10% of the base; full fine-tuning saves
         # the whole model (and its checkpoints two Adam moments on top).
         adapter_and_state = weights * 3 if full else weights // 10
-        train = getattr(self.cfg, "train", None)
-        checkpoints = train.save_total_limit if train is not None and train.save_steps else 1
+        checkpoints = self.cfg.train.save_total_limit if training and self.cfg.train.save_steps else 1
         merged = weights if self.stage == "sft" and not full else 0
         return merged + adapter_and_state * (1 + checkpoints) + 50 * 2**20
 
@@ -297,7 +286,7 @@ def train_adapter(
     import torch
     from transformers import set_seed
 
-    from align import models
+    from align.modeling import models
 
     cfg = stage.cfg
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
@@ -388,7 +377,7 @@ def trainer_kwargs(cfg: StageConfig, run_dir: RunDir, device: str, has_eval: boo
     """TRL/HF TrainingArguments shared by every stage, from our TrainConfig."""
     import torch
 
-    from align.models import resolve_dtype
+    from align.modeling.models import resolve_dtype
 
     t = cfg.train
     bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16 and device.startswith("cuda")
@@ -458,21 +447,7 @@ def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:
 
     None without held-out data: training prompts would flatter the model.
     """
-    prompts: list[list[dict]] = []
-    seen: set[str] = set()
-    for row in splits.eval:
-        if "prompt" in row:
-            prompt = row["prompt"]
-        else:
-            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-            prompt = row["messages"][:last]
-        key = repr(prompt)
-        if prompt and key not in seen:
-            seen.add(key)
-            prompts.append(prompt)
-        if len(prompts) >= n:
-            break
-    return prompts
+    return distinct_prompts(splits.eval, n)
 
 
 def _sample_prompts(stage: StageRun) -> list[list[dict]]:
@@ -484,7 +459,7 @@ def _sample_prompts(stage: StageRun) -> list[list[dict]]:
 
 def reference_generations(stage: StageRun, model, tokenizer) -> list[str]:
     """Greedy generations of the sample prompts from `model` as it is now (before training)."""
-    from align.generation import generate
+    from align.modeling.generation import generate
 
     return generate(model, tokenizer, _sample_prompts(stage), stage.cfg.samples.max_new_tokens)
 
@@ -495,7 +470,7 @@ def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step:
     `before`: generations taken before training (full fine-tuning, which has no adapter to switch off).
     Returns the rows and, when `samples.judge` is set, the judge's mean score before and after.
     """
-    from align.generation import generate
+    from align.modeling.generation import generate
 
     samples = stage.cfg.samples
     prompts = _sample_prompts(stage)
@@ -509,7 +484,7 @@ def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step:
     rows = [[p[-1]["content"], b, a] for p, b, a in zip(prompts, before, after)]
     out: dict[str, Any] = {}
     if samples.judge:
-        from align.judges import load_judge
+        from align.evaluation.judges import load_judge
 
         judge = load_judge(samples.judge)
         scores_before, scores_after = judge.score(prompts, before), judge.score(prompts, after)

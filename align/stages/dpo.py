@@ -6,60 +6,95 @@ with our `peft_config` and, given no `ref_model`, runs the reference forward und
 is the SFT stage's merged model, so the reference *is* the SFT model: at step 0
 the loss is ln 2 and both rewards are 0.
 
-Per method (align/methods.py): lora, qlora, dora, vera and ia3 start with no effect, so
+Per method (align/modeling/methods.py): lora, qlora, dora, vera and ia3 start with no effect, so
 the same holds. prompt_tuning and prefix_tuning disable to the base too, but their
 virtual tokens change the policy from step 0 (the step-0 loss is not ln 2). `full` has
 no adapter: the reference is a frozen copy of the starting weights, one more copy of
 the model in memory (no gradients or optimizer state for it). A full run writes the
 trained model to merged/ instead of adapter/.
 
-Speed (align/dpo_trainer.py): each pair's prompt is computed once for both responses, and
+Speed (align/dpo/trainer.py): each pair's prompt is computed once for both responses, and
 reference log-probs are cached on disk and reused across epochs, runs and sweeps. Both are
 on by default and switch themselves off, with a log line, where they cannot run.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from align.adapters import peft_config_for
-from align.artifacts import RunDir
-from align.config import DPOConfig
-from align.data import Splits, load_splits
-from align.dpo_trainer import AlignDPOTrainer, plan
-from align.ref_cache import RefLogpCache
-from align.ref_cache import default_dir as default_cache_dir
-from align.stages.common import StageRun, resolve_base, to_datasets, train_adapter, trainer_kwargs
-from align.tracking import process_rank
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down")
 
-def prepare(splits: Splits, tokenizer, max_length: int):
+
+@dataclass
+class DPOOptions:
+    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).")
+    loss_type: Literal[DPO_LOSS_TYPES] = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), ...")  # type: ignore[valid-type]
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative/robust DPO), in [0, 0.5).")
+    shared_prefix: bool = opt(
+        True,
+        "Compute each pair's prompt once for chosen and rejected (block attention mask); off, or where it "
+        "cannot run (prompt/prefix tuning, flash attention), the batch is TRL's two rows per pair.",
+    )
+    ref_cache: bool = opt(
+        True,
+        "Keep reference log-probs on disk, keyed by base model, precision and each pair's tokens; "
+        "later epochs, runs and sweeps skip the reference forward.",
+    )
+    ref_cache_dir: str | None = opt(
+        None, "Where the reference cache lives; null = $ALIGN_REF_CACHE_DIR or ~/.cache/align/ref-logps."
+    )
+
+
+@dataclass
+class DPOConfig(ChildStageConfig):
+    """Direct preference optimization on chosen/rejected pairs; the reference is the base with the adapter disabled."""
+
+    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options.")
+
+    stage = "dpo"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta: must be positive, got {self.dpo.beta}")
+        if not 0 <= self.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.dpo.label_smoothing}")
+
+
+def prepare(splits, tokenizer, max_length: int):
     """Preference rows as datasets, dropping (and counting) rows whose prompt alone fills max_length.
 
     TRL would drop those silently; rows longer than max_length are kept and truncated
     (responses cut at the end), and counted too.
     """
-
-    def n_tokens(messages, gen_prompt=False):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True)
-        return len(out["input_ids"])
+    from align.modeling.templates import chat_ids
+    from align.stages.common import to_datasets
 
     def convert(row):
-        if n_tokens(row["prompt"], gen_prompt=True) >= max_length:
+        if len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)) >= max_length:
             return None, False
-        longest = max(n_tokens(row["prompt"] + row["chosen"]), n_tokens(row["prompt"] + row["rejected"]))
+        longest = max(len(chat_ids(tokenizer, row["prompt"] + row["chosen"])), len(chat_ids(tokenizer, row["prompt"] + row["rejected"])))
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, longest > max_length
 
     return to_datasets(splits, convert, "dpo", max_length, "prompt alone fills max_length")
 
 
-def reference_cache(cfg: DPOConfig, model, device: str) -> RefLogpCache:
+def reference_cache(cfg: DPOConfig, model, device: str):
     """The reference cache for this base model, quantization and precision."""
-    from align.models import ModelRef, content_hash, resolve_dtype
+    from align.core.tracking import process_rank
+    from align.dpo.ref_cache import RefLogpCache
+    from align.dpo.ref_cache import default_dir as default_cache_dir
+    from align.modeling.models import ModelRef, content_hash, resolve_dtype
 
     location = model.name_or_path
     base = ModelRef(location, location, Path(location).is_dir(), cfg.model.revision)
@@ -73,8 +108,14 @@ def reference_cache(cfg: DPOConfig, model, device: str) -> RefLogpCache:
     return RefLogpCache(directory, key, rank=process_rank())
 
 
-def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
+def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+    import copy
+
     from trl import DPOConfig as TRLDPOConfig
+
+    from align.dpo.trainer import AlignDPOTrainer, plan
+    from align.modeling.adapters import peft_config_for
+    from align.stages.common import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     args = TRLDPOConfig(
@@ -116,7 +157,11 @@ def fast_path_summary(trainer) -> dict:
 _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 
 
-def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
+def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
+    from align.core.data import load_splits
+    from align.stages.common import StageRun, resolve_base, train_adapter
+
+    cfg = prepare_config(cfg)
     splits = load_splits(cfg.data, "preference", cfg.train.seed)
     base, parent = resolve_base(cfg)
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
@@ -131,3 +176,14 @@ def run(cfg: DPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
         saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
         stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
     return stage.run_dir
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        "  held-out DPO reward accuracy: "
+        f"{fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> {fmt(s.get('eval_rewards/accuracies_after'))}; "
+        f"margin {fmt(s.get('eval_rewards/margins_before'))} -> {fmt(s.get('eval_rewards/margins_after'))}"
+    ]
+
+
+register(Stage("dpo", DPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))

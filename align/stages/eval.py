@@ -1,9 +1,7 @@
 """Evaluation stage: several policies on the same held-out prompts, then the comparison report.
 
-All policies of a pipeline share one base (the merged SFT model): the SFT policy is the
-base itself, DPO and PPO are adapters on it, and so is the reward model. So one base is
-loaded and each policy is an adapter switched on in turn; the reference for KL is the
-base with adapters off. For every policy, with the same sampling seed:
+The policies are adapters of one shared base (align/evaluation/policies.py). For every policy,
+with the same sampling seed:
   - responses to the held-out prompts, scored by the reward model and the programmatic judges;
   - win rate against the baseline under each judge (ties count half) with a bootstrap 95% interval;
   - KL(policy || reference) from its own samples; response length;
@@ -14,24 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import random
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from align import models
-from align.adapters import load_frozen_adapter, peft_type
-from align.artifacts import RunDir, atomic_write_json, atomic_write_text
-from align.config import DataConfig, EvalConfig
-from align.data import load_splits
-from align.errors import ConfigError
-from align.generation import Sampling, response_logprobs, sample_tokens
-from align.judges import load_judge
-from align.models import ModelRef
-from align.stages.common import StageRun, finished_parent
-from align.stages.ppo import score_with_head
-from align.templates import tokenize_for_sft
-from align.tracking import is_main_process
+from align.core.config import DataConfig, ModelConfig, RunConfig, opt
+from align.core.errors import ConfigError
+from align.evaluation.judges import check_judge_specs
+from align.stages.registry import Stage, prepare_config, register
 
 log = logging.getLogger("align")
 
@@ -39,260 +26,212 @@ RESULTS = "eval.json"
 GENERATIONS = "generations.jsonl"
 
 
-# --------------------------------------------------------------------------- policies
+@dataclass
+class EvalSampling:
+    max_new_tokens: int = opt(48, "Longest response.")
+    temperature: float = opt(1.0, "Sampling temperature; 1.0 keeps the sample-based KL estimate unbiased.")
+    top_p: float = opt(1.0, "Nucleus sampling.")
+    seed: int = opt(1234, "Seed of the sampling: the same prompts and draws for every policy.")
 
 
-def policy_source(name: str, run: RunDir) -> tuple[str, Path | None]:
-    """(base model location, adapter folder or None) of a run's policy."""
-    m = run.manifest() or {}
-    if (run.merged_dir / "config.json").is_file():
-        return str(run.merged_dir.resolve()), None
-    if not (run.adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"runs.{name}: {run.path} has neither merged/ nor adapter/")
-    return str(Path(m["base_model"]["location"]).resolve()), run.adapter_dir
+@dataclass
+class EvalConfig(RunConfig):
+    """Evaluation of several policies on held-out prompts, and the comparison report."""
+
+    runs: dict[str, str] = opt({}, "Policies to compare: name -> RunDir (sft, dpo, ppo, ...).")
+    baseline: str = opt("sft", "The policy every other one is compared with (win rates, KL reference).")
+    reward_run: str | None = opt(None, "Reward-model RunDir: reward scores and its pairwise accuracy.")
+    data: DataConfig = opt(DataConfig, "Held-out preference data: its prompts are generated from, its pairs scored.")
+    perplexity_data: str | None = opt(
+        "bundled:demo-sft", "SFT data whose held-out split measures each policy's perplexity (forgetting check)."
+    )
+    num_prompts: int = opt(256, "Held-out prompts generated from (all when fewer).")
+    num_pairs: int = opt(128, "Held-out pairs for the implicit-reward and reward-model accuracies.")
+    perplexity_rows: int = opt(64, "Held-out SFT rows for perplexity.")
+    max_length: int = opt(512, "Longest held-out SFT conversation (tokens) in the perplexity; longer ones are cut.")
+    judges: list[str] = opt(["format"], "Programmatic judges (align.evaluation.judges names or module:function).")
+    dpo_beta: float = opt(0.1, "beta of the implicit reward beta * (log p - log p_ref) when a run does not name one.")
+    bootstrap: int = opt(2000, "Bootstrap resamples of the prompts for the 95% intervals.")
+    batch_size: int = opt(16, "Sequences per forward pass / generation batch.")
+    sampling: EvalSampling = opt(EvalSampling, "How responses are drawn (fixed for every policy).")
+    model: ModelConfig = opt(ModelConfig, "dtype / attention / quantization of the shared base.")
+    report_dir: str | None = opt(None, "Where report.md/.html and plots go; default: the folder above output_dir.")
+    samples_in_report: int = opt(6, "Prompts shown side by side in the report.")
+
+    stage = "eval"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.runs:
+            raise ConfigError("runs: at least one policy RunDir is required (name: path)")
+        if self.baseline not in self.runs:
+            raise ConfigError(f"baseline: '{self.baseline}' is not one of runs ({', '.join(self.runs)})")
+        if not self.data.path:
+            raise ConfigError("data.path: required (held-out preference data)")
+        for key in ("num_prompts", "num_pairs", "batch_size", "bootstrap", "max_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.sampling.temperature <= 0:
+            raise ConfigError(f"sampling.temperature: must be positive, got {self.sampling.temperature}")
 
 
-def load_policies(cfg: EvalConfig, runs: dict[str, RunDir], reward: RunDir | None):
-    """One base with every policy (and the reward model) as a named adapter."""
-    from peft import PeftModel
-
-    sources = {name: policy_source(name, run) for name, run in runs.items()}
-    bases = {base for base, _ in sources.values()}
-    if reward is not None:
-        bases.add(str(Path((reward.manifest() or {})["base_model"]["location"]).resolve()))
-    if len(bases) != 1:
-        raise ConfigError(f"runs: the policies must share one base (the merged SFT model); found {sorted(bases)}")
-    (location,) = bases
-    base_ref = ModelRef(location, location, True)
-    tokenizer = models.load_tokenizer(base_ref, cfg.model)
-    model = models.load_model(base_ref, cfg.model)
-    adapters = {name: path for name, (_, path) in sources.items() if path is not None}
-    kinds = {name: peft_type(path) for name, path in adapters.items()}
-    if reward is not None:
-        kinds["reward_run"] = peft_type(reward.adapter_dir)
-    if len(set(kinds.values())) > 1:
-        listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
-        raise ConfigError(f"runs: {listing}: one shared base holds adapters of a single PEFT type; evaluate each type separately")
-    peft = None
-    for name, path in adapters.items():
-        if peft is None:
-            peft = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-        else:
-            peft.load_adapter(str(path), adapter_name=name)
-    head = None
-    if reward is not None:
-        if peft is None:  # only the SFT policy and a reward model: still a PEFT model to switch adapters on
-            from peft import LoraConfig, get_peft_model
-
-            peft = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]), adapter_name="_unused")
-        head = load_frozen_adapter(peft, reward.adapter_dir, "reward")
-        head = head.to(next(peft.parameters()).device)
-    peft = peft or model
-    peft.eval()
-    return peft, tokenizer, base_ref, {name: (path is not None) for name, (_, path) in sources.items()}, head
+# --------------------------------------------------------------------------- the steps
 
 
-class Switch:
-    """Runs code with one policy active: its adapter on, or all adapters off for the base policy."""
+def held_out_inputs(cfg: EvalConfig):
+    """The held-out preference splits, the prompts to generate from, the pairs to score, the SFT rows for perplexity."""
+    from align.core.data import distinct_prompts, load_splits
 
-    def __init__(self, model):
-        self.model = model
-        self.is_peft = hasattr(model, "disable_adapter")
-
-    def policy(self, name: str | None):
-        import contextlib
-
-        if not self.is_peft:
-            return contextlib.nullcontext()
-        if name is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(name)
-        return contextlib.nullcontext()
-
-    def reference(self):
-        import contextlib
-
-        return self.model.disable_adapter() if self.is_peft else contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------- measurements
-
-
-def bootstrap_interval(values: list[float], n: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean, resampling the prompts."""
-    rng = random.Random(seed)
-    k = len(values)
-    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
-    return means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))]
-
-
-def win_rate(policy: list[float | None], baseline: list[float | None], n_boot: int, seed: int) -> dict | None:
-    """Share of prompts where the policy scores higher than the baseline, ties counting half."""
-    outcomes = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy, baseline) if p is not None and b is not None]
-    if not outcomes:
-        return None
-    low, high = bootstrap_interval(outcomes, n_boot, seed)
-    return {
-        "win_rate": sum(outcomes) / len(outcomes),
-        "ci95": [low, high],
-        "wins": sum(o == 1.0 for o in outcomes),
-        "ties": sum(o == 0.5 for o in outcomes),
-        "losses": sum(o == 0.0 for o in outcomes),
-        "n": len(outcomes),
-    }
-
-
-def conversation_logprob(model, tokenizer, prompts: list[list[dict]], completions: list[list[dict]], batch_size: int) -> list[float]:
-    """Summed log-prob of each completion after its prompt (the implicit-reward building block)."""
-    from align.templates import _common_prefix, _ids
-
-    out: list[float] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-            head = _ids(tokenizer, prompt, add_generation_prompt=True)
-            full = _ids(tokenizer, prompt + completion)
-            rows.append((full, _common_prefix(head, full)))
-        width = max(len(f) for f, _ in rows)
-        ids = torch.tensor([f + [tokenizer.pad_token_id] * (width - len(f)) for f, _ in rows], device=device)
-        attn = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f, _ in rows], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for i, (full, start_at) in enumerate(rows):
-            out.append(logp[i, start_at - 1 : len(full) - 1].sum().item())
-    return out
-
-
-def perplexity(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> float | None:
-    """exp(mean NLL of assistant tokens) on held-out SFT conversations."""
-    if not rows:
-        return None
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    encoded = [tokenize_for_sft(tokenizer, r["messages"], max_length) for r in rows]
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (width - len(e.input_ids)) for e in chunk], device=device)
-        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], device=device)
-        attn = (torch.arange(width, device=device)[None] < torch.tensor([len(e.input_ids) for e in chunk], device=device)[:, None]).long()
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-        keep = target != -100
-        total += nll[keep].sum().item()
-        count += int(keep.sum())
-    return float(torch.exp(torch.tensor(total / max(count, 1))))
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def run(cfg: EvalConfig, *, force: bool = False, callbacks=()) -> RunDir:
-    from tqdm.auto import tqdm
-
-    runs = {name: finished_parent(path, key=f"runs.{name}") for name, path in cfg.runs.items()}
-    reward = finished_parent(cfg.reward_run, key="reward_run") if cfg.reward_run else None
     splits = load_splits(cfg.data, "preference", seed=0)
     if not splits.eval:
         raise ConfigError(f"data: '{cfg.data.path}' has no held-out split to evaluate on")
-    prompts, seen = [], set()
-    for row in splits.eval:
-        key = json.dumps(row["prompt"])
-        if key not in seen:
-            seen.add(key)
-            prompts.append(row["prompt"])
-    prompts = prompts[: cfg.num_prompts]
+    prompts = distinct_prompts(splits.eval, cfg.num_prompts)
     pairs = splits.eval[: cfg.num_pairs]
-    ppl_rows = load_splits(DataConfig(path=cfg.perplexity_data), "sft", seed=0).eval[: cfg.perplexity_rows] if cfg.perplexity_data else []
+    sft_rows = load_splits(DataConfig(path=cfg.perplexity_data), "sft", seed=0).eval[: cfg.perplexity_rows] if cfg.perplexity_data else []
+    return splits, prompts, pairs, sft_rows
 
-    shared = {path for path, _ in (policy_source(n, r) for n, r in runs.items())}
-    location = sorted(shared)[0]
-    base_ref = ModelRef(location, location, True)
+
+def sample_policy(policies, name: str, prompts, cfg: EvalConfig):
+    """The policy's responses (seeded per batch: every policy draws the same way), their KL to the reference and lengths."""
+    import torch
+
+    from align.modeling.generation import Sampling, response_logprobs, sample_tokens
+
+    texts, kls, lengths = [], [], []
+    s = cfg.sampling
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        seeded = Sampling(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=s.seed + start)
+        with policies.policy(name):
+            drawn = sample_tokens(policies.model, policies.tokenizer, chunk, seeded)
+            with torch.no_grad():
+                logp = response_logprobs(policies.model, drawn.seq, drawn.attn, drawn.n_resp)
+        with policies.reference(), torch.no_grad():
+            ref = response_logprobs(policies.model, drawn.seq, drawn.attn, drawn.n_resp)
+        kls.extend(((logp - ref) * drawn.mask).sum(1).tolist())
+        lengths.extend(drawn.mask.sum(1).tolist())
+        texts.extend(drawn.responses)
+    return texts, kls, lengths
+
+
+def implicit_reward_margins(policies, name: str, pairs, batch_size: int) -> list[float]:
+    """Per pair: (log p - log p_ref)(chosen) - (log p - log p_ref)(rejected) under the policy."""
+    from align.rlhf.scoring import completion_logprobs
+
+    prompts = [p["prompt"] for p in pairs]
+
+    def logps(side):
+        return completion_logprobs(policies.model, policies.tokenizer, prompts, [p[side] for p in pairs], batch_size)
+
+    with policies.policy(name):
+        pol_c, pol_r = logps("chosen"), logps("rejected")
+    with policies.reference():
+        ref_c, ref_r = logps("chosen"), logps("rejected")
+    return [(pc - rc) - (pr - rr) for pc, rc, pr, rr in zip(pol_c, ref_c, pol_r, ref_r)]
+
+
+def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, cfg: EvalConfig):
+    """Everything measured for one policy: (results, per-prompt scores by judge, responses)."""
+    from align.evaluation.metrics import bootstrap_interval, perplexity
+    from align.evaluation.policies import run_beta
+
+    log.info("eval: %s: sampling %d responses, scoring them, perplexity on %d rows, %d pairs", name, len(prompts), len(sft_rows), len(pairs))
+    texts, kls, lengths = sample_policy(policies, name, prompts, cfg)
+    conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+    scores = {"reward_model": policies.reward_scores(conversations, cfg.batch_size)} if policies.score_head is not None else {}
+    for judge in judges:
+        scores[judge.name] = judge.score(prompts, texts)
+    with policies.policy(name):
+        ppl = perplexity(policies.model, policies.tokenizer, sft_rows, cfg.max_length, cfg.batch_size)
+    margins = implicit_reward_margins(policies, name, pairs, cfg.batch_size)
+    beta = run_beta(run) or cfg.dpo_beta
+    results = {
+        "kl_mean": sum(kls) / len(kls),
+        "kl_ci95": list(bootstrap_interval(kls, cfg.bootstrap, cfg.sampling.seed)),
+        "response_tokens_mean": sum(lengths) / len(lengths),
+        "perplexity": ppl,
+        "implicit_reward_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
+        "implicit_reward_margin": beta * sum(margins) / len(margins) if margins else None,
+        "scores": {
+            k: {"mean": sum(x for x in v if x is not None) / max(1, sum(x is not None for x in v)), "n": sum(x is not None for x in v)}
+            for k, v in scores.items() if v is not None
+        },
+    }
+    return results, scores, texts
+
+
+def write_outputs(stage, cfg: EvalConfig, runs, reward, prompts, results, per_prompt, generations, report) -> Path:
+    """eval.json, generations.jsonl, the W&B figures and table, and the report (its path returned)."""
+    from align.core.artifacts import atomic_write_json, atomic_write_text
+    from align.evaluation.report import write_report
+
+    atomic_write_json(stage.run_dir.path / RESULTS, report)
+    lines = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt[-1]["content"]}
+        for name in runs:
+            row[name] = generations[name][i]
+            for judge, values in per_prompt[name].items():
+                row[f"{name} {judge}"] = values[i]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(stage.run_dir.path / GENERATIONS, "\n".join(lines) + "\n")
+    flat = {}
+    for name, r in results.items():
+        flat[f"{name}/kl"] = r["kl_mean"]
+        for judge, s in r["scores"].items():
+            flat[f"{name}/{judge}"] = s["mean"]
+        for judge, w in r.get("win_rate_vs_" + cfg.baseline, {}).items():
+            if w:
+                flat[f"{name}/win_rate_{judge}"] = w["win_rate"]
+    stage.tracker.log(flat, step=0)
+    shown = prompts[: cfg.samples_in_report * 4]
+    stage.tracker.log_samples("generations", ["prompt", *runs], [[p[-1]["content"], *(generations[n][i] for n in runs)] for i, p in enumerate(shown)], step=0)
+    report_dir = Path(cfg.report_dir) if cfg.report_dir else stage.run_dir.path.parent
+    written = write_report(stage.run_dir.path, runs, reward, report_dir, cfg.samples_in_report, tracker=stage.tracker)
+    log.info("eval: report written to %s", written["markdown"])
+    return Path(written["markdown"]).resolve()
+
+
+def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
+    from align.core.progress import progress
+    from align.core.tracking import is_main_process
+    from align.evaluation.judges import load_judge
+    from align.evaluation.metrics import compute_table, win_rate
+    from align.evaluation.policies import load_policies, shared_base
+    from align.modeling.models import ModelRef
+    from align.stages.common import StageRun, finished_parent
+
+    cfg = prepare_config(cfg)
+    runs = {name: finished_parent(path, key=f"runs.{name}") for name, path in cfg.runs.items()}
+    reward = finished_parent(cfg.reward_run, key="reward_run") if cfg.reward_run else None
+    splits, prompts, pairs, sft_rows = held_out_inputs(cfg)
+    location = shared_base(runs, reward)
     inputs = {name: (run.manifest() or {}).get("run_id") for name, run in runs.items()}
     inputs["reward"] = (reward.manifest() or {}).get("run_id") if reward else None
-    stage = StageRun(cfg, base=base_ref, splits=splits, force=force, inputs=inputs)
+    stage = StageRun(cfg, base=ModelRef(location, location, True), splits=splits, force=force, inputs=inputs)
     if stage.skipped:
         log.info("eval: skipped: the finished evaluation in %s matches its config and runs", stage.run_dir.path)
         return stage.run_dir
     with stage:
-        model, tokenizer, _, has_adapter, score_head = load_policies(cfg, runs, reward)
-        switch = Switch(model)
+        policies = load_policies(runs, reward, cfg.model)
         judges = [load_judge(spec) for spec in cfg.judges]
-        sampling = Sampling(
-            max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
-            top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
-        )
-
-        def rm_scores(conversations):
-            if score_head is None:
-                return None
-            model.set_adapter("reward")
-            backbone = getattr(model.get_base_model(), model.get_base_model().base_model_prefix)
-            with torch.no_grad():
-                return score_with_head(backbone, score_head, tokenizer, conversations, cfg.batch_size).tolist()
-
-        results: dict[str, dict] = {}
-        generations: dict[str, list[str]] = {}
-        per_prompt: dict[str, dict[str, list]] = {}
-        for name in tqdm(runs, desc="evaluating policies", disable=not is_main_process()):
-            adapter = name if has_adapter[name] else None
-            texts, kls, lengths = [], [], []
-            for start in range(0, len(prompts), cfg.batch_size):
-                chunk = prompts[start : start + cfg.batch_size]
-                seeded = Sampling(**{**sampling.__dict__, "seed": cfg.sampling.seed + start})
-                with switch.policy(adapter):
-                    drawn = sample_tokens(model, tokenizer, chunk, seeded)
-                    with torch.no_grad():
-                        logp = response_logprobs(model, drawn.seq, drawn.attn, drawn.n_resp)
-                with switch.reference(), torch.no_grad():
-                    ref = response_logprobs(model, drawn.seq, drawn.attn, drawn.n_resp)
-                kls.extend(((logp - ref) * drawn.mask).sum(1).tolist())
-                lengths.extend(drawn.mask.sum(1).tolist())
-                texts.extend(drawn.responses)
-            generations[name] = texts
-            convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-            scores = {"reward_model": rm_scores(convs)} if score_head is not None else {}
-            for judge in judges:
-                scores[judge.name] = judge.score(prompts, texts)
-            with switch.policy(adapter):
-                ppl = perplexity(model, tokenizer, ppl_rows, 512, cfg.batch_size)
-                pol_c = conversation_logprob(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], cfg.batch_size)
-                pol_r = conversation_logprob(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], cfg.batch_size)
-            with switch.reference():
-                ref_c = conversation_logprob(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], cfg.batch_size)
-                ref_r = conversation_logprob(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], cfg.batch_size)
-            margins = [(pc - rc) - (pr - rr) for pc, rc, pr, rr in zip(pol_c, ref_c, pol_r, ref_r)]
-            beta = _run_beta(runs[name]) or cfg.dpo_beta
-            per_prompt[name] = scores
-            results[name] = {
-                "kl_mean": sum(kls) / len(kls),
-                "kl_ci95": list(bootstrap_interval(kls, cfg.bootstrap, cfg.sampling.seed)),
-                "response_tokens_mean": sum(lengths) / len(lengths),
-                "perplexity": ppl,
-                "implicit_reward_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
-                "implicit_reward_margin": beta * sum(margins) / len(margins) if margins else None,
-                "scores": {
-                    k: {"mean": sum(x for x in v if x is not None) / max(1, sum(x is not None for x in v)), "n": sum(x is not None for x in v)}
-                    for k, v in scores.items() if v is not None
-                },
-            }
-        baseline = cfg.baseline
+        results, generations, per_prompt = {}, {}, {}
+        for name in progress(runs, desc="evaluating policies"):
+            results[name], per_prompt[name], generations[name] = evaluate_policy(
+                policies, name, runs[name], prompts, pairs, sft_rows, judges, cfg
+            )
         for name in runs:
-            results[name]["win_rate_vs_" + baseline] = {
-                judge: win_rate(per_prompt[name][judge], per_prompt[baseline][judge], cfg.bootstrap, cfg.sampling.seed)
+            results[name]["win_rate_vs_" + cfg.baseline] = {
+                judge: win_rate(per_prompt[name][judge], per_prompt[cfg.baseline][judge], cfg.bootstrap, cfg.sampling.seed)
                 for judge in per_prompt[name]
-            } if name != baseline else {}
+            } if name != cfg.baseline else {}
         reward_accuracy = None
-        if score_head is not None:
-            chosen = rm_scores([p["prompt"] + p["chosen"] for p in pairs])
-            rejected = rm_scores([p["prompt"] + p["rejected"] for p in pairs])
+        if policies.score_head is not None:
+            chosen = policies.reward_scores([p["prompt"] + p["chosen"] for p in pairs], cfg.batch_size)
+            rejected = policies.reward_scores([p["prompt"] + p["rejected"] for p in pairs], cfg.batch_size)
             reward_accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
         report = {
-            "baseline": baseline,
+            "baseline": cfg.baseline,
             "num_prompts": len(prompts),
             "num_pairs": len(pairs),
             "sampling": cfg.sampling.__dict__,
@@ -300,76 +239,26 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()) -> RunDir:
             "policies": results,
             "compute": compute_table(runs, reward),
         }
+        outputs = {"results": RESULTS, "generations": GENERATIONS}
         if is_main_process():
-            atomic_write_json(stage.run_dir.path / RESULTS, report)
-            lines = []
-            for i, prompt in enumerate(prompts):
-                row = {"prompt": prompt[-1]["content"]}
-                for name in runs:
-                    row[name] = generations[name][i]
-                    for judge, values in per_prompt[name].items():
-                        row[f"{name} {judge}"] = values[i]
-                lines.append(json.dumps(row, ensure_ascii=False))
-            atomic_write_text(stage.run_dir.path / GENERATIONS, "\n".join(lines) + "\n")
-            flat = {}
-            for name, r in results.items():
-                flat[f"{name}/kl"] = r["kl_mean"]
-                for judge, s in r["scores"].items():
-                    flat[f"{name}/{judge}"] = s["mean"]
-                for judge, w in r.get("win_rate_vs_" + baseline, {}).items():
-                    if w:
-                        flat[f"{name}/win_rate_{judge}"] = w["win_rate"]
-            stage.tracker.log(flat, step=0)
-            columns = ["prompt", *runs]
-            stage.tracker.log_samples("generations", columns, [[p[-1]["content"], *(generations[n][i] for n in runs)] for i, p in enumerate(prompts[: cfg.samples_in_report * 4])], step=0)
-            from align.report import write_report
-
-            report_dir = Path(cfg.report_dir) if cfg.report_dir else stage.run_dir.path.parent
-            written = write_report(stage.run_dir.path, runs, reward, report_dir, cfg.samples_in_report, tracker=stage.tracker)
-            log.info("eval: report written to %s", written["markdown"])
-        stage.finish(
-            summary={"reward_model_accuracy": reward_accuracy, "policies": results},
-            outputs={"results": RESULTS, "generations": GENERATIONS},
-        )
+            outputs["report"] = str(write_outputs(stage, cfg, runs, reward, prompts, results, per_prompt, generations, report))
+        stage.finish(summary={"reward_model_accuracy": reward_accuracy, "policies": results}, outputs=outputs)
     return stage.run_dir
 
 
-def _run_beta(run: RunDir) -> float | None:
-    """The beta a DPO run trained with (its resolved config), for its implicit reward."""
-    import yaml
+def summary_lines(s: dict) -> list[str]:
+    lines = []
+    for name, r in (s.get("policies") or {}).items():
+        wins = {j: w for key, v in r.items() if key.startswith("win_rate_vs_") for j, w in v.items() if w}
+        shown = "; ".join(f"{j} {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" for j, w in wins.items())
+        lines.append(f"  {name}: KL {r['kl_mean']:.3f}" + (f"; win rate {shown}" if shown else " (baseline)"))
+    if s.get("reward_model_accuracy") is not None:
+        lines.append(f"  reward model accuracy on held-out pairs: {s['reward_model_accuracy']:.3f}")
+    return lines
 
-    try:
-        cfg = yaml.safe_load((run.path / "config.yaml").read_text())
-        return float(cfg["dpo"]["beta"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
+
+def check_judges(cfg: EvalConfig) -> None:
+    check_judge_specs("judges", cfg.judges)
 
 
-def compute_table(runs: dict[str, RunDir], reward: RunDir | None) -> dict[str, dict]:
-    """Wall time, peak memory, trainable parameters and tokens of every stage that produced a policy."""
-    table = {}
-    stages = dict(runs)
-    if reward is not None:
-        stages["reward"] = reward
-    for name, run in stages.items():
-        m = run.manifest() or {}
-        s = m.get("summary", {})
-        tokens, rollout_tokens = None, 0
-        if run.metrics_path.is_file():
-            for line in run.metrics_path.read_text().splitlines():
-                row = json.loads(line)
-                if "train/num_tokens" in row:  # TRL's running count
-                    tokens = row["train/num_tokens"]
-                rollout_tokens += row.get("ppo/rollout_tokens", 0)  # PPO logs each rollout's count
-        tokens = tokens if tokens is not None else rollout_tokens or None
-        params = s.get("parameters") or {}
-        table[name] = {
-            "stage": m.get("stage"),
-            "wall_time_s": s.get("wall_time_s"),
-            "peak_memory_mb": s.get("peak_memory_mb"),
-            "trainable_parameters": params.get("trainable"),
-            "trainable_pct": params.get("trainable_pct"),
-            "steps": s.get("steps"),
-            "tokens": tokens,
-        }
-    return table
+register(Stage("eval", EvalConfig, run, summary_lines, checks=(check_judges,)))

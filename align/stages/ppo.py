@@ -1,400 +1,155 @@
-"""PPO stage: RLHF with LoRA adapters on one frozen base.
+"""PPO stage: RLHF with LoRA adapters on one frozen base (the merged SFT model).
 
-One base in memory (the merged SFT model) carries three adapters:
-  policy  trainable LoRA: samples responses, is optimized
-  value   trainable LoRA + a scalar value head on its hidden states
-  reward  frozen LoRA + score head, loaded from the reward RunDir
-and the reference is the base with adapters disabled. No second copy of the model.
-
-Each step: sample responses to a batch of prompts with the policy; score them with the
-reward adapter; pay a per-token KL penalty to the reference; GAE advantages from the
-value adapter; several epochs of clipped PPO updates over minibatches. The math lives
-in align/losses/ppo.py; this module moves tensors between the model and that math.
+The policy and value are trainable LoRA adapters, the reward is the reward run's frozen
+adapter and score head, and the reference is the base with adapters disabled: one copy of
+the model in memory. The model side and one PPO step live in align/rlhf/ppo.py, the math in
+align/rlhf/losses.py; this module runs the steps, checkpoints them and writes the RunDir.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import random
-import shutil
-import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
-import torch
-
-from align import models
-from align.adapters import load_frozen_adapter, peft_config_for
-from align.artifacts import ADAPTER, RunDir, atomic_dir, atomic_write_json, atomic_write_text
-from align.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, latest_complete
-from align.config import PPOConfig
-from align.data import load_splits
-from align.errors import AlignError, ConfigError, DataError
-from align.generation import Sampled, Sampling, eos_token_ids, position_ids, response_logprobs, sample_tokens
-from align.losses import ppo as P
-from align.safeguards import InterruptCallback, Interrupted, NonFiniteError, oom_advice
-from align.stages.common import StageRun, finished_parent, log_sample_table, resolve_base
-from align.stages.reward import read_stats
-from align.tracking import is_main_process
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
 
-VALUE = "value"  # RunDir folder of the value adapter and head
 
-
-class ValueHead(torch.nn.Module):
-    """hidden state -> scalar value estimate."""
-
-    def __init__(self, hidden_size: int, init_std: float):
-        super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.linear.weight, std=init_std) if init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1)
-
-
-class PolicyValueReward:
-    """The base with its three adapters, and the forward passes PPO needs."""
-
-    def __init__(self, cfg: PPOConfig, base, reward_run: RunDir, tokenizer):
-        from peft import get_peft_model
-
-        self.tokenizer = tokenizer
-        model = models.load_model(base, cfg.model)
-        self.model = get_peft_model(model, peft_config_for(cfg), adapter_name="policy")
-        self.model.add_adapter("value", peft_config_for(cfg))
-        head = load_frozen_adapter(self.model, reward_run.adapter_dir, "reward")
-        if head is None:
-            raise DataError(f"reward_run: {reward_run.path}/adapter has no score head; is it a reward run?")
-        device = next(self.model.parameters()).device
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        compute_dtype = torch.float32 if dtype == torch.uint8 else dtype
-        self.score_head = head.to(device=device, dtype=compute_dtype)
-        self.value_head = ValueHead(model.config.hidden_size, cfg.ppo.value_head_init_std).to(device=device, dtype=compute_dtype)
-        self.backbone = getattr(self.model.get_base_model(), self.model.get_base_model().base_model_prefix)
-        self.eos_ids = eos_token_ids(self.model, tokenizer)
-        self.use("policy")
-
-    # -- adapters --------------------------------------------------------------
-
-    def use(self, adapter: str) -> None:
-        """Activate one adapter; PEFT freezes the others on a switch, so re-enable the trainable ones."""
-        self.model.set_adapter(adapter)
-        self.model.base_model.set_requires_grad(["policy", "value"], True)
-        self.model.base_model.set_requires_grad("reward", False)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        adapters = [p for n, p in self.model.named_parameters() if ".policy." in n or ".value." in n]
-        return adapters + list(self.value_head.parameters())
-
-    # -- forward passes --------------------------------------------------------
-
-    def logprobs(self, seq: torch.Tensor, attn: torch.Tensor, n_resp: int, with_entropy: bool = False):
-        """Log-probs of the response tokens (last n_resp positions) under the active adapter (or none)."""
-        return response_logprobs(self.model, seq, attn, n_resp, with_entropy)
-
-    def values(self, seq: torch.Tensor, attn: torch.Tensor, n_resp: int) -> torch.Tensor:
-        """V(s_t) for each response token t: the value head on the hidden state before it."""
-        hidden = self.backbone(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).last_hidden_state
-        return self.value_head(hidden[:, -n_resp - 1 : -1]).float()
-
-    @torch.no_grad()
-    def scores(self, conversations: list[list[dict]]) -> torch.Tensor:
-        """Reward-model scores of whole conversations, rendered exactly as the reward stage trained on them."""
-        was_training = self.model.training
-        self.model.eval()  # no LoRA dropout while scoring
-        self.use("reward")
-        try:
-            return score_with_head(self.backbone, self.score_head, self.tokenizer, conversations)
-        finally:
-            self.use("policy")
-            self.model.train(was_training)
-
-
-def score_with_head(backbone, head, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> torch.Tensor:
-    """The score head on the last non-padding token, as transformers' sequence classifiers pick it."""
-    device = head.weight.device
-    out = []
-    for start in range(0, len(conversations), batch_size):
-        ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in conversations[start : start + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=device)
-        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-        hidden = backbone(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
-        non_pad = (input_ids != tokenizer.pad_token_id).int()
-        last = (torch.arange(width, device=device) * non_pad).argmax(-1)
-        picked = hidden[torch.arange(len(ids), device=device), last]
-        out.append(head(picked.to(head.weight.dtype)).squeeze(-1).float())
-    return torch.cat(out)
-
-
-def sample(pvr: PolicyValueReward, prompts: list[list[dict]], cfg: PPOConfig) -> Sampled:
-    """Rollout responses from the policy adapter."""
-    p = cfg.ppo
-    pvr.use("policy")
-    sampling = Sampling(max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature, top_p=p.top_p)
-    return sample_tokens(pvr.model, pvr.tokenizer, prompts, sampling)
-
-
-def prompt_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def batch_prompts(prompts: list[list[dict]], step: int, size: int, seed: int) -> list[list[dict]]:
-    """The prompts of a step: a fresh seeded permutation per pass over the data (resumable by step)."""
-    start = step * size
-    picked = []
-    for i in range(start, start + size):
-        epoch, pos = divmod(i, len(prompts))
-        picked.append(prompts[prompt_order(len(prompts), seed, epoch)[pos]])
-    return picked
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run_path: Path, step: int, pvr: PolicyValueReward, optimizer, scheduler, kl_coef: float, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    folder = run_path / CHECKPOINTS / f"checkpoint-{step}"
-    with atomic_dir(folder) as tmp:
-        pvr.model.save_pretrained(str(tmp / "adapters"), selected_adapters=["policy", "value"])
-        save_file({k: v.contiguous() for k, v in pvr.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng_state.pt")
-        atomic_write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef})
-        atomic_write_text(tmp / COMPLETE, f"step {step}\n")
-    for _, old in checkpoint_dirs(run_path)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def load_checkpoint(folder: Path, pvr: PolicyValueReward, optimizer, scheduler) -> tuple[int, float]:
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    for name in ("policy", "value"):
-        weights = load_file(str(folder / "adapters" / name / "adapter_model.safetensors"))
-        set_peft_model_state_dict(pvr.model, weights, adapter_name=name)
-    pvr.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
-    state = torch.load(folder / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(folder / "rng_state.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    meta = json.loads((folder / "state.json").read_text())
-    return meta["step"], meta["kl_coef"]
-
-
-# --------------------------------------------------------------------------- one PPO step
-
-
-def ppo_step(pvr: PolicyValueReward, cfg: PPOConfig, prompts, optimizer, scheduler, kl_coef: float, stats: dict) -> dict:
-    p = cfg.ppo
-    t0 = time.time()
-    pvr.use("policy")
-    roll = sample(pvr, prompts, cfg)
-    t_gen = time.time() - t0
-
-    t1 = time.time()
-    pvr.model.eval()
-    with torch.no_grad():
-        old_logp = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
-        with pvr.model.disable_adapter():
-            ref_logp = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
-        pvr.use("value")
-        old_values = pvr.values(roll.seq, roll.attn, roll.n_resp)
-        pvr.use("policy")
-    raw = pvr.scores([pr + [{"role": "assistant", "content": r}] for pr, r in zip(roll.prompts, roll.responses)])
-    score = (raw - stats["mean"]) / max(stats["std"], 1e-6) if p.normalize_rewards else raw.clone()
-    if p.missing_eos_penalty is not None:
-        score = score - p.missing_eos_penalty * (~roll.has_eos).float()
-    if p.reward_clip is not None:
-        score = score.clamp(-p.reward_clip, p.reward_clip)
-    mask = roll.mask
-    kl = P.kl_per_token(old_logp, ref_logp, p.kl_estimator) * mask
-    rewards = P.token_rewards(score, kl, mask, kl_coef)
-    advantages, returns = P.gae(rewards, old_values, mask, p.gamma, p.lam)
-    if p.whiten_advantages:
-        advantages = P.masked_whiten(advantages, mask)
-
-    pvr.model.train()
-    params = pvr.trainable_parameters()
-    n = len(prompts)
-    logs: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl")}
-    accumulation = cfg.train.gradient_accumulation_steps
-    micro = 0
-    for _ in range(p.ppo_epochs):
-        order = torch.randperm(n, device=mask.device)  # fresh minibatches every epoch
-        for start in range(0, n, p.minibatch_size):
-            rows = order[start : start + p.minibatch_size]
-            pvr.use("policy")
-            logp, entropy = pvr.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
-            pvr.use("value")
-            values = pvr.values(roll.seq[rows], roll.attn[rows], roll.n_resp)
-            pvr.use("policy")
-            m = mask[rows]
-            pg_loss, clip_frac = P.policy_loss(logp, old_logp[rows], advantages[rows], m, p.clip_range)
-            vf_loss, vf_clip = P.value_loss(values, old_values[rows], returns[rows], m, p.clip_range_value)
-            ent = P.masked_mean(entropy, m)
-            loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * ent
-            (loss / accumulation).backward()
-            micro += 1
-            if micro % accumulation == 0:
-                if any(prm.grad is not None and not torch.isfinite(prm.grad).all() for prm in params):
-                    raise NonFiniteError("non-finite gradient in a PPO update")
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                logs["policy_loss"].append(pg_loss.item())
-                logs["value_loss"].append(vf_loss.item())
-                logs["entropy"].append(ent.item())
-                logs["clip_frac"].append(clip_frac.item())
-                logs["value_clip_frac"].append(vf_clip.item())
-                logs["approx_kl"].append(0.5 * P.masked_mean((logp - old_logp[rows]) ** 2, m).item())
-    t_train = time.time() - t1
-    per_seq_kl = (P.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(1)
-    out = {f"ppo/{k}": sum(v) / len(v) for k, v in logs.items()}
-    out.update(
-        {
-            "ppo/reward_raw": raw.mean().item(),
-            "ppo/score": score.mean().item(),
-            "ppo/reward_with_kl": (rewards.sum(1)).mean().item(),
-            "ppo/kl": per_seq_kl.mean().item(),
-            "ppo/kl_coef": kl_coef,
-            "ppo/explained_variance": P.explained_variance(old_values, returns, mask).item(),
-            "ppo/response_length": mask.sum(1).mean().item(),
-            "ppo/eos_share": roll.has_eos.float().mean().item(),
-            "ppo/rollout_tokens": int(roll.attn.sum().item()),  # prompt + response tokens sampled and trained on
-            "ppo/learning_rate": scheduler.get_last_lr()[0],
-            "time/generation_s": t_gen,
-            "time/training_s": t_train,
-        }
+@dataclass
+class PPOOptions:
+    rollout_batch_size: int = opt(16, "Prompts sampled per PPO step (one rollout batch).")
+    minibatch_size: int = opt(8, "Responses per optimization minibatch; a rollout batch is split into these.")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
+    max_new_tokens: int = opt(32, "Longest sampled response.")
+    temperature: float = opt(1.0, "Sampling temperature of rollouts.")
+    top_p: float = opt(1.0, "Nucleus sampling of rollouts.")
+    kl_coef: float = opt(0.05, "Weight of the per-token KL penalty to the reference (initial value when adaptive).")
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p).")
+    target_kl: float | None = opt(None, "Adapt kl_coef towards this KL per response (null: fixed kl_coef).")
+    kl_horizon: int = opt(10000, "Responses over which the adaptive KL controller reacts.")
+    gamma: float = opt(1.0, "Discount of GAE.")
+    lam: float = opt(0.95, "Lambda of GAE.")
+    clip_range: float = opt(0.2, "Clip of the policy ratio.")
+    clip_range_value: float = opt(0.2, "Clip of the value update around the rollout values.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
+    whiten_advantages: bool = opt(True, "Normalize advantages per rollout batch.")
+    normalize_rewards: bool = opt(True, "Normalize scores with the reward run's mean and std.")
+    reward_clip: float | None = opt(5.0, "Clip (normalized) scores to +-this value (null: no clip).")
+    missing_eos_penalty: float | None = opt(
+        1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS (null: none)."
     )
-    if any(not math.isfinite(v) for v in out.values()):
-        raise NonFiniteError("non-finite PPO statistics (loss, reward or KL)")
-    return out
+    value_head_init_std: float = opt(0.0, "Std of the value head's initial weights (0: start at 0).")
 
 
-@torch.no_grad()
-def held_out_reward_and_kl(pvr: PolicyValueReward, prompts: list[list[dict]], cfg: PPOConfig, seed: int) -> dict:
-    """Mean reward score and KL to the reference of sampled responses to fixed held-out prompts."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
+@dataclass
+class PPOConfig(ChildStageConfig):
+    """PPO against a trained reward model, with policy, value and reward as adapters of one base."""
+
+    reward_run: str | None = opt(None, "Reward-model RunDir whose adapter and score head are the reward.")
+    ppo: PPOOptions = opt(PPOOptions, "PPO options (train.max_steps counts PPO steps: rollout + update).")
+
+    stage = "ppo"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward_run:
+            raise ConfigError("reward_run: required (the reward-model RunDir)")
+        p = self.ppo
+        for key in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
+            if getattr(p, key) < 1:
+                raise ConfigError(f"ppo.{key}: must be at least 1, got {getattr(p, key)}")
+        if p.rollout_batch_size % p.minibatch_size:
+            raise ConfigError(
+                f"ppo.minibatch_size: must divide ppo.rollout_batch_size ({p.minibatch_size} does not divide "
+                f"{p.rollout_batch_size})"
+            )
+        if not self.train.max_steps:
+            raise ConfigError("train.max_steps: required for PPO (the number of rollout + update steps)")
+        if p.temperature <= 0 or not 0 < p.top_p <= 1:
+            raise ConfigError("ppo.temperature must be positive and ppo.top_p in (0, 1]")
+        if p.target_kl is not None and p.target_kl <= 0:
+            raise ConfigError(f"ppo.target_kl: must be positive or null, got {p.target_kl}")
+
+
+def optimizer_and_schedule(cfg: PPOConfig, params):
+    """AdamW over the trainable parameters, with the learning-rate schedule counted in optimizer updates."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    updates = cfg.train.max_steps * cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
+    updates //= cfg.train.gradient_accumulation_steps
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * updates), num_training_steps=updates
+    )
+    return optimizer, scheduler
+
+
+def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats, start: int, eval_prompts) -> dict:
+    """PPO steps start..max_steps with held-out evaluations, checkpoints and Ctrl-C handling; the final evaluation."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from align.core.checkpoints import latest_complete
+    from align.core.errors import AlignError
+    from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteError, oom_advice
+    from align.core.tracking import is_main_process
+    from align.rlhf import ppo as rl
+
+    prompts = [r["prompt"] for r in stage.splits.train]
+    keep = cfg.train.save_total_limit
+    interrupt = InterruptCallback()
+    interrupt.install()
+    step_in_progress = start  # the held-out evaluation before the first step counts as step `start`
     try:
-        roll = sample(pvr, prompts, cfg)
-        logp = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
-        with pvr.model.disable_adapter():
-            ref = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
-        raw = pvr.scores([pr + [{"role": "assistant", "content": r}] for pr, r in zip(roll.prompts, roll.responses)])
+        if start == 0 and eval_prompts:
+            stage.tracker.log(rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed), step=0)
+        for step in tqdm(range(start, cfg.train.max_steps), desc="ppo", initial=start, total=cfg.train.max_steps, disable=not is_main_process()):
+            step_in_progress = done = step + 1
+            batch = rl.batch_prompts(prompts, step, cfg.ppo.rollout_batch_size, cfg.train.seed)
+            metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
+            kl_ctl.update(metrics["ppo/kl"], len(batch))
+            if eval_prompts and cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < cfg.train.max_steps:
+                metrics.update(rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed))
+            if done % cfg.train.logging_steps == 0 or done == cfg.train.max_steps:
+                log.info("ppo step %d: reward %.3f, kl %.3f, eos %.2f", done, metrics["ppo/reward_raw"], metrics["ppo/kl"], metrics["ppo/eos_share"])
+            stage.tracker.log(metrics, step=done)
+            if is_main_process() and cfg.train.save_steps and done % cfg.train.save_steps == 0:
+                rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, keep)
+            if interrupt.signal_name:
+                folder = rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, keep)
+                raise Interrupted(
+                    f"{interrupt.signal_name} at step {done}; checkpoint saved in {folder}; continue with --resume (resume=true)",
+                    exit_code=interrupt.exit_code,
+                )
+        step_in_progress = cfg.train.max_steps
+        final = rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed) if eval_prompts else {}
+        stage.tracker.log(final, step=cfg.train.max_steps)
+        return final
+    except torch.cuda.OutOfMemoryError as exc:
+        raise AlignError(oom_advice(cfg, step_in_progress)) from exc
+    except NonFiniteError as exc:
+        checkpoint = latest_complete(stage.run_dir.path)
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+        raise NonFiniteError(f"{exc} at step {step_in_progress}; training stopped before applying it; {kept}") from None
     finally:
-        torch.set_rng_state(state)
-    kl = (P.kl_per_token(logp, ref, "k1") * roll.mask).sum(1)
-    return {"eval/reward": raw.mean().item(), "eval/kl": kl.mean().item(), "eval/response_length": roll.mask.sum(1).mean().item()}
+        interrupt.uninstall()
 
 
-# --------------------------------------------------------------------------- the stage
-
-
-def run(cfg: PPOConfig, *, force: bool = False, callbacks=()) -> RunDir:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # each rank would train its own policy on its own rollouts, silently
-        raise ConfigError(f"ppo: runs as one process; it was launched with WORLD_SIZE={world} (start it with plain python)")
-    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
-    base, parent = resolve_base(cfg)
-    reward_run = finished_parent(cfg.reward_run, key="reward_run")
-    if (reward_run.manifest() or {}).get("stage") != "reward":
-        raise DataError(f"reward_run: {reward_run.path} is not a reward-model run")
-    reward_id = (reward_run.manifest() or {}).get("run_id")
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs={"reward_run": reward_id})
-    if stage.skipped:
-        return stage.run_dir
-    with stage:
-        from transformers import get_scheduler, set_seed
-
-        set_seed(cfg.train.seed)
-        tokenizer = models.load_tokenizer(base, cfg.model)
-        pvr = PolicyValueReward(cfg, base, reward_run, tokenizer)
-        params = pvr.trainable_parameters()
-        counts = models.count_parameters(pvr.model)
-        counts["trainable"] = sum(p.numel() for p in params)
-        log.info("ppo: %s trainable (policy + value adapters, value head) of %s parameters", f"{counts['trainable']:,}", f"{counts['total']:,}")
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-        updates = cfg.train.max_steps * cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
-        updates //= cfg.train.gradient_accumulation_steps
-        scheduler = get_scheduler(
-            cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * updates), num_training_steps=updates
-        )
-        stats = read_stats(reward_run)
-        kl_ctl = P.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
-        start = 0
-        if stage.resume_from is not None:
-            start, kl_ctl.value = load_checkpoint(stage.resume_from, pvr, optimizer, scheduler)
-        prompts = [r["prompt"] for r in splits.train]
-        eval_prompts = [r["prompt"] for r in splits.eval][: max(cfg.samples.num_prompts, 8)]
-        interrupt = InterruptCallback()
-        interrupt.install()
-        from tqdm.auto import tqdm
-
-        try:
-            if start == 0 and eval_prompts:
-                stage.tracker.log(held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed), step=0)
-            for step in tqdm(range(start, cfg.train.max_steps), desc="ppo", initial=start, total=cfg.train.max_steps, disable=not is_main_process()):
-                batch = batch_prompts(prompts, step, cfg.ppo.rollout_batch_size, cfg.train.seed)
-                metrics = ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
-                kl_ctl.update(metrics["ppo/kl"], len(batch))
-                done = step + 1
-                if eval_prompts and cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < cfg.train.max_steps:
-                    metrics.update(held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed))
-                if done % cfg.train.logging_steps == 0 or done == cfg.train.max_steps:
-                    log.info("ppo step %d: reward %.3f, kl %.3f, eos %.2f", done, metrics["ppo/reward_raw"], metrics["ppo/kl"], metrics["ppo/eos_share"])
-                stage.tracker.log(metrics, step=done)
-                if is_main_process() and cfg.train.save_steps and done % cfg.train.save_steps == 0:
-                    save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit)
-                if interrupt.signal_name:
-                    folder = save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit)
-                    raise Interrupted(
-                        f"{interrupt.signal_name} at step {done}; checkpoint saved in {folder}; continue with --resume (resume=true)",
-                        exit_code=interrupt.exit_code,
-                    )
-            final = held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed) if eval_prompts else {}
-            stage.tracker.log(final, step=cfg.train.max_steps)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise AlignError(oom_advice(cfg, step + 1)) from exc
-        except NonFiniteError as exc:
-            checkpoint = latest_complete(stage.run_dir.path)
-            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
-            raise NonFiniteError(f"{exc} at step {step + 1}; training stopped before applying it; {kept}") from None
-        finally:
-            interrupt.uninstall()
-        save_final(stage, pvr)
-        pvr.use("policy")
-        sampled = log_sample_table(stage, pvr.model, tokenizer, "reference", step=cfg.train.max_steps)
-        summary = {
-            "steps": cfg.train.max_steps,
-            "eval_reward_after": final.get("eval/reward"),
-            "eval_kl_after": final.get("eval/kl"),
-            "parameters": counts,
-            "reward_stats": stats,
-            "samples": sampled.get("rows", []),
-            **({"judge": sampled["judge"]} if "judge" in sampled else {}),
-        }
-        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "value": VALUE, "samples": "samples.jsonl"})
-    return stage.run_dir
-
-
-def save_final(stage: StageRun, pvr: PolicyValueReward) -> Path:
+def save_final(stage, pvr):
     """The policy adapter as a standard PEFT adapter (adapter/); the value adapter and head (value/)."""
     from safetensors.torch import save_file
+
+    from align.core.artifacts import ADAPTER, atomic_dir
+    from align.core.tracking import is_main_process
+    from align.rlhf.ppo import VALUE
 
     target = stage.run_dir.path / ADAPTER
     if not is_main_process():
@@ -410,3 +165,71 @@ def save_final(stage: StageRun, pvr: PolicyValueReward) -> Path:
                 save_file({k: v.contiguous() for k, v in pvr.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
     stage.tracker.log_artifact(target, name="ppo-adapter", type="model", metadata={"stage": "ppo", "base_model": stage.base.name})
     return target
+
+
+def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
+    from align.core.artifacts import ADAPTER
+    from align.core.data import load_splits
+    from align.core.errors import DataError
+    from align.modeling import models
+    from align.rlhf import losses as P
+    from align.rlhf import ppo as rl
+    from align.rlhf.scoring import read_stats
+    from align.stages.common import StageRun, finished_parent, log_sample_table, resolve_base
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # each rank would train its own policy on its own rollouts, silently
+        raise ConfigError(f"ppo: runs as one process; it was launched with WORLD_SIZE={world} (start it with plain python)")
+    cfg = prepare_config(cfg)
+    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
+    base, parent = resolve_base(cfg)
+    reward_run = finished_parent(cfg.reward_run, key="reward_run")
+    if (reward_run.manifest() or {}).get("stage") != "reward":
+        raise DataError(f"reward_run: {reward_run.path} is not a reward-model run")
+    reward_id = (reward_run.manifest() or {}).get("run_id")
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs={"reward_run": reward_id})
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)
+        tokenizer = models.load_tokenizer(base, cfg.model)
+        pvr = rl.PolicyValueReward(cfg, base, reward_run, tokenizer)
+        params = pvr.trainable_parameters()
+        counts = models.count_parameters(pvr.model)
+        counts["trainable"] = sum(p.numel() for p in params)
+        log.info("ppo: %s trainable (policy + value adapters, value head) of %s parameters", f"{counts['trainable']:,}", f"{counts['total']:,}")
+        optimizer, scheduler = optimizer_and_schedule(cfg, params)
+        stats = read_stats(reward_run)
+        kl_ctl = P.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
+        start = 0
+        if stage.resume_from is not None:
+            start, kl_ctl.value = rl.load_checkpoint(stage.resume_from, pvr, optimizer, scheduler)
+        eval_prompts = [r["prompt"] for r in splits.eval][: max(cfg.samples.num_prompts, 8)]
+        final = train_steps(stage, pvr, cfg, optimizer, scheduler, kl_ctl, stats, start, eval_prompts)
+        save_final(stage, pvr)
+        pvr.use("policy")
+        sampled = log_sample_table(stage, pvr.model, tokenizer, "reference", step=cfg.train.max_steps)
+        summary = {
+            "steps": cfg.train.max_steps,
+            "eval_reward_after": final.get("eval/reward"),
+            "eval_kl_after": final.get("eval/kl"),
+            "parameters": counts,
+            "reward_stats": stats,
+            "samples": sampled.get("rows", []),
+            **({"judge": sampled["judge"]} if "judge" in sampled else {}),
+        }
+        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "value": rl.VALUE, "samples": "samples.jsonl"})
+    return stage.run_dir
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [f"  held-out reward {fmt(s.get('eval_reward_after'))}, KL to reference {fmt(s.get('eval_kl_after'))}"]
+
+
+WHY_LORA = (
+    "PPO keeps the policy, value and reward as adapters of one base model; PEFT holds adapters of a "
+    "single type in one model and the reward adapter is LoRA"
+)
+register(Stage("ppo", PPOConfig, run, summary_lines, checks=training_checks(LORA_FAMILY, WHY_LORA), resolve=resolve_method))

@@ -3,35 +3,54 @@
 The adapter is a sequence-classification adapter whose `score` head is saved with it
 (modules_to_save), so it reloads with the same scores. After training, the mean and std
 of the scores of training responses are saved (`reward_stats.json`): PPO normalizes
-rewards with them.
+rewards with them. Scoring itself lives in align/rlhf/scoring.py, shared with PPO,
+evaluation and the reward-model judge.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
+from dataclasses import dataclass
 
-from align.adapters import peft_config_for
-from align.artifacts import RunDir, atomic_write_json
-from align.config import RewardConfig
-from align.data import Splits, load_splits
-from align.stages.common import StageRun, resolve_base, to_datasets, train_adapter, trainer_kwargs
-from align.tracking import is_main_process
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
 
-STATS = "reward_stats.json"
+
+@dataclass
+class RewardOptions:
+    center_rewards_coefficient: float | None = opt(
+        None, "Adds coef * mean(r^2) to the loss, keeping rewards centred on 0 (e.g. 0.01)."
+    )
+    stats_samples: int = opt(
+        512, "Training responses scored after training for the mean and std PPO normalizes rewards with."
+    )
 
 
-def prepare(splits: Splits, tokenizer, max_length: int):
+@dataclass
+class RewardConfig(ChildStageConfig):
+    """A reward model: an adapter and a scalar score head trained on preference pairs (Bradley-Terry)."""
+
+    reward: RewardOptions = opt(RewardOptions, "Reward-model options.")
+
+    stage = "reward"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward.stats_samples < 2:
+            raise ConfigError(f"reward.stats_samples: must be at least 2, got {self.reward.stats_samples}")
+
+
+def prepare(splits, tokenizer, max_length: int):
     """Pairs as datasets; TRL drops pairs longer than max_length silently, so they are dropped and counted here."""
-
-    def n_tokens(messages):
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    from align.modeling.templates import chat_ids
+    from align.stages.common import to_datasets
 
     def convert(row):
-        longest = max(n_tokens(row["prompt"] + row["chosen"]), n_tokens(row["prompt"] + row["rejected"]))
+        longest = max(len(chat_ids(tokenizer, row["prompt"] + row["chosen"])), len(chat_ids(tokenizer, row["prompt"] + row["rejected"])))
         if longest > max_length:
             return None, False
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, False
@@ -39,9 +58,12 @@ def prepare(splits: Splits, tokenizer, max_length: int):
     return to_datasets(splits, convert, "reward", max_length, "pair longer than max_length")
 
 
-def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
+def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
+
+    from align.modeling.adapters import peft_config_for
+    from align.stages.common import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     args = TRLRewardConfig(
@@ -61,39 +83,17 @@ def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_di
     )
 
 
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
-    """Scalar scores of whole conversations from a sequence-classification reward model."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            ids = [
-                tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
-                for c in conversations[start : start + batch_size]
-            ]
-            width = max(map(len, ids))
-            input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=device)
-            attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, attention_mask=attention).logits
-            scores.extend(logits[:, 0].float().tolist())
-    finally:
-        model.train(was_training)
-    return scores
-
-
-def log_pair_table(stage: StageRun, model, tokenizer, before_label: str, step: int) -> dict:
+def log_pair_table(stage, model, tokenizer, before_label: str, step: int) -> dict:
     """Held-out pairs with their chosen and rejected scores (the reward stage's sample table)."""
+    from align.core.tracking import is_main_process
+    from align.rlhf.scoring import score_with_model
+
     n = stage.cfg.samples.num_prompts
     if not is_main_process() or n <= 0 or not stage.splits.eval:
         return {}
     pairs = stage.splits.eval[:n]
-    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
-    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    chosen = score_with_model(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = score_with_model(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
     columns = ["prompt", "chosen", "rejected", "score chosen", "score rejected"]
     rows = [
         [p["prompt"][-1]["content"], p["chosen"][-1]["content"], p["rejected"][-1]["content"], c, r]
@@ -103,20 +103,17 @@ def log_pair_table(stage: StageRun, model, tokenizer, before_label: str, step: i
     return {"rows": [dict(zip(columns, r)) for r in rows]}
 
 
-def normalization_stats(model, tokenizer, splits: Splits, n: int, seed: int) -> dict:
-    """Mean and std of the scores of a seeded sample of training responses (chosen and rejected)."""
-    responses = [row["prompt"] + row[side] for row in splits.train for side in ("chosen", "rejected")]
-    picked = random.Random(seed).sample(responses, min(n, len(responses)))
-    scores = score_conversations(model, tokenizer, picked)
-    mean = sum(scores) / len(scores)
-    std = (sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1, 1)) ** 0.5
-    return {"mean": mean, "std": std, "n": len(scores), "source": "training responses (chosen and rejected), seeded sample"}
-
-
 _EVAL_KEYS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward")
 
 
-def run(cfg: RewardConfig, *, force: bool = False, callbacks=()) -> RunDir:
+def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
+    from align.core.artifacts import atomic_write_json
+    from align.core.data import load_splits
+    from align.core.tracking import is_main_process
+    from align.rlhf.scoring import STATS, normalization_stats, score_with_model, stats_sample
+    from align.stages.common import StageRun, resolve_base, train_adapter
+
+    cfg = prepare_config(cfg)
     splits = load_splits(cfg.data, "preference", cfg.train.seed)
     base, parent = resolve_base(cfg)
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
@@ -131,7 +128,9 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()) -> RunDir:
         summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
         summary.update(trained.summary)
         if is_main_process():
-            stats = normalization_stats(trained.trainer.model, trained.tokenizer, splits, cfg.reward.stats_samples, cfg.train.seed)
+            picked = stats_sample(splits.train, cfg.reward.stats_samples, cfg.train.seed)
+            stats = normalization_stats(score_with_model(trained.trainer.model, trained.tokenizer, picked))
+            stats["source"] = "training responses (chosen and rejected), seeded sample"
             atomic_write_json(stage.run_dir.path / STATS, stats)
             summary["reward_stats"] = stats
             log.info("reward: score mean %.3f, std %.3f over %d training responses", stats["mean"], stats["std"], stats["n"])
@@ -139,5 +138,15 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()) -> RunDir:
     return stage.run_dir
 
 
-def read_stats(run_dir: RunDir) -> dict:
-    return json.loads((run_dir.path / STATS).read_text())
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  held-out pairwise accuracy: {fmt(s.get('eval_accuracy_before'))} (untrained head) -> "
+        f"{fmt(s.get('eval_accuracy_after'))}; margin {fmt(s.get('eval_margin_before'))} -> {fmt(s.get('eval_margin_after'))}"
+    ]
+
+
+WHY_LORA = (
+    "the reward adapter and its score head are later loaded next to LoRA adapters on one base "
+    "(PPO, evaluation), and PEFT holds adapters of a single type in one model"
+)
+register(Stage("reward", RewardConfig, run, summary_lines, checks=training_checks(LORA_FAMILY, WHY_LORA), resolve=resolve_method))

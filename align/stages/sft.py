@@ -9,22 +9,43 @@ fine-tuning writes only `merged/` (the trained model); prompt and prefix tuning 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-from align import models
-from align.adapters import merge_adapter, peft_config_for
-from align.artifacts import MERGED, RunDir
-from align.config import SFTConfig
-from align.methods import METHODS
-from align.data import Splits, load_splits
-from align.stages.common import StageRun, to_datasets, train_adapter, trainer_kwargs
-from align.templates import tokenize_for_sft
-from align.tracking import is_main_process
+from align.core.config import StageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import METHODS, resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
 
 
-def tokenize(splits: Splits, tokenizer, max_length: int):
+@dataclass
+class SFTOptions:
+    packing: bool = opt(False, "Pack several short rows into one max_length sequence.")
+    neftune_noise_alpha: float | None = opt(None, "NEFTune: noise on input embeddings during training (e.g. 5).")
+    label_smoothing: float = opt(0.0, "Label smoothing of the token loss (costs an extra forward pass in TRL).")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on conversations: loss on the assistant turns, then the adapter merged into the base."""
+
+    sft: SFTOptions = opt(SFTOptions, "SFT-specific options.")
+
+    stage = "sft"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model.name_or_path:
+            raise ConfigError("model.name_or_path: required for SFT (e.g. smollm2-135m-instruct)")
+        if not 0 <= self.sft.label_smoothing < 1:
+            raise ConfigError(f"sft.label_smoothing: must be in [0, 1), got {self.sft.label_smoothing}")
+
+
+def tokenize(splits, tokenizer, max_length: int):
     """Token ids + assistant-only labels for both splits, with truncation counted."""
+    from align.modeling.templates import tokenize_for_sft
+    from align.stages.common import to_datasets
 
     def convert(row):
         tok = tokenize_for_sft(tokenizer, row["messages"], max_length)
@@ -35,9 +56,12 @@ def tokenize(splits: Splits, tokenizer, max_length: int):
     return to_datasets(splits, convert, "sft", max_length, "no assistant token within max_length")
 
 
-def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir: RunDir, callbacks=()):
+def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
+
+    from align.modeling.adapters import peft_config_for
+    from align.stages.common import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     args = TRLSFTConfig(
@@ -59,7 +83,15 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir: 
     )
 
 
-def run(cfg: SFTConfig, *, force: bool = False, callbacks=()) -> RunDir:
+def run(cfg: SFTConfig, *, force: bool = False, callbacks=()):
+    from align.core.artifacts import MERGED
+    from align.core.data import load_splits
+    from align.core.tracking import is_main_process
+    from align.modeling import models
+    from align.modeling.adapters import merge_adapter
+    from align.stages.common import StageRun, train_adapter
+
+    cfg = prepare_config(cfg)
     splits = load_splits(cfg.data, "sft", cfg.train.seed)
     base = models.resolve(cfg.model.name_or_path, cfg.model.revision)
     stage = StageRun(cfg, base=base, splits=splits, force=force)
@@ -92,3 +124,10 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()) -> RunDir:
         }
         stage.finish(summary=summary, outputs=outputs)
     return stage.run_dir
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [f"  held-out SFT loss: {fmt(s.get('eval_loss_before'))} (base) -> {fmt(s.get('eval_loss_after'))}"]
+
+
+register(Stage("sft", SFTConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 from data_tools.sources.base import Format, SourceOptions
 from data_tools.sources.generic import Ranked, Ratings, make_generic
 from data_tools.sources.helpsteer import HelpSteer

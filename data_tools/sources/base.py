@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
-from align.errors import ConfigError, DataError
+from align.core.errors import ConfigError, DataError
 
 Messages = list[dict]
 

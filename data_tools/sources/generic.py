@@ -135,7 +135,7 @@ class Ranked(Format):
 
 def make_generic(cls: type[Format], opts) -> Format:
     """The per-response or per-prompt variant of `ratings` / `ranked`, by the options given."""
-    from align.errors import ConfigError
+    from align.core.errors import ConfigError
 
     ranked = cls is Ranked
     per_prompt = opts.responses_col is not None

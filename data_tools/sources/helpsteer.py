@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 from data_tools.sources.base import Candidate, Format, Group, Item, Messages, assistant, number, short_where, text
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")

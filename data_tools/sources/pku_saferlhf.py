@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 from data_tools.sources.base import Drop, Format, Item, Pair, assistant, boolean, choice_int, short_where, text, user
 
 

@@ -39,7 +39,7 @@ class UltraFeedback(Format):
         super().__init__(opts)
         self.score = opts.uf_score or "fine-grained"
         if self.score not in SCORES:
-            from align.errors import ConfigError
+            from align.core.errors import ConfigError
 
             raise ConfigError(f"--uf-score: {self.score!r} is not one of {', '.join(SCORES)}")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from align.errors import ModelError
+from align.core.errors import ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,14 +55,16 @@ def apply_chat_template_choice(tokenizer: "PreTrainedTokenizerBase", mode: str, 
     return "model"
 
 
-def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template."""
     out = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
     )
     return list(out["input_ids"])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -79,16 +81,16 @@ class Tokenized:
 
 def tokenize_for_sft(tokenizer, messages: list[dict], max_length: int) -> Tokenized:
     """Token ids of a conversation with labels on assistant turns only, cut to max_length."""
-    full = _ids(tokenizer, messages)
+    full = chat_ids(tokenizer, messages)
     mask = [0] * len(full)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _ids(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _ids(tokenizer, messages[: i + 1])
-        start = _common_prefix(before, through)
+        before = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        through = chat_ids(tokenizer, messages[: i + 1])
+        start = common_prefix_length(before, through)
         # The turn's span in the full rendering: where `through` ends, if it is a prefix of it.
-        end = len(through) if through == full[: len(through)] else _common_prefix(through, full)
+        end = len(through) if through == full[: len(through)] else common_prefix_length(through, full)
         for j in range(start, min(end, len(full))):
             mask[j] = 1
     truncated = len(full) > max_length

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from align.artifacts import RunDir
-from align.methods import METHODS
+from align.core.artifacts import RunDir
+from align.modeling.methods import METHODS
 
 
 def _fmt(value) -> str:

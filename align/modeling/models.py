@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from align.artifacts import atomic_dir, atomic_write_text, hash_files
-from align.errors import ModelError
+from align.core.artifacts import atomic_dir, atomic_write_text, hash_files
+from align.core.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from align.config import ModelConfig
+    from align.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _keep_4bit_layout_trainable(model) -> None:
 def load_tokenizer(ref: ModelRef, cfg: "ModelConfig") -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
-    from align.templates import apply_chat_template_choice
+    from align.modeling.templates import apply_chat_template_choice
 
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if ref.revision:

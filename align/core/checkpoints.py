@@ -14,8 +14,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from align.artifacts import atomic_write_text
-from align.tracking import is_main_process
+from align.core.artifacts import atomic_write_text
+from align.core.tracking import is_main_process
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

@@ -25,21 +25,14 @@ import functools
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
+from align.modeling.templates import common_prefix_length
+
 PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
 KEY = "shared_prefix"  # the batch entry the patched forward looks for
 HEAD_CHUNK = 32768  # vocabulary tile of the log-prob kernel (TRL's own choice)
 
 # Attention implementations that take an arbitrary 4D mask.
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def pack_pairs(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -59,7 +52,7 @@ def pack_pairs(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, t
             seqs.append(ids[r, :length].tolist())
             firsts.append(int(completion[r, :length].nonzero()[0]) if completion[r, :length].any() else length)
         # Shared: tokens common to both rows, up to (not including) the token that predicts the first response token.
-        shared = max(0, min(_common_prefix(*seqs), firsts[0] - 1, firsts[1] - 1))
+        shared = max(0, min(common_prefix_length(*seqs), firsts[0] - 1, firsts[1] - 1))
         rows.append((seqs, firsts, shared))
 
     width = max(len(c) + len(r) - shared for (c, r), _, shared in rows)

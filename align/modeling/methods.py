@@ -2,19 +2,20 @@
 is formed, and which combinations work.
 
 Pure data and checks, no torch: a config is validated before anything heavy is imported.
-`align.adapters.peft_config_for` turns a validated config into the PEFT config.
+`align.modeling.adapters.peft_config_for` turns a validated config into the PEFT config.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from align.config import StageConfig
+    from align.core.config import StageConfig
 
 log = logging.getLogger("align")
 
@@ -72,43 +73,24 @@ METHODS: dict[str, Method] = {
 
 LORA_FAMILY = ("lora", "qlora", "dora")
 
-# Stages that accept only some methods, and why.
-_STAGE_LIMITS = {
-    "reward": (
-        LORA_FAMILY,
-        "the reward adapter and its score head are later loaded next to LoRA adapters on one base "
-        "(PPO, evaluation), and PEFT holds adapters of a single type in one model",
-    ),
-    "ppo": (
-        LORA_FAMILY,
-        "PPO keeps the policy, value and reward as adapters of one base model; PEFT holds adapters of a "
-        "single type in one model and the reward adapter is LoRA",
-    ),
-}
 
-
-def validate_method(cfg: "StageConfig") -> None:
+def check_method(cfg: "StageConfig", allowed: tuple[str, ...] | None = None, why: str = "") -> None:
     """Reject combinations of peft.method with other keys that cannot work, naming the keys and why.
 
-    `qlora` sets model.quantization to 4bit when it is unset (none), and logs that.
+    `allowed`: the methods the stage supports (None: all), `why` says why it supports no others.
+    Checks only; `resolve_method` fills in what qlora implies.
     """
     method = cfg.peft.method
-    if cfg.stage in _STAGE_LIMITS:
-        allowed, why = _STAGE_LIMITS[cfg.stage]
-        if method not in allowed:
-            raise ConfigError(
-                f"peft.method: '{method}' is not supported by the {cfg.stage} stage: {why}; use one of {', '.join(allowed)}"
-            )
+    if allowed is not None and method not in allowed:
+        raise ConfigError(
+            f"peft.method: '{method}' is not supported by the {cfg.stage} stage: {why}; use one of {', '.join(allowed)}"
+        )
     quant = cfg.model.quantization
-    if method == "qlora":
-        if quant == "8bit":
-            raise ConfigError(
-                "peft.method: qlora trains LoRA on a 4-bit NF4 base, but model.quantization is 8bit; "
-                "set model.quantization: 4bit (or none, which qlora turns into 4bit), or use peft.method: lora"
-            )
-        if quant == "none":
-            cfg.model.quantization = "4bit"
-            log.info("peft.method qlora: model.quantization set to 4bit (NF4, double quantization)")
+    if method == "qlora" and quant == "8bit":
+        raise ConfigError(
+            "peft.method: qlora trains LoRA on a 4-bit NF4 base, but model.quantization is 8bit; "
+            "set model.quantization: 4bit (or none, which qlora turns into 4bit), or use peft.method: lora"
+        )
     if method == "full" and quant != "none":
         raise ConfigError(
             f"peft.method: full trains every weight, and quantized weights (model.quantization: {quant}) cannot be "
@@ -126,28 +108,15 @@ def validate_method(cfg: "StageConfig") -> None:
             f"peft.method: {method} does not work with sft.packing: true: packed rows are isolated from each other "
             "in attention, so only the first row of a pack would see the virtual tokens; set sft.packing: false"
         )
-    _check_options(cfg)
 
 
-def _check_options(cfg: "StageConfig") -> None:
-    p = cfg.peft
-    if p.method == "vera":
-        if p.vera.r < 1:
-            raise ConfigError(f"peft.vera.r: must be at least 1, got {p.vera.r}")
-        if not 0 <= p.vera.dropout < 1:
-            raise ConfigError(f"peft.vera.dropout: must be in [0, 1), got {p.vera.dropout}")
-        if not p.vera.target_modules:
-            raise ConfigError("peft.vera.target_modules: at least one module is required")
-    if p.method == "ia3":
-        if not p.ia3.target_modules:
-            raise ConfigError("peft.ia3.target_modules: at least one module is required")
-        extra = sorted(set(p.ia3.feedforward_modules) - set(p.ia3.target_modules))
-        if extra:
-            raise ConfigError(
-                f"peft.ia3.feedforward_modules: {extra} not in peft.ia3.target_modules; a feed-forward module is a "
-                "target whose input is rescaled, so it must also be a target"
-            )
-    for name in ("prompt_tuning", "prefix_tuning"):
-        n = getattr(p, name).num_virtual_tokens
-        if p.method == name and n < 1:
-            raise ConfigError(f"peft.{name}.num_virtual_tokens: must be at least 1, got {n}")
+def resolve_method(cfg: "StageConfig") -> "StageConfig":
+    """What a method implies for other keys, filled in and logged: qlora loads the base in 4 bits.
+
+    Returns a copy when something changes; the config passed in is left as it is.
+    """
+    if cfg.peft.method == "qlora" and cfg.model.quantization == "none":
+        cfg = copy.deepcopy(cfg)
+        cfg.model.quantization = "4bit"
+        log.info("peft.method qlora: model.quantization set to 4bit (NF4, double quantization)")
+    return cfg

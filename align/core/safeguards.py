@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 
 class NonFiniteError(AlignError):

@@ -33,7 +33,7 @@ question, else 0.0) needs the references, so it is built directly,
 builds it from the prompts file).
 
 ``load_judge("rm:<run dir>")`` resolves through a factory registered with
-`register_judge_prefix` (the reward-model judge, once that stage exists).
+`register_judge_prefix`: the reward-model judge, registered by the `align.evaluation` package.
 
 ``load_judge("package.module:function")`` wraps any function
 ``(prompt: list[dict], response: str) -> float | None`` into a judge.
@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 Message = Mapping[str, Any]
 Prompt = Sequence[Message]
@@ -75,6 +75,7 @@ __all__ = [
     "register_judge",
     "register_judge_prefix",
     "check_judge_spec",
+    "check_judge_specs",
     "render_instruction",
     "requested_item_count",
 ]
@@ -83,7 +84,7 @@ __all__ = [
 class JudgeSpecError(ConfigError, ValueError):
     """A judge spec names no built-in judge, or its ``module:function`` cannot be loaded.
 
-    A `ValueError` (for plain-Python callers) and an `align.errors.ConfigError` (so recipes
+    A `ValueError` (for plain-Python callers) and an `align.core.errors.ConfigError` (so recipes
     print its one-line message instead of a traceback).
     """
 
@@ -566,8 +567,9 @@ _BUILTIN_JUDGES: dict[str, Callable[..., Judge]] = {
     "length": LengthJudge,
 }
 # "prefix:argument" specs resolved by a registered factory, e.g. "rm:runs/demo/reward" for a
-# reward-model judge; the factory lives outside this module (it needs torch/transformers).
-_JUDGE_PREFIXES: dict[str, Callable[..., Judge]] = {}
+# reward-model judge (registered by align.evaluation; the factory needs torch, this module does not).
+# Each prefix has a factory and an optional cheap check of the argument (loads no model).
+_JUDGE_PREFIXES: dict[str, tuple[Callable[..., Judge], Callable[[str], None] | None]] = {}
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:
@@ -577,11 +579,15 @@ def register_judge(name: str, factory: Callable[..., Judge]) -> None:
     _BUILTIN_JUDGES[name] = factory
 
 
-def register_judge_prefix(prefix: str, factory: Callable[..., Judge]) -> None:
-    """Make ``load_judge("prefix:arg", **kw)`` return ``factory(arg, **kw)`` (e.g. ``rm`` for reward models)."""
+def register_judge_prefix(prefix: str, factory: Callable[..., Judge], check: Callable[[str], None] | None = None) -> None:
+    """Make ``load_judge("prefix:arg", **kw)`` return ``factory(arg, **kw)`` (e.g. ``rm`` for reward models).
+
+    ``check(arg)``, when given, validates the argument cheaply for `check_judge_spec` (raising
+    `JudgeSpecError`); without it a spec with this prefix passes the check.
+    """
     if not prefix or ":" in prefix or not prefix.isidentifier():
         raise ValueError(f"judge prefix {prefix!r} must be an identifier without ':'")
-    _JUDGE_PREFIXES[prefix] = factory
+    _JUDGE_PREFIXES[prefix] = (factory, check)
 
 
 def available_judges() -> list[str]:
@@ -595,15 +601,25 @@ def check_judge_spec(spec: str) -> None:
         raise JudgeSpecError(f"judge spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     prefix, sep, arg = spec.partition(":")
-    if spec in _BUILTIN_JUDGES or (sep and prefix in _JUDGE_PREFIXES):
+    if spec in _BUILTIN_JUDGES:
         return
-    if sep and prefix == "rm":
-        from pathlib import Path
-
-        if not (Path(arg) / "manifest.json").is_file():
-            raise JudgeSpecError(f"judge {spec!r}: {arg or '(empty)'} is not a RunDir (no manifest.json)")
+    if sep and prefix in _JUDGE_PREFIXES:
+        _, check = _JUDGE_PREFIXES[prefix]
+        if check is not None:
+            check(arg)
         return
     load_judge(spec)  # rule judges and module:function are cheap to build
+
+
+def check_judge_specs(key: str, specs: Sequence[str | None]) -> None:
+    """`check_judge_spec` for the specs of one config key; the error names the key."""
+    for spec in specs:
+        if spec is None:
+            continue
+        try:
+            check_judge_spec(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def load_judge(spec: str, **kwargs: Any) -> Judge:
@@ -622,16 +638,11 @@ def load_judge(spec: str, **kwargs: Any) -> Judge:
     if spec in _BUILTIN_JUDGES:
         return _BUILTIN_JUDGES[spec](**kwargs)
 
-    # A trained reward model is a RunDir: "rm:<run dir>". Registered prefixes come before the
-    # "module:function" form; "rm" without a registered factory gets a clear error.
+    # Registered prefixes ("rm:<reward RunDir>") come before the "module:function" form.
     prefix, sep, arg = spec.partition(":")
     if sep and prefix in _JUDGE_PREFIXES:
-        return _JUDGE_PREFIXES[prefix](arg, **kwargs)
-    if sep and prefix == "rm":
-        # Imported only here: it loads torch and a model, which rule-based users never need.
-        from align.reward_judge import RewardModelJudge
-
-        return RewardModelJudge(arg, **kwargs)
+        factory, _ = _JUDGE_PREFIXES[prefix]
+        return factory(arg, **kwargs)
 
     if ":" not in spec:
         raise JudgeSpecError(

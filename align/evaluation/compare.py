@@ -14,30 +14,68 @@ stage, the final held-out SFT loss, and the DPO held-out reward accuracy.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align.artifacts import RunDir, atomic_write_json, atomic_write_text
-from align.config import (
-    CompareConfig,
-    DPOConfig,
-    SFTConfig,
-    StageConfig,
-    describe,
-    load_config,
-    parse_overrides,
-    to_dict,
-    to_yaml,
-)
-from align.errors import AlignError
+from align.core.artifacts import RunDir, atomic_write_json, atomic_write_text
+from align.core.config import PEFT_METHODS, RunConfig, StageConfig, describe, load_config, opt, parse_overrides, to_yaml
+from align.core.errors import AlignError, ConfigError
+from align.core.tracking import Tracker
+from align.stages.registry import get_stage, load_stage_config
 
 log = logging.getLogger("align")
 
 TABLE = "comparison.md"
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    """The same SFT (and DPO) run with each PEFT method, same steps and seed, and a table comparing them."""
+
+    output_dir: str | None = opt(None, "Runs go to <output_dir>/<method>/{sft,dpo}; the table to comparison.md (required).")
+    methods: list[Literal[PEFT_METHODS]] = opt(list(PEFT_METHODS), "Methods to compare, in table order.")  # type: ignore[valid-type]
+    sft_config: str = opt("sft.yaml", "The SFT stage YAML every method runs, relative to this file.")
+    dpo_config: str | None = opt(
+        "dpo.yaml",
+        "The DPO stage YAML, relative to this file; null = SFT only. DPO starts from the SFT config's base model "
+        "(the same for every method), not from each method's SFT run: prompt and prefix tuning have no merged model.",
+    )
+    dpo_methods: list[Literal[PEFT_METHODS]] | None = opt(  # type: ignore[valid-type]
+        None, "Methods that also run DPO; null = all of methods (every method has a DPO reference, see README)."
+    )
+    overrides: dict[str, Any] = opt({}, "Dotted overrides for both stages of every method (train.max_steps: 8).")
+    sft_overrides: dict[str, Any] = opt({}, "Dotted overrides for the SFT stage only.")
+    dpo_overrides: dict[str, Any] = opt({}, "Dotted overrides for the DPO stage only.")
+    method_overrides: dict[str, Any] = opt(
+        {}, "Per method, dotted overrides for both its stages, e.g. {full: {train.learning_rate: 2.0e-5}}."
+    )
+    isolate: bool = opt(True, "Run each stage in its own process, so its peak memory is its own (and a crash stays local).")
+
+    stage = "compare"
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: required (where the runs and the table go)")
+        if not self.methods:
+            raise ConfigError("methods: at least one method is required")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: a method is listed twice ({self.methods})")
+        for m in self.dpo_methods or []:
+            if m not in self.methods:
+                raise ConfigError(f"dpo_methods: '{m}' is not one of methods ({', '.join(self.methods)})")
+        for m, extra in self.method_overrides.items():
+            if m not in PEFT_METHODS:
+                close = difflib.get_close_matches(str(m), PEFT_METHODS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"method_overrides.{m}: not a PEFT method{hint}")
+            if not isinstance(extra, dict):
+                raise ConfigError(f"method_overrides.{m}: expected a mapping of dotted keys, got {type(extra).__name__}")
 
 
 def _dotted(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,14 +106,14 @@ def stage_configs(cfg: CompareConfig, config_path: Path | None) -> dict[str, dic
             "wandb.group": cfg.wandb.group,
             "wandb.mode": cfg.wandb.mode,
         }
-        sft_cfg = load_config(
-            SFTConfig, here / cfg.sft_config,
+        sft_cfg = load_stage_config(
+            "sft", here / cfg.sft_config,
             {**_dotted(cfg.sft_overrides), **shared, "output_dir": str(root / method / "sft"), "wandb.name": f"{method}-sft"},
         )
         out[method] = {"sft": sft_cfg}
         if cfg.dpo_config and method in dpo_methods:
-            out[method]["dpo"] = load_config(
-                DPOConfig, here / cfg.dpo_config,
+            out[method]["dpo"] = load_stage_config(
+                "dpo", here / cfg.dpo_config,
                 {
                     **_dotted(cfg.dpo_overrides), **shared,
                     # The same base for every method: prompt and prefix tuning leave no merged SFT model.
@@ -93,17 +131,15 @@ def _run_stage(stage: str, stage_cfg: StageConfig, config_file: Path, isolate: b
     """Run one stage; a failure is recorded in its RunDir (and the table), not raised."""
     atomic_write_text(config_file, f"# python -m align.stages {stage} --config {config_file}\n" + to_yaml(stage_cfg))
     if isolate:
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "align.stages", stage, "--config", str(config_file)] + (["--force"] if force else [])
         rc = subprocess.run(cmd, env=env).returncode
         if rc != 0:
             log.warning("compare: %s of %s exited with status %d", stage, stage_cfg.peft.method, rc)
         return
-    from align.stages import runner
-
     try:
-        runner(stage)(stage_cfg, force=force)
+        get_stage(stage).run(stage_cfg, force=force)
     except Exception as exc:  # noqa: BLE001 - one method failing must not stop the comparison
         log.warning("compare: %s of %s failed: %s", stage, stage_cfg.peft.method, exc)
 
@@ -174,8 +210,6 @@ def markdown(rows: list[list[Any]], cfg: CompareConfig, configs: dict[str, dict[
 
 
 def run_comparison(cfg: CompareConfig, config_path: Path | None, force: bool = False) -> tuple[Path, list[list[Any]]]:
-    from align.tracking import Tracker
-
     configs = stage_configs(cfg, config_path)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -188,11 +222,7 @@ def run_comparison(cfg: CompareConfig, config_path: Path | None, force: bool = F
     table = root / TABLE
     atomic_write_text(table, markdown(rows, cfg, configs))
     atomic_write_json(root / "comparison.json", [dict(zip(COLUMNS, row)) for row in rows])
-    tracker = Tracker(
-        RunDir(root), stage="compare", enabled_wandb=cfg.tracking == "wandb", project=cfg.wandb.project,
-        group=cfg.wandb.group, name=cfg.wandb.name or "compare-methods", entity=cfg.wandb.entity, mode=cfg.wandb.mode,
-        tags=cfg.wandb.tags, config=to_dict(cfg),
-    )
+    tracker = Tracker.for_config(RunDir(root), cfg, name="compare-methods")
     try:
         tracker.log_table("methods", COLUMNS, rows, step=0)
     finally:
@@ -201,7 +231,7 @@ def run_comparison(cfg: CompareConfig, config_path: Path | None, force: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.cli import guarded, setup_logging
+    from align.cli.recipes import guarded, setup_logging
 
     p = argparse.ArgumentParser(prog="recipes/compare_methods.py", description=(CompareConfig.__doc__ or "").strip())
     p.add_argument("--config", help="comparison YAML (e.g. recipes/configs/smollm2-135m/compare_methods.yaml)")

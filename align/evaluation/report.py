@@ -11,7 +11,7 @@ import html
 import json
 from pathlib import Path
 
-from align.artifacts import RunDir, atomic_write_text
+from align.core.artifacts import RunDir, atomic_write_text
 
 
 def _metrics(run: RunDir) -> list[dict]:

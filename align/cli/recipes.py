@@ -12,8 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from align.config import STAGE_CONFIGS, PipelineConfig, describe, load_config, parse_overrides, to_yaml
-from align.errors import AlignError
+from align.core.config import PipelineConfig, describe, parse_overrides, to_yaml
+from align.core.errors import AlignError
 
 
 def setup_logging() -> None:
@@ -64,25 +64,25 @@ def guarded(work) -> int:
         return 130
 
 
-def recipe_main(stage: str, argv: list[str] | None = None) -> int:
-    cls = STAGE_CONFIGS[stage]
-    args = _parser(f"recipes/{stage}.py", (cls.__doc__ or "").strip()).parse_args(argv)
+def recipe_main(stage_name: str, argv: list[str] | None = None) -> int:
+    from align.stages.registry import get_stage, load_stage_config
+
+    stage = get_stage(stage_name)
+    args = _parser(f"recipes/{stage_name}.py", stage.description).parse_args(argv)
     if args.keys:
-        print("\n".join(describe(cls)))
+        print("\n".join(describe(stage.config)))
         return 0
     setup_logging()
 
     def work() -> int:
         if not args.config:
-            raise AlignError(f"--config: required (e.g. recipes/configs/smollm2-135m/{stage}.yaml)")
-        cfg = load_config(cls, args.config, _with_resume(args))
+            raise AlignError(f"--config: required (e.g. recipes/configs/smollm2-135m/{stage_name}.yaml)")
+        cfg = load_stage_config(stage_name, args.config, _with_resume(args))
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        from align.stages import runner
-
-        run_dir = runner(stage)(cfg, force=args.force)
-        print("\n".join(describe_run(stage, run_dir.path)))
+        run_dir = stage.run(cfg, force=args.force)
+        print("\n".join(describe_run(stage_name, run_dir.path)))
         return 0
 
     return guarded(work)
@@ -98,7 +98,7 @@ def pipeline_main(argv: list[str] | None = None) -> int:
     def work() -> int:
         if not args.config:
             raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/pipeline.yaml)")
-        from align.pipeline import load_pipeline, run_pipeline
+        from align.cli.pipeline import load_pipeline, run_pipeline
 
         pipeline = load_pipeline(Path(args.config), _with_resume(args))
         if args.print_config:
@@ -118,15 +118,10 @@ def pipeline_main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- summaries
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "n/a" if value is None else str(value)
-
-
 def describe_run(stage: str, path: Path, name: str | None = None, skipped: bool = False) -> list[str]:
     """Where a run's outputs are and its before/after figures, from its manifest."""
-    from align.artifacts import RunDir
+    from align.core.artifacts import RunDir
+    from align.stages.registry import fmt, get_stage
 
     run = RunDir(path)
     m = run.manifest() or {}
@@ -134,36 +129,12 @@ def describe_run(stage: str, path: Path, name: str | None = None, skipped: bool 
     out = m.get("outputs", {})
     head = f"{name or stage} ({stage}) {'skipped, already finished' if skipped else m.get('status', '?')}: {path}"
     lines = [head]
-    for key in ("adapter", "merged", "metrics", "samples"):
+    for key in ("adapter", "merged", "metrics", "samples", "report"):
         if key in out:
             lines.append(f"  {key:<8} {path / out[key]}")
     if "wandb" in out:
         lines.append(f"  W&B      {out['wandb']}  (offline runs upload with: wandb sync {out['wandb']})")
-    if stage == "sft":
-        lines.append(f"  held-out SFT loss: {_fmt(s.get('eval_loss_before'))} (base) -> {_fmt(s.get('eval_loss_after'))}")
-    elif stage == "dpo":
-        lines.append(
-            "  held-out DPO reward accuracy: "
-            f"{_fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> {_fmt(s.get('eval_rewards/accuracies_after'))}; "
-            f"margin {_fmt(s.get('eval_rewards/margins_before'))} -> {_fmt(s.get('eval_rewards/margins_after'))}"
-        )
-    elif stage == "reward":
-        lines.append(
-            f"  held-out pairwise accuracy: {_fmt(s.get('eval_accuracy_before'))} (untrained head) -> "
-            f"{_fmt(s.get('eval_accuracy_after'))}; margin {_fmt(s.get('eval_margin_before'))} -> {_fmt(s.get('eval_margin_after'))}"
-        )
-    elif stage == "ppo":
-        lines.append(f"  held-out reward {_fmt(s.get('eval_reward_after'))}, KL to reference {_fmt(s.get('eval_kl_after'))}")
-    elif stage == "eval":
-        for name, r in (s.get("policies") or {}).items():
-            wins = {j: w for key, v in r.items() if key.startswith("win_rate_vs_") for j, w in v.items() if w}
-            shown = "; ".join(f"{j} {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" for j, w in wins.items())
-            lines.append(f"  {name}: KL {r['kl_mean']:.3f}" + (f"; win rate {shown}" if shown else " (baseline)"))
-        if s.get("reward_model_accuracy") is not None:
-            lines.append(f"  reward model accuracy on held-out pairs: {s['reward_model_accuracy']:.3f}")
-        report = path.parent / "report.md"
-        if report.is_file():
-            lines.append(f"  report   {report} (and report.html)")
+    lines += get_stage(stage).summary(s)
     params = s.get("parameters")
     if params and "adapter_bytes" in params:
         method = (run.config().get("peft") or {}).get("method", "lora")
@@ -174,10 +145,10 @@ def describe_run(stage: str, path: Path, name: str | None = None, skipped: bool 
         )
     if "judge" in s:
         j = s["judge"]
-        lines.append(f"  {j['name']} judge on {j['n']} held-out prompts: {_fmt(j['before'])} ({j['before_label']}) -> {_fmt(j['after'])}")
+        lines.append(f"  {j['name']} judge on {j['n']} held-out prompts: {fmt(j['before'])} ({j['before_label']}) -> {fmt(j['after'])}")
     if s.get("wall_time_s") is not None:
         steps = f", {s['steps']} steps" if s.get("steps") is not None else ""
         if s.get("seconds_per_step") is not None:
             steps += f" ({s['seconds_per_step']:.3g} s/step)"
-        lines.append(f"  wall time {s['wall_time_s']:.0f} s{steps}, peak memory {_fmt(s.get('peak_memory_mb'))} MB")
+        lines.append(f"  wall time {s['wall_time_s']:.0f} s{steps}, peak memory {fmt(s.get('peak_memory_mb'))} MB")
     return lines

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"

@@ -1,7 +1,7 @@
 """PEFT adapters: the PEFT config a stage trains, merging, loading frozen adapters, combining.
 
 `peft_config_for(cfg)` is the one place a stage's `peft:` section becomes a PEFT config
-(None for full fine-tuning). See align/methods.py for what each method trains and how its
+(None for full fine-tuning). See align/modeling/methods.py for what each method trains and how its
 DPO reference is formed.
 
 Merging always starts from a fresh load of the base exactly as training saw it
@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from align.artifacts import RunDir, atomic_dir
-from align.errors import ConfigError
+from align.core.artifacts import RunDir, atomic_dir
+from align.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftConfig as PeftMethodConfig
 
-    from align.config import LoraConfig, ModelConfig, StageConfig
-    from align.models import ModelRef
+    from align.core.config import LoraConfig, ModelConfig, StageConfig
+    from align.modeling.models import ModelRef
 
 
 def lora_config(cfg: "LoraConfig", task_type: str = "CAUSAL_LM", use_dora: bool = False) -> "PeftLoraConfig":
@@ -117,7 +117,7 @@ def merge_adapter(base: "ModelRef", model_cfg: "ModelConfig", adapter_dir: Path,
     """
     from peft import PeftModel
 
-    from align.models import load_model
+    from align.modeling.models import load_model
 
     kind = peft_type(adapter_dir)
     if kind not in _MERGEABLE_TYPES:
@@ -134,26 +134,32 @@ def merge_adapter(base: "ModelRef", model_cfg: "ModelConfig", adapter_dir: Path,
         tokenizer.save_pretrained(tmp)
 
 
-def load_frozen_adapter(peft_model, adapter_dir: Path, name: str):
-    """Load a saved LoRA adapter onto `peft_model` under `name`, frozen.
+def load_frozen_adapter(model, adapter_dir: Path, name: str):
+    """Load a saved LoRA adapter onto `model` under `name`, frozen; returns (PEFT model, score head or None).
 
+    `model` is a PEFT model, or a plain model that becomes one with this as its first adapter.
     Also takes a sequence-classification adapter (a reward model): its LoRA weights
     go onto the shared backbone; its `score` head, which has no place in a causal LM,
     is returned as a Linear layer (None when the adapter has no head).
     """
     import torch
-    from peft import PeftConfig
+    from peft import PeftConfig, PeftModel, get_peft_model
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
-    config.task_type = peft_model.peft_config[peft_model.active_adapter].task_type
     config.modules_to_save = None
     config.inference_mode = True
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     head_keys = [k for k in weights if k.endswith("score.weight") or k.endswith("score.bias")]
     head_weights = {k.rsplit(".", 1)[1]: weights.pop(k) for k in head_keys}
-    peft_model.add_adapter(name, config)
+    if isinstance(model, PeftModel):
+        config.task_type = model.peft_config[model.active_adapter].task_type
+        peft_model = model
+        peft_model.add_adapter(name, config)
+    else:
+        config.task_type = "CAUSAL_LM"
+        peft_model = get_peft_model(model, config, adapter_name=name)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k]
     if missing or result.unexpected_keys:
@@ -162,12 +168,12 @@ def load_frozen_adapter(peft_model, adapter_dir: Path, name: str):
         if f".{name}." in param_name:
             param.requires_grad_(False)
     if not head_weights:
-        return None
+        return peft_model, None
     weight = head_weights["weight"]
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_weights)
     head.load_state_dict(head_weights)
     head.requires_grad_(False)
-    return head
+    return peft_model, head
 
 
 # --------------------------------------------------------------------------- adapters on disk
@@ -192,8 +198,8 @@ def resolve_adapter(spec: str | Path, base: str | None = None) -> AdapterSource:
     import dataclasses
     import json
 
-    from align import models
-    from align.config import ModelConfig
+    from align.modeling import models
+    from align.core.config import ModelConfig
 
     path = Path(spec)
     run = RunDir(path) if (path / "manifest.json").is_file() else None
@@ -223,7 +229,7 @@ def resolve_adapter(spec: str | Path, base: str | None = None) -> AdapterSource:
 
 def base_identity(source: AdapterSource) -> str:
     """What makes two bases the same: the content hash of local weights, the commit of a hub model."""
-    from align.models import content_hash
+    from align.modeling.models import content_hash
 
     return content_hash(source.base)
 
@@ -246,7 +252,7 @@ class AdapterSet:
     def __init__(self, base: "ModelRef", adapters: dict[str, Path], model_cfg: "ModelConfig"):
         from peft import PeftModel
 
-        from align import models
+        from align.modeling import models
 
         if not adapters:
             raise ConfigError("--adapter: at least one adapter (name=path) is required")
@@ -269,7 +275,7 @@ class AdapterSet:
         """Responses of one adapter (or of the base: adapter 'base') to chat prompts."""
         import contextlib
 
-        from align.generation import generate
+        from align.modeling.generation import generate
 
         if adapter != self.BASE and adapter not in self.names:
             raise ConfigError(f"adapter '{adapter}': not loaded (loaded: {', '.join(self.names)}, or '{self.BASE}')")
@@ -298,7 +304,7 @@ def combine_adapters(sources: list[AdapterSource], weights: list[float], combina
 
     from peft import PeftModel
 
-    from align import models
+    from align.modeling import models
 
     if combination_type not in COMBINATION_TYPES:
         raise ConfigError(f"--type: expected one of {', '.join(COMBINATION_TYPES)}, got {combination_type!r}")

@@ -2,10 +2,10 @@
 
 TRL stays in charge of the data preparation, the losses, the metrics, checkpointing and
 distribution. Two things change:
-- the batch also carries the shared-prefix layout (align/shared_prefix.py), and the model
+- the batch also carries the shared-prefix layout (align/dpo/shared_prefix.py), and the model
   forward runs it: each pair's prompt is computed once, and the LM head projects only
   response positions;
-- the reference log-probs come from an on-disk cache (align/ref_cache.py), computed for a
+- the reference log-probs come from an on-disk cache (align/dpo/ref_cache.py), computed for a
   batch the first time one of its pairs is missing. TRL then reads them from the batch, as
   it does with its own `precompute_ref_log_probs`.
 Each part is used where it applies; `plan` says which and, for what is off, why.
@@ -21,7 +21,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from align import ref_cache, shared_prefix
+from align.dpo import ref_cache, shared_prefix
 
 log = logging.getLogger("align")
 

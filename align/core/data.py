@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from align.artifacts import hash_json
-from align.config import DataConfig
-from align.errors import DataError
-from align.templates import instruction_user_content
+from align.core.artifacts import hash_json
+from align.core.config import DataConfig
+from align.core.errors import DataError
+from align.modeling.templates import instruction_user_content
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 
@@ -325,3 +325,27 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
         notes.append(f"using the first {cfg.max_eval_samples} of {len(held_out)} held-out rows (max_eval_samples)")
         held_out = held_out[: cfg.max_eval_samples]
     return Splits(cfg.path, train, held_out, notes)
+
+
+def row_prompt(row: dict) -> list[dict]:
+    """The prompt of a canonical row: a preference or prompt row's `prompt`, or an SFT row's turns before its last answer."""
+    if "prompt" in row:
+        return row["prompt"]
+    messages = row["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def distinct_prompts(rows: list[dict], n: int | None = None) -> list[list[dict]]:
+    """The first n distinct prompts of the rows, in row order (all of them when n is None)."""
+    prompts: list[list[dict]] = []
+    seen: set[str] = set()
+    for row in rows:
+        if n is not None and len(prompts) >= n:
+            break
+        prompt = row_prompt(row)
+        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        if prompt and key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+    return prompts

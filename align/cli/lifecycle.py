@@ -19,11 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 
 def _mb(folder: Path) -> str:
-    from align.adapters import adapter_bytes
+    from align.modeling.adapters import adapter_bytes
 
     return f"{adapter_bytes(folder) / 2**20:.2f} MB"
 
@@ -33,8 +33,8 @@ def _mb(folder: Path) -> str:
 
 def cmd_merge(args) -> int:
     """Adapter folded into its base, saved as full-precision safetensors (a 4-bit base is dequantized first)."""
-    from align import models
-    from align.adapters import merge_adapter, resolve_adapter
+    from align.modeling import models
+    from align.modeling.adapters import merge_adapter, resolve_adapter
 
     source = resolve_adapter(args.source, args.base)
     tokenizer = models.load_tokenizer(source.base, source.model_cfg)
@@ -51,9 +51,9 @@ def cmd_merge(args) -> int:
 
 def cmd_export(args) -> int:
     """The run's adapter in standard PEFT format plus a model card (README.md)."""
-    from align.adapters import resolve_adapter
-    from align.artifacts import atomic_dir
-    from align.model_card import model_card
+    from align.modeling.adapters import resolve_adapter
+    from align.core.artifacts import atomic_dir
+    from align.modeling.model_card import model_card
 
     source = resolve_adapter(args.run)
     if source.run is None:
@@ -114,8 +114,8 @@ def _named_sources(specs: list[str]) -> dict[str, str]:
 
 def cmd_generate(args) -> int:
     """One base, several named adapters: each request through the adapter it names, or side by side."""
-    from align.adapters import AdapterSet, check_same_base, resolve_adapter
-    from align.generation import Sampling
+    from align.modeling.adapters import AdapterSet, check_same_base, resolve_adapter
+    from align.modeling.generation import Sampling
 
     sources = {name: resolve_adapter(path, args.base) for name, path in _named_sources(args.adapter).items()}
     if args.base is None:
@@ -140,7 +140,7 @@ def cmd_generate(args) -> int:
             print(f"[{row['adapter']}] {row['response']}")
         print()
     if args.output:
-        from align.artifacts import atomic_write_text
+        from align.core.artifacts import atomic_write_text
 
         atomic_write_text(Path(args.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"{len(rows)} responses written to {args.output}")
@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
 
 def cmd_combine(args) -> int:
     """Weighted combination of LoRA adapters of one base, saved as a new adapter."""
-    from align.adapters import combine_adapters, resolve_adapter
+    from align.modeling.adapters import combine_adapters, resolve_adapter
 
     sources = [resolve_adapter(s, args.base) for s in args.sources]
     weights = args.weights if args.weights is not None else [1.0 / len(sources)] * len(sources)
@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.cli import guarded, setup_logging
+    from align.cli.recipes import guarded, setup_logging
 
     args = parser().parse_args(argv)
     setup_logging()

@@ -9,12 +9,15 @@ to the pipeline config.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.config import STAGE_CONFIGS, PipelineConfig, StageConfig, load_config
+from align.core.config import PipelineConfig, RunConfig, StageConfig, load_config
+from align.core.errors import ConfigError
+from align.stages.registry import all_stages, get_stage, load_stage_config
 
 log = logging.getLogger("align")
 
@@ -22,7 +25,7 @@ log = logging.getLogger("align")
 @dataclass
 class Pipeline:
     cfg: PipelineConfig
-    stage_configs: dict[str, tuple[str, StageConfig]]  # name -> (stage kind, resolved config)
+    stage_configs: dict[str, tuple[str, RunConfig]]  # name -> (stage kind, resolved config)
 
 
 def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline:
@@ -39,7 +42,13 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             own[key] = value
     cfg = load_config(PipelineConfig, path, own)
     root = Path(cfg.output_dir)
-    configs: dict[str, tuple[str, StageConfig]] = {}
+    known = all_stages()
+    for i, st in enumerate(cfg.stages):
+        if st.stage not in known:
+            close = difflib.get_close_matches(st.stage, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: stages[{i}].stage: unknown stage '{st.stage}'{hint}; stages: {', '.join(known)}")
+    configs: dict[str, tuple[str, RunConfig]] = {}
     for st in cfg.stages:
         stage_overrides: dict[str, Any] = {
             **st.overrides,
@@ -50,7 +59,7 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             stage_overrides["tracking"] = cfg.tracking
         if cfg.wandb_project is not None:
             stage_overrides["wandb.project"] = cfg.wandb_project
-        if cfg.resume and st.stage != "eval":
+        if cfg.resume and issubclass(known[st.stage].config, StageConfig):  # training stages resume
             stage_overrides["resume"] = True
         if st.parent is not None:
             stage_overrides["parent_run"] = str(root / st.parent)
@@ -61,20 +70,19 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             )
         stage_overrides.update(per_stage[st.name])
         stage_file = (path.parent / st.config).resolve() if not Path(st.config).is_absolute() else Path(st.config)
-        configs[st.name] = (st.stage, load_config(STAGE_CONFIGS[st.stage], stage_file, stage_overrides))
+        configs[st.name] = (st.stage, load_stage_config(st.stage, stage_file, stage_overrides))
     return Pipeline(cfg, configs)
 
 
 def run_pipeline(pipeline: Pipeline, force: bool = False) -> list[tuple[str, str, Path, bool]]:
     """Run every stage; returns (name, stage, run dir, skipped) per stage."""
-    from align.artifacts import RunDir
-    from align.stages import runner
+    from align.core.artifacts import RunDir
 
     outcomes = []
     for name, (stage, cfg) in pipeline.stage_configs.items():
         before = RunDir(Path(cfg.output_dir)).manifest() or {}
         log.info("== %s (%s) -> %s", name, stage, cfg.output_dir)
-        run_dir = runner(stage)(cfg, force=force)
+        run_dir = get_stage(stage).run(cfg, force=force)
         after = run_dir.manifest() or {}
         skipped = bool(before) and before.get("run_id") == after.get("run_id")
         outcomes.append((name, stage, run_dir.path, skipped))

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import SAMPLES, RunDir, atomic_write_text, redact
+from align.core.artifacts import SAMPLES, RunDir, atomic_write_text, redact
+from align.core.config import RunConfig, to_dict
 
 
 def process_rank() -> int:
@@ -93,6 +94,15 @@ class Tracker:
             )
             self.wandb_run_id = self.wandb_run.id
             self.wandb_path = Path(self.wandb_run.dir).parent  # <RunDir>/wandb/<offline-run-...>/files -> run folder
+
+    @classmethod
+    def for_config(cls, run_dir: RunDir, cfg: RunConfig, *, name: str | None = None, resume_id: str | None = None) -> "Tracker":
+        """The tracker of a run of `cfg` (a RunConfig: its tracking and wandb keys), config included."""
+        w = cfg.wandb
+        return cls(
+            run_dir, stage=cfg.stage, enabled_wandb=cfg.tracking == "wandb", project=w.project, group=w.group,
+            name=w.name or name, entity=w.entity, mode=w.mode, tags=w.tags, config=to_dict(cfg), resume_id=resume_id,
+        )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:

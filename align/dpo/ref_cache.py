@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.artifacts import atomic_write_json, hash_json
+from align.core.artifacts import atomic_write_json, hash_json
 
 log = logging.getLogger("align")
 
@@ -35,7 +35,7 @@ DIGEST_BYTES = 16
 
 def default_dir() -> Path:
     """ALIGN_REF_CACHE_DIR, else ref-logps/ under the model cache root."""
-    from align.models import cache_root
+    from align.modeling.models import cache_root
 
     return Path(os.environ.get("ALIGN_REF_CACHE_DIR") or cache_root() / "ref-logps")
 

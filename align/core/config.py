@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
 
@@ -126,6 +126,29 @@ class PeftConfig:
     prompt_tuning: PromptTuningOptions = opt(PromptTuningOptions, "Prompt-tuning options (peft.method: prompt_tuning).")
     prefix_tuning: PrefixTuningOptions = opt(PrefixTuningOptions, "Prefix-tuning options (peft.method: prefix_tuning).")
 
+    def validate(self) -> None:
+        """The options of the chosen method; combinations with other sections are the stage's check."""
+        if self.method == "vera":
+            if self.vera.r < 1:
+                raise ConfigError(f"peft.vera.r: must be at least 1, got {self.vera.r}")
+            if not 0 <= self.vera.dropout < 1:
+                raise ConfigError(f"peft.vera.dropout: must be in [0, 1), got {self.vera.dropout}")
+            if not self.vera.target_modules:
+                raise ConfigError("peft.vera.target_modules: at least one module is required")
+        if self.method == "ia3":
+            if not self.ia3.target_modules:
+                raise ConfigError("peft.ia3.target_modules: at least one module is required")
+            extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
+            if extra:
+                raise ConfigError(
+                    f"peft.ia3.feedforward_modules: {extra} not in peft.ia3.target_modules; a feed-forward module is a "
+                    "target whose input is rescaled, so it must also be a target"
+                )
+        for name in ("prompt_tuning", "prefix_tuning"):
+            n = getattr(self, name).num_virtual_tokens
+            if self.method == name and n < 1:
+                raise ConfigError(f"peft.{name}.num_virtual_tokens: must be at least 1, got {n}")
+
 
 @dataclass
 class DataConfig:
@@ -171,7 +194,7 @@ class SamplesConfig:
     num_prompts: int = opt(6, "Held-out prompts to generate from at the end of the stage (0 disables).")
     max_new_tokens: int = opt(48, "Tokens generated per sample (greedy).")
     judge: str | None = opt(
-        None, "Score the samples with a judge (align.judges: 'format', 'refusal', 'length' or 'module:function')."
+        None, "Score the samples with a judge (align.evaluation.judges: 'format', 'refusal', 'length' or 'module:function')."
     )
 
 
@@ -188,27 +211,36 @@ class WandbConfig:
 
 
 @dataclass
-class StageConfig:
-    """Keys shared by every training stage."""
+class RunConfig:
+    """Keys every stage shares: where its RunDir goes and how it is tracked."""
 
     output_dir: str | None = opt(None, "RunDir of this stage (required).")
+    tracking: Literal["wandb", "none"] = opt("wandb", "wandb = W&B run (offline without a key) + metrics.jsonl; none = metrics.jsonl only.")
+    wandb: WandbConfig = opt(WandbConfig, "W&B settings.")
+
+    stage = "base"  # each stage's config class names its stage
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: required (the RunDir this stage writes)")
+
+
+@dataclass
+class StageConfig(RunConfig):
+    """Keys shared by every training stage."""
+
     model: ModelConfig = opt(ModelConfig, "Base model.")
     data: DataConfig = opt(DataConfig, "Training and held-out data.")
     peft: PeftConfig = opt(PeftConfig, "The parameter-efficient method this stage trains (default: LoRA).")
     lora: LoraConfig = opt(LoraConfig, "LoRA options (peft.method lora, qlora and dora).")
     train: TrainConfig = opt(TrainConfig, "Optimization.")
     samples: SamplesConfig = opt(SamplesConfig, "Sample generations logged at the end of the stage.")
-    tracking: Literal["wandb", "none"] = opt("wandb", "wandb = W&B run (offline without a key) + metrics.jsonl; none = metrics.jsonl only.")
-    wandb: WandbConfig = opt(WandbConfig, "W&B settings.")
     resume: bool = opt(
         False, "Continue an interrupted run of the same config in output_dir from its newest complete checkpoint."
     )
 
-    stage = "base"
-
     def validate(self) -> None:
-        if not self.output_dir:
-            raise ConfigError("output_dir: required (the RunDir this stage writes)")
+        super().validate()
         if not self.data.path:
             raise ConfigError("data.path: required")
         positive = {
@@ -236,60 +268,7 @@ class StageConfig:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
         if not 0 <= self.lora.dropout < 1:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
-        from align.methods import validate_method
-
-        validate_method(self)
-        if self.samples.judge:
-            from align.judges import check_judge_spec
-
-            try:
-                check_judge_spec(self.samples.judge)
-            except ConfigError as exc:
-                raise ConfigError(f"samples.judge: {exc}") from None
-
-
-@dataclass
-class SFTOptions:
-    packing: bool = opt(False, "Pack several short rows into one max_length sequence.")
-    neftune_noise_alpha: float | None = opt(None, "NEFTune: noise on input embeddings during training (e.g. 5).")
-    label_smoothing: float = opt(0.0, "Label smoothing of the token loss (costs an extra forward pass in TRL).")
-
-
-@dataclass
-class SFTConfig(StageConfig):
-    sft: SFTOptions = opt(SFTOptions, "SFT-specific options.")
-
-    stage = "sft"
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.model.name_or_path:
-            raise ConfigError("model.name_or_path: required for SFT (e.g. smollm2-135m-instruct)")
-        if not 0 <= self.sft.label_smoothing < 1:
-            raise ConfigError(f"sft.label_smoothing: must be in [0, 1), got {self.sft.label_smoothing}")
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down")
-
-
-@dataclass
-class DPOOptions:
-    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).")
-    loss_type: Literal[DPO_LOSS_TYPES] = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), ...")  # type: ignore[valid-type]
-    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative/robust DPO), in [0, 0.5).")
-    shared_prefix: bool = opt(
-        True,
-        "Compute each pair's prompt once for chosen and rejected (block attention mask); off, or where it "
-        "cannot run (prompt/prefix tuning, flash attention), the batch is TRL's two rows per pair.",
-    )
-    ref_cache: bool = opt(
-        True,
-        "Keep reference log-probs on disk, keyed by base model, precision and each pair's tokens; "
-        "later epochs, runs and sweeps skip the reference forward.",
-    )
-    ref_cache_dir: str | None = opt(
-        None, "Where the reference cache lives; null = $ALIGN_REF_CACHE_DIR or ~/.cache/align/ref-logps."
-    )
+        self.peft.validate()
 
 
 @dataclass
@@ -312,159 +291,9 @@ class ChildStageConfig(StageConfig):
 
 
 @dataclass
-class DPOConfig(ChildStageConfig):
-    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options.")
-
-    stage = "dpo"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.dpo.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be positive, got {self.dpo.beta}")
-        if not 0 <= self.dpo.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.dpo.label_smoothing}")
-
-
-@dataclass
-class RewardOptions:
-    center_rewards_coefficient: float | None = opt(
-        None, "Adds coef * mean(r^2) to the loss, keeping rewards centred on 0 (e.g. 0.01)."
-    )
-    stats_samples: int = opt(
-        512, "Training responses scored after training for the mean and std PPO normalizes rewards with."
-    )
-
-
-@dataclass
-class RewardConfig(ChildStageConfig):
-    reward: RewardOptions = opt(RewardOptions, "Reward-model options.")
-
-    stage = "reward"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.reward.stats_samples < 2:
-            raise ConfigError(f"reward.stats_samples: must be at least 2, got {self.reward.stats_samples}")
-
-
-@dataclass
-class PPOOptions:
-    rollout_batch_size: int = opt(16, "Prompts sampled per PPO step (one rollout batch).")
-    minibatch_size: int = opt(8, "Responses per optimization minibatch; a rollout batch is split into these.")
-    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
-    max_new_tokens: int = opt(32, "Longest sampled response.")
-    temperature: float = opt(1.0, "Sampling temperature of rollouts.")
-    top_p: float = opt(1.0, "Nucleus sampling of rollouts.")
-    kl_coef: float = opt(0.05, "Weight of the per-token KL penalty to the reference (initial value when adaptive).")
-    kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p).")
-    target_kl: float | None = opt(None, "Adapt kl_coef towards this KL per response (null: fixed kl_coef).")
-    kl_horizon: int = opt(10000, "Responses over which the adaptive KL controller reacts.")
-    gamma: float = opt(1.0, "Discount of GAE.")
-    lam: float = opt(0.95, "Lambda of GAE.")
-    clip_range: float = opt(0.2, "Clip of the policy ratio.")
-    clip_range_value: float = opt(0.2, "Clip of the value update around the rollout values.")
-    vf_coef: float = opt(0.1, "Weight of the value loss.")
-    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
-    whiten_advantages: bool = opt(True, "Normalize advantages per rollout batch.")
-    normalize_rewards: bool = opt(True, "Normalize scores with the reward run's mean and std.")
-    reward_clip: float | None = opt(5.0, "Clip (normalized) scores to +-this value (null: no clip).")
-    missing_eos_penalty: float | None = opt(
-        1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS (null: none)."
-    )
-    value_head_init_std: float = opt(0.0, "Std of the value head's initial weights (0: start at 0).")
-
-
-@dataclass
-class PPOConfig(ChildStageConfig):
-    reward_run: str | None = opt(None, "Reward-model RunDir whose adapter and score head are the reward.")
-    ppo: PPOOptions = opt(PPOOptions, "PPO options (train.max_steps counts PPO steps: rollout + update).")
-
-    stage = "ppo"
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.reward_run:
-            raise ConfigError("reward_run: required (the reward-model RunDir)")
-        p = self.ppo
-        for key in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
-            if getattr(p, key) < 1:
-                raise ConfigError(f"ppo.{key}: must be at least 1, got {getattr(p, key)}")
-        if p.rollout_batch_size % p.minibatch_size:
-            raise ConfigError(
-                f"ppo.minibatch_size: must divide ppo.rollout_batch_size ({p.minibatch_size} does not divide "
-                f"{p.rollout_batch_size})"
-            )
-        if not self.train.max_steps:
-            raise ConfigError("train.max_steps: required for PPO (the number of rollout + update steps)")
-        if p.temperature <= 0 or not 0 < p.top_p <= 1:
-            raise ConfigError("ppo.temperature must be positive and ppo.top_p in (0, 1]")
-        if p.target_kl is not None and p.target_kl <= 0:
-            raise ConfigError(f"ppo.target_kl: must be positive or null, got {p.target_kl}")
-
-
-@dataclass
-class EvalSampling:
-    max_new_tokens: int = opt(48, "Longest response.")
-    temperature: float = opt(1.0, "Sampling temperature; 1.0 keeps the sample-based KL estimate unbiased.")
-    top_p: float = opt(1.0, "Nucleus sampling.")
-    seed: int = opt(1234, "Seed of the sampling: the same prompts and draws for every policy.")
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation of several policies on held-out prompts, and the comparison report."""
-
-    output_dir: str | None = opt(None, "RunDir of this evaluation (required).")
-    runs: dict[str, str] = opt({}, "Policies to compare: name -> RunDir (sft, dpo, ppo, ...).")
-    baseline: str = opt("sft", "The policy every other one is compared with (win rates, KL reference).")
-    reward_run: str | None = opt(None, "Reward-model RunDir: reward scores and its pairwise accuracy.")
-    data: DataConfig = opt(DataConfig, "Held-out preference data: its prompts are generated from, its pairs scored.")
-    perplexity_data: str | None = opt(
-        "bundled:demo-sft", "SFT data whose held-out split measures each policy's perplexity (forgetting check)."
-    )
-    num_prompts: int = opt(256, "Held-out prompts generated from (all when fewer).")
-    num_pairs: int = opt(128, "Held-out pairs for the implicit-reward and reward-model accuracies.")
-    perplexity_rows: int = opt(64, "Held-out SFT rows for perplexity.")
-    judges: list[str] = opt(["format"], "Programmatic judges (align.judges names or module:function).")
-    dpo_beta: float = opt(0.1, "beta of the implicit reward beta * (log p - log p_ref) when a run does not name one.")
-    bootstrap: int = opt(2000, "Bootstrap resamples of the prompts for the 95% intervals.")
-    batch_size: int = opt(16, "Sequences per forward pass / generation batch.")
-    sampling: EvalSampling = opt(EvalSampling, "How responses are drawn (fixed for every policy).")
-    model: ModelConfig = opt(ModelConfig, "dtype / attention / quantization of the shared base.")
-    report_dir: str | None = opt(None, "Where report.md/.html and plots go; default: the folder above output_dir.")
-    samples_in_report: int = opt(6, "Prompts shown side by side in the report.")
-    tracking: Literal["wandb", "none"] = opt("wandb", "wandb = W&B run + metrics.jsonl; none = files only.")
-    wandb: WandbConfig = opt(WandbConfig, "W&B settings.")
-
-    stage = "eval"
-
-    def validate(self) -> None:
-        if not self.output_dir:
-            raise ConfigError("output_dir: required (the RunDir this evaluation writes)")
-        if not self.runs:
-            raise ConfigError("runs: at least one policy RunDir is required (name: path)")
-        if self.baseline not in self.runs:
-            raise ConfigError(f"baseline: '{self.baseline}' is not one of runs ({', '.join(self.runs)})")
-        if not self.data.path:
-            raise ConfigError("data.path: required (held-out preference data)")
-        for key in ("num_prompts", "num_pairs", "batch_size", "bootstrap"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        if self.sampling.temperature <= 0:
-            raise ConfigError(f"sampling.temperature: must be positive, got {self.sampling.temperature}")
-        from align.judges import check_judge_spec
-
-        for spec in self.judges:
-            try:
-                check_judge_spec(spec)
-            except ConfigError as exc:
-                raise ConfigError(f"judges: {exc}") from None
-
-
-@dataclass
 class PipelineStage:
     name: str = opt(None, "Unique stage name; also the RunDir name under the pipeline's output_dir.")
-    stage: Literal["sft", "dpo", "reward", "ppo", "eval"] = opt(None, "Which stage runs.")
+    stage: str = opt(None, "Which stage runs: a registered stage (sft, dpo, reward, ppo, eval, ...).")
     config: str = opt(None, "The stage's YAML, relative to the pipeline file.")
     parent: str | None = opt(None, "Name of the earlier stage whose merged model is this one's base (parent_run).")
     links: dict[str, Any] = opt(
@@ -503,61 +332,6 @@ class PipelineConfig:
                     if name not in seen:
                         raise ConfigError(f"stages[{i}].links.{key}: '{name}' is not an earlier stage of this pipeline")
             seen.add(st.name)
-
-
-@dataclass
-class CompareConfig:
-    """The same SFT (and DPO) run with each PEFT method, same steps and seed, and a table comparing them."""
-
-    output_dir: str | None = opt(None, "Runs go to <output_dir>/<method>/{sft,dpo}; the table to comparison.md (required).")
-    methods: list[Literal[PEFT_METHODS]] = opt(list(PEFT_METHODS), "Methods to compare, in table order.")  # type: ignore[valid-type]
-    sft_config: str = opt("sft.yaml", "The SFT stage YAML every method runs, relative to this file.")
-    dpo_config: str | None = opt(
-        "dpo.yaml",
-        "The DPO stage YAML, relative to this file; null = SFT only. DPO starts from the SFT config's base model "
-        "(the same for every method), not from each method's SFT run: prompt and prefix tuning have no merged model.",
-    )
-    dpo_methods: list[Literal[PEFT_METHODS]] | None = opt(  # type: ignore[valid-type]
-        None, "Methods that also run DPO; null = all of methods (every method has a DPO reference, see README)."
-    )
-    overrides: dict[str, Any] = opt({}, "Dotted overrides for both stages of every method (train.max_steps: 8).")
-    sft_overrides: dict[str, Any] = opt({}, "Dotted overrides for the SFT stage only.")
-    dpo_overrides: dict[str, Any] = opt({}, "Dotted overrides for the DPO stage only.")
-    method_overrides: dict[str, Any] = opt(
-        {}, "Per method, dotted overrides for both its stages, e.g. {full: {train.learning_rate: 2.0e-5}}."
-    )
-    isolate: bool = opt(True, "Run each stage in its own process, so its peak memory is its own (and a crash stays local).")
-    tracking: Literal["wandb", "none"] = opt("wandb", "Tracking of every stage and of the comparison table.")
-    wandb: WandbConfig = opt(WandbConfig, "W&B settings; the group holds every run of the comparison.")
-
-    stage = "compare"
-
-    def validate(self) -> None:
-        if not self.output_dir:
-            raise ConfigError("output_dir: required (where the runs and the table go)")
-        if not self.methods:
-            raise ConfigError("methods: at least one method is required")
-        if len(set(self.methods)) != len(self.methods):
-            raise ConfigError(f"methods: a method is listed twice ({self.methods})")
-        for m in self.dpo_methods or []:
-            if m not in self.methods:
-                raise ConfigError(f"dpo_methods: '{m}' is not one of methods ({', '.join(self.methods)})")
-        for m, extra in self.method_overrides.items():
-            if m not in PEFT_METHODS:
-                close = difflib.get_close_matches(str(m), PEFT_METHODS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"method_overrides.{m}: not a PEFT method{hint}")
-            if not isinstance(extra, dict):
-                raise ConfigError(f"method_overrides.{m}: expected a mapping of dotted keys, got {type(extra).__name__}")
-
-
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "sft": SFTConfig,
-    "dpo": DPOConfig,
-    "reward": RewardConfig,
-    "ppo": PPOConfig,
-    "eval": EvalConfig,
-}
 
 
 # --------------------------------------------------------------------------- loading

@@ -2,7 +2,7 @@
 
 Loads the reward run's base (the merged SFT model) as a sequence classifier with the
 reward adapter and its score head, and scores prompt + response conversations the way
-the reward stage trained on them.
+the reward stage trained on them (align.rlhf.scoring).
 """
 
 from __future__ import annotations
@@ -10,31 +10,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from align.judges import JudgeSpecError
+from align.core.artifacts import RunDir
+from align.evaluation.judges import JudgeSpecError
+
+
+def finished_reward_run(path: str) -> RunDir:
+    """The reward RunDir a spec names; a JudgeSpecError unless it is a finished reward run."""
+    run = RunDir(Path(path))
+    manifest = run.manifest()
+    if not manifest or manifest.get("stage") != "reward" or manifest.get("status") != "finished":
+        raise JudgeSpecError(f"judge 'rm:{path}': not a finished reward-model RunDir")
+    return run
+
+
+def check_spec(path: str) -> None:
+    """The cheap check of an "rm:" spec (loads no model): it names a RunDir.
+
+    Whether that run is a finished reward run is checked when the judge loads: in a pipeline
+    the reward stage may not have run yet when the specs are checked.
+    """
+    if RunDir(Path(path)).manifest() is None:
+        raise JudgeSpecError(f"judge 'rm:{path}': {path or '(empty)'} is not a RunDir")
 
 
 class RewardModelJudge:
     """Scores every response (never None) with the reward model of a reward RunDir."""
 
     def __init__(self, run_dir: str, batch_size: int = 16):
-        from align.artifacts import RunDir
-
-        run = RunDir(Path(run_dir))
-        manifest = run.manifest()
-        if not manifest or manifest.get("stage") != "reward" or manifest.get("status") != "finished":
-            raise JudgeSpecError(f"judge 'rm:{run_dir}': not a finished reward-model RunDir")
+        run = finished_reward_run(run_dir)
         self.name = "rm"
         self.run_dir = run.path
         self.batch_size = batch_size
         self._model = None
         self._tokenizer = None
-        self._base = Path(manifest["base_model"]["location"])
+        self._base = Path(run.manifest()["base_model"]["location"])
 
     def _load(self):
         from peft import PeftModel
 
-        from align import models
-        from align.config import ModelConfig
+        from align.core.config import ModelConfig
+        from align.modeling import models
 
         ref = models.ModelRef(str(self._base), str(self._base), True)
         self._tokenizer = models.load_tokenizer(ref, ModelConfig())
@@ -43,9 +58,9 @@ class RewardModelJudge:
         self._model = PeftModel.from_pretrained(model, str(self.run_dir / "adapter")).eval()
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float | None]:
-        from align.stages.reward import score_conversations
+        from align.rlhf.scoring import score_with_model
 
         if self._model is None:
             self._load()
         conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        return score_conversations(self._model, self._tokenizer, conversations, self.batch_size)
+        return score_with_model(self._model, self._tokenizer, conversations, self.batch_size)

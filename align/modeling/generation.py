@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from align.templates import prompt_text
+from align.modeling.templates import prompt_text
 
 if TYPE_CHECKING:
     import torch

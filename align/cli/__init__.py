@@ -1,0 +1,1 @@
+"""Entry points: the recipes and pipeline command lines, and the `align` adapter lifecycle CLI."""

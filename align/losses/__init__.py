@@ -1,1 +1,0 @@
-"""Pure loss and advantage functions (tensors in, tensors out), unit-tested by hand."""

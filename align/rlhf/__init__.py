@@ -1,0 +1,1 @@
+"""RLHF: pure loss and advantage functions, reward scoring, and the PPO machinery."""

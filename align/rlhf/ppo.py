@@ -1,0 +1,291 @@
+"""PPO with LoRA adapters on one frozen base: the model side and one PPO step.
+
+One base in memory (the merged SFT model) carries three adapters:
+  policy  trainable LoRA: samples responses, is optimized
+  value   trainable LoRA + a scalar value head on its hidden states
+  reward  frozen LoRA + score head, loaded from the reward RunDir
+and the reference is the base with adapters disabled. No second copy of the model.
+
+Each step: sample responses to a batch of prompts with the policy; score them with the
+reward adapter; pay a per-token KL penalty to the reference; GAE advantages from the
+value adapter; several epochs of clipped PPO updates over minibatches. The math lives
+in align/rlhf/losses.py; this module moves tensors between the model and that math.
+`cfg` below is the PPO stage's config (its `ppo` and `train` sections).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from align.core.artifacts import RunDir, atomic_dir, atomic_write_json, atomic_write_text
+from align.core.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs
+from align.core.safeguards import NonFiniteError
+from align.modeling import models
+from align.modeling.adapters import load_frozen_adapter, peft_config_for
+from align.modeling.generation import Sampled, Sampling, eos_token_ids, position_ids, response_logprobs, sample_tokens
+from align.core.errors import DataError
+from align.rlhf import losses as P
+from align.rlhf.scoring import score_conversations
+
+VALUE = "value"  # RunDir folder of the value adapter and head
+
+
+class ValueHead(torch.nn.Module):
+    """hidden state -> scalar value estimate."""
+
+    def __init__(self, hidden_size: int, init_std: float):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.linear.weight, std=init_std) if init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+class PolicyValueReward:
+    """The base with its three adapters, and the forward passes PPO needs."""
+
+    def __init__(self, cfg, base, reward_run: RunDir, tokenizer):
+        from peft import get_peft_model
+
+        self.tokenizer = tokenizer
+        model = models.load_model(base, cfg.model)
+        self.model = get_peft_model(model, peft_config_for(cfg), adapter_name="policy")
+        self.model.add_adapter("value", peft_config_for(cfg))
+        _, head = load_frozen_adapter(self.model, reward_run.adapter_dir, "reward")
+        if head is None:
+            raise DataError(f"reward_run: {reward_run.path}/adapter has no score head; is it a reward run?")
+        device = next(self.model.parameters()).device
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        compute_dtype = torch.float32 if dtype == torch.uint8 else dtype
+        self.score_head = head.to(device=device, dtype=compute_dtype)
+        self.value_head = ValueHead(model.config.hidden_size, cfg.ppo.value_head_init_std).to(device=device, dtype=compute_dtype)
+        self.backbone = getattr(self.model.get_base_model(), self.model.get_base_model().base_model_prefix)
+        self.eos_ids = eos_token_ids(self.model, tokenizer)
+        self.use("policy")
+
+    # -- adapters --------------------------------------------------------------
+
+    def use(self, adapter: str) -> None:
+        """Activate one adapter; PEFT freezes the others on a switch, so re-enable the trainable ones."""
+        self.model.set_adapter(adapter)
+        self.model.base_model.set_requires_grad(["policy", "value"], True)
+        self.model.base_model.set_requires_grad("reward", False)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        adapters = [p for n, p in self.model.named_parameters() if ".policy." in n or ".value." in n]
+        return adapters + list(self.value_head.parameters())
+
+    # -- forward passes --------------------------------------------------------
+
+    def logprobs(self, seq: torch.Tensor, attn: torch.Tensor, n_resp: int, with_entropy: bool = False):
+        """Log-probs of the response tokens (last n_resp positions) under the active adapter (or none)."""
+        return response_logprobs(self.model, seq, attn, n_resp, with_entropy)
+
+    def values(self, seq: torch.Tensor, attn: torch.Tensor, n_resp: int) -> torch.Tensor:
+        """V(s_t) for each response token t: the value head on the hidden state before it."""
+        hidden = self.backbone(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).last_hidden_state
+        return self.value_head(hidden[:, -n_resp - 1 : -1]).float()
+
+    @torch.no_grad()
+    def scores(self, conversations: list[list[dict]]) -> torch.Tensor:
+        """Reward-model scores of whole conversations, rendered exactly as the reward stage trained on them."""
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout while scoring
+        self.use("reward")
+        try:
+            return score_conversations(self.backbone, self.score_head, self.tokenizer, conversations)
+        finally:
+            self.use("policy")
+            self.model.train(was_training)
+
+
+def sample(pvr: PolicyValueReward, prompts: list[list[dict]], cfg) -> Sampled:
+    """Rollout responses from the policy adapter."""
+    p = cfg.ppo
+    pvr.use("policy")
+    sampling = Sampling(max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature, top_p=p.top_p)
+    return sample_tokens(pvr.model, pvr.tokenizer, prompts, sampling)
+
+
+def prompt_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batch_prompts(prompts: list[list[dict]], step: int, size: int, seed: int) -> list[list[dict]]:
+    """The prompts of a step: a fresh seeded permutation per pass over the data (resumable by step)."""
+    start = step * size
+    picked = []
+    for i in range(start, start + size):
+        epoch, pos = divmod(i, len(prompts))
+        picked.append(prompts[prompt_order(len(prompts), seed, epoch)[pos]])
+    return picked
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_path: Path, step: int, pvr: PolicyValueReward, optimizer, scheduler, kl_coef: float, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    folder = run_path / CHECKPOINTS / f"checkpoint-{step}"
+    with atomic_dir(folder) as tmp:
+        pvr.model.save_pretrained(str(tmp / "adapters"), selected_adapters=["policy", "value"])
+        save_file({k: v.contiguous() for k, v in pvr.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():  # a GPU resume samples the same rollouts only with the CUDA generators restored
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng_state.pt")
+        atomic_write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef})
+        atomic_write_text(tmp / COMPLETE, f"step {step}\n")
+    for _, old in checkpoint_dirs(run_path)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(folder: Path, pvr: PolicyValueReward, optimizer, scheduler) -> tuple[int, float]:
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name in ("policy", "value"):
+        weights = load_file(str(folder / "adapters" / name / "adapter_model.safetensors"))
+        set_peft_model_state_dict(pvr.model, weights, adapter_name=name)
+    pvr.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+    # A checkpoint is data: tensors and plain containers only, never pickled code.
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(folder / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuples(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    meta = json.loads((folder / "state.json").read_text())
+    return meta["step"], meta["kl_coef"]
+
+
+# --------------------------------------------------------------------------- one PPO step
+
+
+def _as_tuples(state):
+    """random.setstate wants the nested tuples getstate gave (a weights-only load may return lists)."""
+    return tuple(_as_tuples(x) for x in state) if isinstance(state, (list, tuple)) else state
+
+
+def ppo_step(pvr: PolicyValueReward, cfg, prompts, optimizer, scheduler, kl_coef: float, stats: dict) -> dict:
+    p = cfg.ppo
+    t0 = time.time()
+    pvr.use("policy")
+    roll = sample(pvr, prompts, cfg)
+    t_gen = time.time() - t0
+
+    t1 = time.time()
+    pvr.model.eval()
+    with torch.no_grad():
+        old_logp = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
+        with pvr.model.disable_adapter():
+            ref_logp = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
+        pvr.use("value")
+        old_values = pvr.values(roll.seq, roll.attn, roll.n_resp)
+        pvr.use("policy")
+    raw = pvr.scores([pr + [{"role": "assistant", "content": r}] for pr, r in zip(roll.prompts, roll.responses)])
+    score = (raw - stats["mean"]) / max(stats["std"], 1e-6) if p.normalize_rewards else raw.clone()
+    if p.missing_eos_penalty is not None:
+        score = score - p.missing_eos_penalty * (~roll.has_eos).float()
+    if p.reward_clip is not None:
+        score = score.clamp(-p.reward_clip, p.reward_clip)
+    mask = roll.mask
+    kl = P.kl_per_token(old_logp, ref_logp, p.kl_estimator) * mask
+    rewards = P.token_rewards(score, kl, mask, kl_coef)
+    advantages, returns = P.gae(rewards, old_values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = P.masked_whiten(advantages, mask)
+
+    pvr.model.train()
+    params = pvr.trainable_parameters()
+    n = len(prompts)
+    logs: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl")}
+    accumulation = cfg.train.gradient_accumulation_steps
+    micro = 0
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(n, device=mask.device)  # fresh minibatches every epoch
+        for start in range(0, n, p.minibatch_size):
+            rows = order[start : start + p.minibatch_size]
+            pvr.use("policy")
+            logp, entropy = pvr.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
+            pvr.use("value")
+            values = pvr.values(roll.seq[rows], roll.attn[rows], roll.n_resp)
+            pvr.use("policy")
+            m = mask[rows]
+            pg_loss, clip_frac = P.policy_loss(logp, old_logp[rows], advantages[rows], m, p.clip_range)
+            vf_loss, vf_clip = P.value_loss(values, old_values[rows], returns[rows], m, p.clip_range_value)
+            ent = P.masked_mean(entropy, m)
+            loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * ent
+            (loss / accumulation).backward()
+            micro += 1
+            if micro % accumulation == 0:
+                if any(prm.grad is not None and not torch.isfinite(prm.grad).all() for prm in params):
+                    raise NonFiniteError("non-finite gradient in a PPO update")
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                logs["policy_loss"].append(pg_loss.item())
+                logs["value_loss"].append(vf_loss.item())
+                logs["entropy"].append(ent.item())
+                logs["clip_frac"].append(clip_frac.item())
+                logs["value_clip_frac"].append(vf_clip.item())
+                logs["approx_kl"].append(0.5 * P.masked_mean((logp - old_logp[rows]) ** 2, m).item())
+    t_train = time.time() - t1
+    per_seq_kl = (P.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(1)
+    out = {f"ppo/{k}": sum(v) / len(v) for k, v in logs.items()}
+    out.update(
+        {
+            "ppo/reward_raw": raw.mean().item(),
+            "ppo/score": score.mean().item(),
+            "ppo/reward_with_kl": (rewards.sum(1)).mean().item(),
+            "ppo/kl": per_seq_kl.mean().item(),
+            "ppo/kl_coef": kl_coef,
+            "ppo/explained_variance": P.explained_variance(old_values, returns, mask).item(),
+            "ppo/response_length": mask.sum(1).mean().item(),
+            "ppo/eos_share": roll.has_eos.float().mean().item(),
+            "ppo/rollout_tokens": int(roll.attn.sum().item()),  # prompt + response tokens sampled and trained on
+            "ppo/learning_rate": scheduler.get_last_lr()[0],
+            "time/generation_s": t_gen,
+            "time/training_s": t_train,
+        }
+    )
+    if any(not math.isfinite(v) for v in out.values()):
+        raise NonFiniteError("non-finite PPO statistics (loss, reward or KL)")
+    return out
+
+
+@torch.no_grad()
+def held_out_reward_and_kl(pvr: PolicyValueReward, prompts: list[list[dict]], cfg, seed: int) -> dict:
+    """Mean reward score and KL to the reference of sampled responses to fixed held-out prompts."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        roll = sample(pvr, prompts, cfg)
+        logp = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
+        with pvr.model.disable_adapter():
+            ref = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
+        raw = pvr.scores([pr + [{"role": "assistant", "content": r}] for pr, r in zip(roll.prompts, roll.responses)])
+    finally:
+        torch.set_rng_state(state)
+    kl = (P.kl_per_token(logp, ref, "k1") * roll.mask).sum(1)
+    return {"eval/reward": raw.mean().item(), "eval/kl": kl.mean().item(), "eval/response_length": roll.mask.sum(1).mean().item()}
+
+
