@@ -256,3 +256,19 @@ def test_ppo_refuses_to_run_on_several_processes(runs, tiny_data, monkeypatch):
     with pytest.raises(ConfigError, match="runs as one process; it was launched with WORLD_SIZE=2"):
         ppo.run(cfg)
     assert not Path(cfg.output_dir).exists()  # nothing written
+
+
+def test_out_of_memory_in_the_step0_evaluation_gives_the_memory_advice(runs, tiny_data, monkeypatch):
+    """The evaluation before the first step runs out of memory: the advice names step 0, not an UnboundLocalError."""
+    from align.core.errors import AlignError
+    from align.rlhf import ppo as ppo_lib
+    from align.stages import ppo
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ppo_lib, "held_out_reward_and_kl", no_memory)
+    with pytest.raises(AlignError, match=r"CUDA out of memory at step 0 .*to use less memory try: .*train\.batch_size"):
+        ppo.run(ppo_config(runs, tiny_data, name="ppo-oom"))
+    manifest = json.loads((runs["root"] / "ppo-oom" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "out of memory at step 0" in manifest["error"]

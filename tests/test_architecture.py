@@ -1,0 +1,230 @@
+"""The shape of the library: no import circle, stages as peers, and a stage registry everything derives from."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "align"
+
+
+def module_imports() -> dict[str, set[str]]:
+    """align module -> the align modules it imports (function-level imports too; `if TYPE_CHECKING:` left out)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(parts + ([base] if base else []))
+                targets |= {base} | {f"{base}.{a.name}" for a in node.names}
+        resolved = set()
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                resolved.add(target)
+        graph[name] = resolved
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def stage_modules() -> set[str]:
+    from align.stages.registry import all_stages
+
+    return {stage.run.__module__ for stage in all_stages().values()}
+
+
+def test_the_import_graph_has_no_circle():
+    assert cycles(module_imports()) == []
+
+
+def test_no_stage_imports_another_stage():
+    graph = module_imports()
+    stages = stage_modules()
+    assert {"align.stages.sft", "align.stages.dpo", "align.stages.eval"} <= stages
+    crossing = {(a, b) for a in stages for b in graph[a] if b in stages}
+    assert crossing == set()
+
+
+def test_the_cycle_finder_finds_a_planted_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_configs_load_without_torch_or_trl():
+    """Config errors come in a fraction of a second: the registry and every stage config import no heavy library."""
+    code = (
+        "import sys\n"
+        "from align.stages.registry import all_stages\n"
+        "from align.core.config import describe\n"
+        "for stage in all_stages().values(): describe(stage.config)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- a throwaway stage
+
+TOY_MODULE = '''
+"""A throwaway stage: writes a greeting into its RunDir."""
+
+from dataclasses import dataclass
+
+from align.core.config import RunConfig, opt
+from align.stages.registry import Stage, prepare_config, register
+
+
+@dataclass
+class ToyConfig(RunConfig):
+    """Says hello into a RunDir."""
+
+    greeting: str = opt("hello", "What to write.")
+    repeat: int = opt(1, "How often.")
+
+    stage = "toy"
+
+
+def run(cfg, *, force=False, callbacks=()):
+    from pathlib import Path
+
+    from align.core.artifacts import RunDir, atomic_write_text
+    from align.core.config import to_dict, to_yaml
+
+    cfg = prepare_config(cfg)
+    run_dir = RunDir.start(Path(cfg.output_dir), stage="toy", config=to_dict(cfg), config_yaml=to_yaml(cfg),
+                           run_key="toy", parent=None, base_model={}, dataset={})
+    atomic_write_text(run_dir.path / "greeting.txt", " ".join([cfg.greeting] * cfg.repeat))
+    run_dir.finish(summary={"words": cfg.repeat}, outputs={"greeting": "greeting.txt"})
+    return run_dir
+
+
+def summary_lines(s):
+    return [f"  wrote {s['words']} words"]
+
+
+register(Stage("toy", ToyConfig, run, summary_lines))
+'''
+
+
+@pytest.fixture()
+def package_with_toy_stage(tmp_path) -> Path:
+    """A copy of align with one new module in align/stages: nothing else is edited."""
+    root = tmp_path / "src"
+    shutil.copytree(PACKAGE, root / "align", ignore=shutil.ignore_patterns("__pycache__", "bundled"))
+    (root / "align" / "stages" / "toy.py").write_text(textwrap.dedent(TOY_MODULE))
+    return root
+
+
+def run_align(root: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_new_stage_module_reaches_the_cli_and_the_pipeline(package_with_toy_stage, tmp_path):
+    root = package_with_toy_stage
+    keys = run_align(root, "-m", "align.stages", "toy", "--keys", cwd=tmp_path)
+    assert keys.returncode == 0, keys.stderr
+    assert "greeting (a string, default 'hello'): What to write." in keys.stdout
+
+    (tmp_path / "toy.yaml").write_text("output_dir: runs/toy\ntracking: none\nrepeat: 2\n")
+    bad = run_align(root, "-m", "align.stages", "toy", "--config", "toy.yaml", "greting=hi", cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean 'greeting'" in bad.stderr
+    ran = run_align(root, "-m", "align.stages", "toy", "--config", "toy.yaml", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "runs/toy/greeting.txt").read_text() == "hello hello"
+    assert "wrote 2 words" in ran.stdout
+
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: p\noutput_dir: runs/p\ntracking: none\nstages:\n"
+        "  - {name: first, stage: toy, config: toy.yaml, overrides: {greeting: hi}}\n"
+    )
+    code = "import sys; from align.cli.recipes import pipeline_main; sys.exit(pipeline_main(['--config', 'pipeline.yaml']))"
+    piped = run_align(root, "-c", code, cwd=tmp_path)
+    assert piped.returncode == 0, piped.stderr
+    assert (tmp_path / "runs/p/first/greeting.txt").read_text() == "hi hi"
+    assert json.loads((tmp_path / "runs/p/first/manifest.json").read_text())["status"] == "finished"
+
+
+def test_registering_a_stage_in_process_feeds_the_loader_and_pipeline_names(tmp_path):
+    from align.cli.pipeline import load_pipeline
+    from align.core.config import RunConfig, opt
+    from align.core.errors import ConfigError
+    from align.stages.registry import Stage, all_stages, get_stage, load_stage_config, register, unregister
+
+    @dataclass
+    class EchoConfig(RunConfig):
+        """Echo."""
+
+        times: int = opt(1, "Times.")
+
+        stage = "echo"
+
+    register(Stage("echo", EchoConfig, run=lambda cfg, **kw: None, summary=lambda s: []))
+    try:
+        assert "echo" in all_stages() and get_stage("echo").config is EchoConfig
+        (tmp_path / "echo.yaml").write_text("output_dir: o\ntimes: 3\n")
+        assert load_stage_config("echo", tmp_path / "echo.yaml").times == 3
+        (tmp_path / "p.yaml").write_text("name: p\noutput_dir: o\nstages:\n  - {name: e, stage: echo, config: echo.yaml}\n")
+        assert load_pipeline(tmp_path / "p.yaml").stage_configs["e"][1].times == 3
+    finally:
+        unregister("echo")
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stage: unknown stage 'echo'"):
+        load_pipeline(tmp_path / "p.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'sft'"):
+        get_stage("sfx")
