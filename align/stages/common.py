@@ -98,6 +98,22 @@ def resolve_base(cfg) -> tuple[ModelRef, RunDir | None]:
     return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
 
 
+def open_stage(cfg: StageConfig, data_kind: str, force: bool, inputs: dict | None = None) -> "StageRun":
+    """A training stage's data, base model and StageRun: bad input fails here, before anything is written."""
+    from align.core.data import load_splits
+
+    splits = load_splits(cfg.data, data_kind, cfg.train.seed)
+    base, parent = resolve_base(cfg)
+    return StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=inputs)
+
+
+def held_out_summary(trained: "Trained", keys: tuple[str, ...]) -> dict[str, Any]:
+    """eval_<key>_before and eval_<key>_after for each held-out metric key."""
+    summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in keys}
+    summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in keys})
+    return summary
+
+
 class StageRun:
     """One stage run: decides skip, resume or fresh start; owns the RunDir and the tracker."""
 

@@ -158,21 +158,15 @@ _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
 
 
 def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
-    from align.core.data import load_splits
-    from align.stages.common import StageRun, resolve_base, train_adapter
+    from align.stages.common import held_out_summary, open_stage, train_adapter
 
     cfg = prepare_config(cfg)
-    splits = load_splits(cfg.data, "preference", cfg.train.seed)
-    base, parent = resolve_base(cfg)
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
+    stage = open_stage(cfg, "preference", force)
     if stage.skipped:
         return stage.run_dir
     with stage:
         trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label="reference", callbacks=callbacks)
-        summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in _EVAL_KEYS}
-        summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
-        summary.update(trained.summary)
-        summary.update(fast_path_summary(trained.trainer))
+        summary = {**held_out_summary(trained, _EVAL_KEYS), **trained.summary, **fast_path_summary(trained.trainer)}
         saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
         stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
     return stage.run_dir

@@ -169,25 +169,22 @@ def save_final(stage, pvr):
 
 def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.core.artifacts import ADAPTER
-    from align.core.data import load_splits
     from align.core.errors import DataError
     from align.modeling import models
     from align.rlhf import losses as P
     from align.rlhf import ppo as rl
     from align.rlhf.scoring import read_stats
-    from align.stages.common import StageRun, finished_parent, log_sample_table, resolve_base
+    from align.stages.common import finished_parent, log_sample_table, open_stage
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # each rank would train its own policy on its own rollouts, silently
         raise ConfigError(f"ppo: runs as one process; it was launched with WORLD_SIZE={world} (start it with plain python)")
     cfg = prepare_config(cfg)
-    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
-    base, parent = resolve_base(cfg)
     reward_run = finished_parent(cfg.reward_run, key="reward_run")
     if (reward_run.manifest() or {}).get("stage") != "reward":
         raise DataError(f"reward_run: {reward_run.path} is not a reward-model run")
-    reward_id = (reward_run.manifest() or {}).get("run_id")
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs={"reward_run": reward_id})
+    stage = open_stage(cfg, "prompt", force, inputs={"reward_run": (reward_run.manifest() or {}).get("run_id")})
+    base, splits = stage.base, stage.splits
     if stage.skipped:
         return stage.run_dir
     with stage:

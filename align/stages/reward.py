@@ -108,15 +108,12 @@ _EVAL_KEYS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_re
 
 def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
     from align.core.artifacts import atomic_write_json
-    from align.core.data import load_splits
     from align.core.tracking import is_main_process
     from align.rlhf.scoring import STATS, normalization_stats, score_with_model, stats_sample
-    from align.stages.common import StageRun, resolve_base, train_adapter
+    from align.stages.common import held_out_summary, open_stage, train_adapter
 
     cfg = prepare_config(cfg)
-    splits = load_splits(cfg.data, "preference", cfg.train.seed)
-    base, parent = resolve_base(cfg)
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
+    stage = open_stage(cfg, "preference", force)
     if stage.skipped:
         return stage.run_dir
     with stage:
@@ -124,11 +121,9 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
             stage, prepare=prepare, build_trainer=build_trainer, before_label="untrained", callbacks=callbacks,
             head="score", samples=log_pair_table,
         )
-        summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in _EVAL_KEYS}
-        summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
-        summary.update(trained.summary)
+        summary = {**held_out_summary(trained, _EVAL_KEYS), **trained.summary}
         if is_main_process():
-            picked = stats_sample(splits.train, cfg.reward.stats_samples, cfg.train.seed)
+            picked = stats_sample(stage.splits.train, cfg.reward.stats_samples, cfg.train.seed)
             stats = normalization_stats(score_with_model(trained.trainer.model, trained.tokenizer, picked))
             stats["source"] = "training responses (chosen and rejected), seeded sample"
             atomic_write_json(stage.run_dir.path / STATS, stats)

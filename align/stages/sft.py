@@ -85,16 +85,14 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
 
 def run(cfg: SFTConfig, *, force: bool = False, callbacks=()):
     from align.core.artifacts import MERGED
-    from align.core.data import load_splits
     from align.core.tracking import is_main_process
     from align.modeling import models
     from align.modeling.adapters import merge_adapter
-    from align.stages.common import StageRun, train_adapter
+    from align.stages.common import open_stage, train_adapter
 
     cfg = prepare_config(cfg)
-    splits = load_splits(cfg.data, "sft", cfg.train.seed)
-    base = models.resolve(cfg.model.name_or_path, cfg.model.revision)
-    stage = StageRun(cfg, base=base, splits=splits, force=force)
+    stage = open_stage(cfg, "sft", force)
+    base = stage.base
     if stage.skipped:
         return stage.run_dir
     with stage:
