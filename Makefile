@@ -57,4 +57,4 @@ gpu-prepare: gpu-wheels gpu-cache
 
 # On the GPU machine: python3 there, no venv, no setup.
 gpu-check:
-	recipes/gpu_check.sh $(ARGS)
+	bash recipes/gpu_check.sh $(ARGS)

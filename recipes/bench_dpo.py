@@ -91,8 +91,8 @@ def parse_args(argv=None):
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if "c-warm" in names and "c" not in names:
-        p.error("c-warm reads the reference cache that c fills: list c too")
+    if "c-warm" in names and ("c" not in names or names.index("c") > names.index("c-warm")):
+        p.error("c-warm reads the reference cache that c fills: list c before it")
     # Liger patches transformers' module-level functions for the rest of the process: run its variants last.
     args.order = [n for n in names if n not in LIGER_VARIANTS] + [n for n in names if n in LIGER_VARIANTS]
     return args
@@ -352,13 +352,21 @@ def train_on(trainer, dataset, batch: int, steps: int) -> None:
     trainer.train()
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, as torch raises it or as a library reports it (cuBLAS, bitsandbytes)."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text))
+
+
 def fits(trainer, dataset, batch: int) -> bool:
     """Whether one step of `batch` pairs runs without a CUDA out-of-memory error."""
     try:
         train_on(trainer, dataset, batch, 1)
         return True
-    except torch.OutOfMemoryError:
-        pass
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
     trainer.optimizer = trainer.lr_scheduler = None
     gc.collect()
     torch.cuda.empty_cache()
@@ -513,7 +521,16 @@ def main(argv=None) -> int:
     results = []
     for name in args.order:
         print(f"\n--- {name} ---", flush=True)
-        result = run_variant(name, args, cfg, make_model, tokenizer, work, workdir, cache_dir, device)
+        try:
+            result = run_variant(name, args, cfg, make_model, tokenizer, work, workdir, cache_dir, device)
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not cost the others' figures
+            import traceback
+
+            traceback.print_exc()
+            result = {"variant": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if ceiling and "median_step_s" in result:
             result["tflops"] = 6 * n_params * result["tokens_per_s"] / 1e12
             result["share_of_ceiling"] = result["tflops"] / ceiling
@@ -526,7 +543,10 @@ def main(argv=None) -> int:
     ok = check(results)
     if args.json:
         write_json(args, header, results, ratios=ratios(results), correctness_ok=ok)
-    return 0 if ok else 1
+    failed = [r["variant"] for r in results if "error" in r]
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 0 if ok and not failed else 1
 
 
 def write_json(args, header, results, **extra):
@@ -555,8 +575,8 @@ def print_table(results, ceiling):
           "grad ckpt |" + (" TFLOP/s | share of bf16 ceiling |" if ceiling else ""))
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |" + (" ---: | ---: |" if ceiling else ""))
     for r in results:
-        if "skipped" in r:
-            print(f"| {r['variant']} | {r['skipped']} |")
+        if "skipped" in r or "error" in r:
+            print(f"| {r['variant']} | {r.get('skipped') or 'error: ' + r['error']} |")
             continue
         batch = f">={r['batch']} (cap)" if r.get("batch_is_cap") else str(r["batch"])
         loss = f"{r['loss_last']:.4f}" if r["loss_last"] is not None else "n/a"

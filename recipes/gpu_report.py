@@ -4,7 +4,7 @@
     python recipes/gpu_report.py OUT_DIR [--total-s S] [--budget-s S]
 
 Reads what the steps left in OUT_DIR (steps.tsv, env.json, pytest.xml, bench_1b.json,
-bench_8b.json, families.json; any may be missing: a step that did not finish shows as such),
+bench_8b.json, families.json, bench_1b_more.json; any may be missing: a step that did not finish shows as such),
 prints one markdown table and writes it to OUT_DIR/report.md (and the rows to report.json).
 Targets (issue 14), each judged on figures measured in the same run:
   1B: our DPO (c, cold cache: what a first epoch gets) >= 2.5x stock TRL's pairs/s (a), >= 1.5x tuned
@@ -74,6 +74,9 @@ def bench_rows(data: dict | None, part: str, state: str | None) -> list[dict]:
     for r in data.get("results", []):
         if "skipped" in r:
             rows.append({"part": part, "what": r["variant"], "status": "not timed", "notes": r["skipped"]})
+            continue
+        if "error" in r:
+            rows.append({"part": part, "what": r["variant"], "status": "FAILED", "notes": r["error"]})
             continue
         notes = [f"grad ckpt {'on' if r.get('gradient_checkpointing') else 'off'}"]
         if r.get("liger"):
@@ -173,6 +176,7 @@ def report(out: Path, total_s: float | None = None, budget_s: float | None = Non
     rows += pytest_rows(out, status.get("pytest"))
     rows += bench_rows(one_b, "bench 1B", status.get("bench-1b"))
     rows += bench_rows(eight_b, "bench 8B QLoRA", status.get("bench-8b"))
+    rows += bench_rows(load_json(out / "bench_1b_more.json"), "bench 1B ablations", status.get("bench-1b-more"))
     rows += family_rows(load_json(out / "families.json"), status.get("families"))
     rows += target_rows(one_b, eight_b)
     rows += steps

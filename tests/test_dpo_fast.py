@@ -32,10 +32,10 @@ def variable_rows(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
-def load_tiny(model_dir, attn: str = "eager"):
+def load_tiny(model_dir, attn: str = "eager", dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
 
 
 def make_trainer(model, tokenizer, rows, tmp_path, *, fast: FastPath | None, cache=None, max_length=96, ref_model=None,
@@ -44,11 +44,11 @@ def make_trainer(model, tokenizer, rows, tmp_path, *, fast: FastPath | None, cac
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, max_length=max_length,
-        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, report_to=[], learning_rate=1e-3,
-        beta=0.1, dataset_num_proc=None, seed=0, per_device_eval_batch_size=8, **extra,
-    )
+    args = DPOConfig(**{
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": BATCH, "max_length": max_length,
+        "gradient_checkpointing": False, "bf16": cuda, "use_cpu": not cuda, "report_to": [], "learning_rate": 1e-3,
+        "beta": 0.1, "dataset_num_proc": None, "seed": 0, "per_device_eval_batch_size": 8, **extra,
+    })
     peft = None if ref_model is not None else LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     kwargs = dict(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                   eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
@@ -248,6 +248,27 @@ def test_flex_attention_matches_the_dense_mask_on_cpu(tiny_model_dir, tokenizer,
     assert seen and set(seen) == {"flex_attention"}, "the shared-prefix rows ran under FlexAttention"
 
 
+def test_training_switches_to_the_planned_attention_and_back(tiny_model_dir, tokenizer, tmp_path):
+    """train() runs the rows under the plan's attention (here sdpa on an eager-loaded model), then hands
+    the model back with its own attention, also when training fails."""
+    model = load_tiny(tiny_model_dir, "eager")
+    trainer = make_trainer(model, tokenizer, variable_rows(BATCH), tmp_path, max_length=60, max_steps=2,
+                           fast=FastPath(True, False, {}, attention="sdpa"))
+    policy = trainer.model.get_base_model()
+    forward, seen = policy.forward, []
+
+    def spy(*args, **kwargs):
+        seen.append(policy.config._attn_implementation)
+        if len(seen) > 2:
+            raise KeyboardInterrupt  # a Ctrl-C in the third forward
+        return forward(*args, **kwargs)
+
+    policy.forward = spy
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert seen == ["sdpa"] * 3 and policy.config._attn_implementation == "eager"
+
+
 def test_full_fine_tuning_reference_copy_takes_the_shared_prefix(tiny_model_dir, tokenizer, tmp_path):
     rows = variable_rows(4)
     base = load_tiny(tiny_model_dir)
@@ -380,9 +401,11 @@ def test_dpo_stage_beta_sweep_reuses_the_reference(sft_parent, tiny_data, tmp_pa
 
 
 def cuda_model(tiny_model_dir, attn="sdpa"):
+    """bf16 weights, as the stage loads them on CUDA (FlexAttention, unlike sdpa, does not follow autocast:
+    fp32 weights would give it fp32 queries and keys after RoPE next to bf16 values)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    return load_tiny(tiny_model_dir, attn).to("cuda")
+    return load_tiny(tiny_model_dir, attn, dtype=torch.bfloat16).to("cuda")
 
 
 @pytest.mark.gpu
@@ -404,8 +427,11 @@ def test_fast_path_matches_plain_trl_on_cuda_bf16(tiny_model_dir, tokenizer, tmp
     assert abs(metrics_a["rewards/margins"]) > 1e-3
     for key in metrics_a:
         assert abs(metrics_a[key] - metrics_c[key]) < 5e-2 * max(1.0, abs(metrics_a[key])), key
+    # bf16 kernels sum in different orders: compare each adapter gradient by its relative error norm.
     for name in grads_a:
-        torch.testing.assert_close(grads_c[name], grads_a[name], atol=1e-2, rtol=5e-2)
+        a, c = grads_a[name].float(), grads_c[name].float()
+        assert a.norm() > 0, name
+        assert (c - a).norm() / a.norm() < 5e-2, name
 
 
 @pytest.mark.gpu

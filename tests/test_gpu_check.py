@@ -20,8 +20,11 @@ def check(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_script_parses():
+def test_script_parses_and_explains_itself():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+    shown = check("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("The GPU check: one command")
+    assert "recipes/gpu_report.py" in shown.stdout and "set -uo" not in shown.stdout
 
 
 def test_dry_run_lists_every_step_within_the_budget_and_writes_nothing(tmp_path):
@@ -31,15 +34,16 @@ def test_dry_run_lists_every_step_within_the_budget_and_writes_nothing(tmp_path)
     lines = done.stdout.splitlines()
     assert lines[0].startswith("gpu check (dry run): budget 480 s")
     steps = {line.split(" ")[0]: line for line in lines[1:]}
-    assert set(steps) == {"prepare:", "pytest", "bench-1b", "bench-8b", "families", "report:"}
+    assert set(steps) == {"prepare:", "pytest", "bench-1b", "bench-8b", "families", "bench-1b-more", "report:"}
     assert "-m pytest -m gpu" in steps["pytest"] and f"--junitxml={out}/pytest.xml" in steps["pytest"]
-    assert "--shape llama-1b" in steps["bench-1b"] and "a,c,c-warm,c-rows,c-sdpa,b-pf,b,c-liger" in steps["bench-1b"]
+    assert "--shape llama-1b" in steps["bench-1b"] and "--variants a,c,c-warm,b " in steps["bench-1b"]
     assert "--shape llama-8b" in steps["bench-8b"] and "--quantization 4bit --max-length 1024 --find-max-batch" in steps["bench-8b"]
+    assert "--variants c,c-rows,c-sdpa,b-pf,c-liger " in steps["bench-1b-more"]
     if (REPO / "recipes" / "family_smoke.py").exists():
         assert "recipes/family_smoke.py --json" in steps["families"]
     else:
         assert "skipped: recipes/family_smoke.py is not in this tree" in steps["families"]
-    limits = [int(steps[s].split("(<= ")[1].split(" s)")[0]) for s in ("pytest", "bench-1b", "bench-8b", "families")]
+    limits = [int(steps[s].split("(<= ")[1].split(" s)")[0]) for s in ("pytest", "bench-1b", "bench-8b", "families", "bench-1b-more")]
     assert sum(limits) <= 480, "the steps' own limits fit the 8-minute budget"
     assert not out.exists()
 
@@ -146,7 +150,8 @@ def test_bench_runs_liger_variants_last_and_refuses_unknown_ones(capsys):
 
     args = parse_args(["--variants", "b,a,c-liger,c,c-warm"])
     assert args.order == ["a", "c", "c-warm", "b", "c-liger"]
-    for bad, needle in ((["--variants", "a,d"], "unknown variant(s) d"), (["--variants", "c-warm"], "c-warm reads the reference cache")):
+    for bad, needle in ((["--variants", "a,d"], "unknown variant(s) d"), (["--variants", "c-warm"], "c-warm reads the reference cache"),
+                        (["--variants", "c-warm,c"], "list c before it")):
         with pytest.raises(SystemExit) as exit_:
             parse_args(bad)
         assert exit_.value.code == 2 and needle in capsys.readouterr().err

@@ -431,6 +431,9 @@ def trainer_kwargs(
         max_steps=t.max_steps or -1,
         gradient_checkpointing=gradient_checkpointing(cfg, model, device, rows_per_example),
         use_liger_kernel=t.liger_kernel,
+        # Layer kernels only: Liger's fused linear cross-entropy would replace the model's forward (TRL's
+        # fused log-prob head in SFT/DPO, the score head of a reward model).
+        liger_kernel_config={"fused_linear_cross_entropy": False} if t.liger_kernel else None,
         max_grad_norm=t.max_grad_norm,
         weight_decay=t.weight_decay,
         seed=t.seed,
