@@ -94,6 +94,9 @@ def bench_rows(data: dict | None, part: str, state: str | None) -> list[dict]:
             "% ceiling": f"{100 * r['share_of_ceiling']:.0f}%" if "share_of_ceiling" in r else "",
             "notes": "; ".join(notes),
         })
+    for x in data.get("ratios", []):  # written when the bench finished
+        rows.append({"part": part, "what": f"{x['mine']} / {x['other']}", "status": "ratio",
+                     "pairs/s": f"{x['pairs_per_s']:.2f}x", "peak MB": f"{x['peak_memory']:.2f}x"})
     if state and state != "ok":
         rows.append({"part": part, "what": "(step)", "status": state, "notes": "results above are what it measured before it stopped"})
     return rows

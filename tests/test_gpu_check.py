@@ -99,6 +99,9 @@ def test_report_is_one_table_with_the_targets_judged(tmp_path):
         "c": {"pairs_per_s": 22.0, "peak_memory_mb": 7000, "share": 0.45, "fast_path": "DPO fast path: shared_prefix (flex_attention, padding-free), ref_cache"},
         "c-warm": {"pairs_per_s": 40.0, "peak_memory_mb": 9000, "share": 0.5},
     })))
+    (tmp_path / "bench_1b_more.json").write_text(json.dumps(bench({
+        "c": {"pairs_per_s": 20.0, "peak_memory_mb": 7000}, "c-rows": {"pairs_per_s": 16.0, "peak_memory_mb": 9000},
+    }, ratios=[{"mine": "c", "other": "c-rows", "pairs_per_s": 1.25, "peak_memory": 0.78}])))
     (tmp_path / "bench_8b.json").write_text(json.dumps(bench({
         "a": {"pairs_per_s": 5.0, "peak_memory_mb": 30000, "batch": 32, "batch_is_cap": True},
     })))
@@ -122,6 +125,8 @@ def test_report_is_one_table_with_the_targets_judged(tmp_path):
     assert status[("bench 8B QLoRA", "(step)")] == "timeout"
     assert status[("step", "families")] == "skipped" and status[("step", "total")] == "ok"
     assert any(r["what"] == "a" and r["batch"] == ">=32 (cap)" for r in rows if r["part"] == "bench 8B QLoRA")
+    ablation = next(r for r in rows if r["part"] == "bench 1B ablations" and r["what"] == "c / c-rows")
+    assert (ablation["pairs/s"], ablation["peak MB"]) == ("1.25x", "0.78x")
 
 
 def test_report_of_an_empty_folder_says_nothing_ran(tmp_path):

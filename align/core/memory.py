@@ -7,11 +7,12 @@ loaded. Checkpointing (recompute each layer in the backward pass, ~20-30% slower
 only when the estimate without it exceeds a share of the free memory.
 
 The per-token, per-layer figure of a Llama-style decoder (attention + gated MLP) trained with
-LoRA is taken as (6 hidden + 2 kv + 3 intermediate) values in the compute precision. Counting
-every saved tensor gives up to (10 hidden + 2 kv + 4 intermediate); the first GPU run measured
-about 70 KB per token and layer at the 1B shape in bf16 (hidden 2048, intermediate 8192), which
-the smaller count matches. With checkpointing, each layer keeps only its input, and one layer's
-full activations live at a time. The LM head runs through TRL's chunked log-prob kernel: a
+LoRA is taken as (6 hidden + 2 kv + 3 intermediate) values in the compute precision: 76 KB at
+the 1B shape in bf16 (hidden 2048, kv 512, intermediate 8192). Counting every tensor autograd
+could save gives up to (10 hidden + 2 kv + 4 intermediate), 108 KB there; the first GPU run's
+peak memory (variants b and c at batch 8, minus weights and the head tile, over padded token
+counts estimated from the data's lengths, not logged by that run) works out to roughly 65-75 KB. With checkpointing, each layer keeps only its
+input, and one layer's full activations live at a time. The LM head runs through TRL's chunked log-prob kernel: a
 float32 tile of (tokens x min(vocab, 32768)) values and its gradient.
 """
 
