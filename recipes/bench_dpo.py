@@ -349,6 +349,7 @@ def train_on(trainer, dataset, batch: int, steps: int) -> None:
     trainer._train_batch_size = batch  # what HF Trainer's dataloader reads
     trainer.args.max_steps = steps
     trainer.optimizer = trainer.lr_scheduler = None  # fresh for this run's steps
+    trainer.accelerator.free_memory()  # drop the optimizers of earlier runs, which accelerate keeps a hold of
     trainer.train()
 
 
@@ -368,6 +369,7 @@ def fits(trainer, dataset, batch: int) -> bool:
         if not out_of_memory(exc):
             raise
     trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
     gc.collect()
     torch.cuda.empty_cache()
     return False
