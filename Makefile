@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 STAMP  := $(VENV)/.align-installed
 
-.PHONY: setup demo test test-all clean-runs
+.PHONY: setup demo test test-all clean-runs gpu-wheels gpu-cache gpu-prepare gpu-check
 
 setup: $(STAMP)
 
@@ -32,3 +32,29 @@ test-all: setup
 
 clean-runs:
 	rm -rf runs
+
+# ---------------------------------------------------------------- the GPU check (README: "GPU check")
+# Prepared here, with network: the wheels the GPU machine lacks (it has torch, transformers, peft,
+# accelerate, Python 3.12, x86-64, and no network) and the tests' tokenizer (no weights).
+# Run there: `make gpu-check` (ARGS=--dry-run lists the steps); carry .whl/ and .gpucache/ along.
+WHEELS_DIR := .whl
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 liger-kernel==0.8.5 dill==0.4.1 multiprocess==0.70.19
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+EMBEDDED_DIR = $(or $(ALIGN_CACHE_DIR),$(HOME)/.cache/align)/models/smollm2-135m-instruct
+
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d $(WHEELS_DIR) $(GPU_WHEELS)
+	@ls -1 $(WHEELS_DIR)/*.whl && du -sh $(WHEELS_DIR)
+
+gpu-cache:
+	test -f "$(EMBEDDED_DIR)/config.json" || $(PY) -c "from align.modeling.models import embedded_model_dir as d; d('smollm2-135m-instruct')"
+	mkdir -p .gpucache/models/smollm2-135m-instruct
+	find "$(EMBEDDED_DIR)" -maxdepth 1 -type f ! -name '*.safetensors' ! -name '.*' -exec cp {} .gpucache/models/smollm2-135m-instruct/ \;
+	@ls .gpucache/models/smollm2-135m-instruct
+
+gpu-prepare: gpu-wheels gpu-cache
+
+# On the GPU machine: python3 there, no venv, no setup.
+gpu-check:
+	bash recipes/gpu_check.sh $(ARGS)

@@ -48,8 +48,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights and compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
     )
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = opt(
-        "auto", "Attention kernel; auto = sdpa on CUDA, eager on CPU."
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = opt(
+        "auto", "Attention kernel; auto = sdpa on CUDA, eager on CPU (DPO's shared-prefix rows take FlexAttention on CUDA)."
     )
     quantization: Literal["none", "4bit", "8bit"] = opt(
         "none", "Load the base quantized with bitsandbytes: 4bit = NF4 + double quantization (QLoRA)."
@@ -176,7 +176,16 @@ class TrainConfig:
     batch_size: int = opt(8, "Rows (SFT) or pairs (DPO) per device per micro-batch.")
     eval_batch_size: int | None = opt(None, "Held-out micro-batch; defaults to batch_size.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, ~20% slower.")
+    gradient_checkpointing: bool | Literal["auto"] = opt(
+        "auto",
+        "Recompute activations in the backward pass: less memory, ~20-30% slower. auto = on only when the "
+        "activation estimate for batch_size x max_length does not fit the free device memory (logged with its numbers).",
+    )
+    liger_kernel: bool = opt(
+        False,
+        "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (SFT, DPO, reward; via TRL's use_liger_kernel). CUDA only; "
+        "pip install 'align[gpu]'. The LM head stays TRL's chunked log-prob kernel, which already avoids full logits.",
+    )
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_length: int = opt(512, "Longest tokenized sequence (prompt + response); longer rows are truncated and counted.")

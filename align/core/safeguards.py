@@ -123,7 +123,7 @@ def oom_advice(cfg, step: int) -> str:
             f"train.batch_size={max(1, t.batch_size // 2)} with train.gradient_accumulation_steps="
             f"{t.gradient_accumulation_steps * 2} (same effective batch)"
         )
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing is not True:  # off, or auto (which may have chosen off)
         tips.append("train.gradient_checkpointing=true")
     tips.append(f"train.max_length={max(64, t.max_length // 2)}")
     if cfg.model.quantization == "none":

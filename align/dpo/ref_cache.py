@@ -6,8 +6,9 @@ setting they run in, and the pair's exact tokens. They are computed once, the fi
 pair is seen, and reused by later epochs, later runs, beta or learning-rate sweeps and eval.
 
 Keys:
-- the file: the base model's content hash, its quantization, the compute dtype and device
-  type (a bf16 CUDA reference differs from an fp32 CPU one);
+- the file: the base model's content hash, its quantization, the compute dtype, device type
+  and attention kernel (a bf16 CUDA reference differs from an fp32 CPU one, a FlexAttention
+  one from an sdpa one in its last bits);
 - the row: a digest of the pair as the model sees it (prompt, chosen and rejected token ids
   after truncation, and where each response starts). A change of data, chat template,
   tokenizer or max_length changes the tokens and so misses; unchanged rows still hit.

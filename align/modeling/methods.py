@@ -96,7 +96,7 @@ def check_method(cfg: "StageConfig", allowed: tuple[str, ...] | None = None, why
             f"peft.method: full trains every weight, and quantized weights (model.quantization: {quant}) cannot be "
             "trained; set model.quantization: none, or use peft.method: qlora"
         )
-    if method == "prefix_tuning" and cfg.train.gradient_checkpointing:
+    if method == "prefix_tuning" and cfg.train.gradient_checkpointing is True:  # auto stays off for it
         raise ConfigError(
             "peft.method: prefix_tuning does not work with train.gradient_checkpointing: true: the prefix lives in the "
             "attention cache, and the recomputed forward appends it a second time (attention shape mismatch); "

@@ -13,9 +13,10 @@ no adapter: the reference is a frozen copy of the starting weights, one more cop
 the model in memory (no gradients or optimizer state for it). A full run writes the
 trained model to merged/ instead of adapter/.
 
-Speed (align/dpo/trainer.py): each pair's prompt is computed once for both responses, and
-reference log-probs are cached on disk and reused across epochs, runs and sweeps. Both are
-on by default and switch themselves off, with a log line, where they cannot run.
+Speed (align/dpo/trainer.py): each pair's prompt is computed once for both responses (under
+FlexAttention on CUDA, all pairs of a micro-batch in one unpadded row), and reference log-probs
+are cached on disk and reused across epochs, runs and sweeps. All are on by default and switch
+themselves off, with a log line, where they cannot run.
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ class DPOOptions:
     shared_prefix: bool = opt(
         True,
         "Compute each pair's prompt once for chosen and rejected (block attention mask); off, or where it "
-        "cannot run (prompt/prefix tuning, flash attention), the batch is TRL's two rows per pair.",
+        "cannot run (prompt/prefix tuning, logit-scaling models), the batch is TRL's two rows per pair.",
+    )
+    flex_attention: bool = opt(
+        True,
+        "On CUDA, run the shared-prefix rows under FlexAttention (a block-sparse mask, whatever attention the "
+        "model was loaded with); false, or on the CPU, a dense 4D mask under eager/sdpa attention.",
+    )
+    padding_free: bool = opt(
+        True,
+        "With FlexAttention, put all pairs of a micro-batch into one row (no padding; positions restart per "
+        "pair, pairs masked from each other); false = one row per pair, padded to the widest.",
     )
     ref_cache: bool = opt(
         True,
@@ -89,8 +100,13 @@ def prepare(splits, tokenizer, max_length: int):
     return to_datasets(splits, convert, "dpo", max_length, "prompt alone fills max_length")
 
 
-def reference_cache(cfg: DPOConfig, model, device: str):
-    """The reference cache for this base model, quantization and precision."""
+def reference_cache(cfg: DPOConfig, model, device: str, attention: str | None = None):
+    """The reference cache for this base model, quantization, precision and attention kernel.
+
+    `attention`: the kernel the reference runs under (the fast path's; default the model's own).
+    Kernels round differently, and the step-0 invariant (reference = policy) is exact only when the
+    cached reference ran under the policy's kernel.
+    """
     from align.core.tracking import process_rank
     from align.dpo.ref_cache import RefLogpCache
     from align.dpo.ref_cache import default_dir as default_cache_dir
@@ -103,6 +119,7 @@ def reference_cache(cfg: DPOConfig, model, device: str):
         "quantization": cfg.model.quantization,
         "dtype": str(resolve_dtype(cfg.model.dtype, device)),
         "device": device.split(":")[0],
+        "attention": attention or model.config._attn_implementation,
     }
     directory = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else default_cache_dir()
     return RefLogpCache(directory, key, rank=process_rank())
@@ -119,7 +136,7 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
 
     device = str(next(model.parameters()).device)
     args = TRLDPOConfig(
-        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None),
+        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=2),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,
@@ -128,7 +145,7 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
     )
     peft_config = peft_config_for(cfg, base_location=model.name_or_path)
     fast = plan(cfg.dpo, cfg.peft.method, model)
-    cache = reference_cache(cfg, model, device) if fast.ref_cache else None
+    cache = reference_cache(cfg, model, device, fast.attention) if fast.ref_cache else None
     ref_model = None  # the reference is this model with the adapter disabled
     if peft_config is None:  # full fine-tuning: a frozen copy of the starting weights
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)

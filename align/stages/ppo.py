@@ -61,6 +61,8 @@ class PPOConfig(ChildStageConfig):
         super().validate()
         if not self.reward_run:
             raise ConfigError("reward_run: required (the reward-model RunDir)")
+        if self.train.liger_kernel:
+            raise ConfigError("train.liger_kernel: applies to the TRL trainers (sft, dpo, reward); PPO runs its own loop")
         p = self.ppo
         for key in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
             if getattr(p, key) < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,8 @@ def prepare_config(cfg: Any) -> Any:
 
 
 def training_checks(methods: tuple[str, ...] | None = None, why: str = "") -> tuple[Callable[[StageConfig], None], ...]:
-    """The checks of a training stage: its PEFT method (of `methods`, if it supports only those) and its samples judge."""
+    """The checks of a training stage: its PEFT method (of `methods`, if it supports only those), its samples
+    judge, and that Liger's package is there when asked for."""
 
     def peft_method(cfg: StageConfig) -> None:
         check_method(cfg, methods, why)
@@ -113,7 +115,14 @@ def training_checks(methods: tuple[str, ...] | None = None, why: str = "") -> tu
     def samples_judge(cfg: StageConfig) -> None:
         check_judge_specs("samples.judge", [cfg.samples.judge])
 
-    return peft_method, samples_judge
+    def liger_kernel(cfg: StageConfig) -> None:  # the package only: the device is known once the model is loaded
+        if cfg.train.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError(
+                "train.liger_kernel: the liger-kernel package is not installed (pip install 'align[gpu]', "
+                "or pip install liger-kernel); or set train.liger_kernel: false"
+            )
+
+    return peft_method, samples_judge, liger_kernel
 
 
 def fmt(value: Any) -> str:

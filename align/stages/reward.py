@@ -67,7 +67,7 @@ def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_di
 
     device = str(next(model.parameters()).device)
     args = TRLRewardConfig(
-        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None),
+        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=2),
         center_rewards_coefficient=cfg.reward.center_rewards_coefficient,
         dataset_num_proc=None,
     )

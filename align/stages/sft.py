@@ -65,7 +65,7 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
 
     device = str(next(model.parameters()).device)
     args = TRLSFTConfig(
-        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None),
+        **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=1),
         packing=cfg.sft.packing,
         neftune_noise_alpha=cfg.sft.neftune_noise_alpha,
         label_smoothing_factor=cfg.sft.label_smoothing,
