@@ -43,8 +43,12 @@ class FastPath:
         return "; ".join([f"DPO fast path: {', '.join(on) or 'none'}", *off])
 
 
-def plan(options, method: str, model) -> FastPath:
-    """Which fast-path parts run for this config and model, and why the others do not."""
+def plan(options, method: str, model, max_length: int | None = None) -> FastPath:
+    """Which fast-path parts run for this config and model, and why the others do not.
+
+    `max_length` is the longest sequence a batch can hold (train.max_length): prefix sharing is
+    exact on sliding-window attention only while no sequence outgrows the window.
+    """
     why_not = {}
     share = options.shared_prefix
     if not share:
@@ -53,10 +57,32 @@ def plan(options, method: str, model) -> FastPath:
         share, why_not["shared_prefix"] = False, f"{method} prepends virtual tokens to every row"
     elif (reason := shared_prefix.unsupported_reason(model)) is not None:
         share, why_not["shared_prefix"] = False, reason
+    elif (reason := sliding_window_reason(model, max_length)) is not None:
+        share, why_not["shared_prefix"] = False, reason
     cache = options.ref_cache
     if not cache:
         why_not["ref_cache"] = "dpo.ref_cache is false"
     return FastPath(shared_prefix=share, ref_cache=cache, why_not=why_not)
+
+
+def sliding_window_reason(model, max_length: int | None) -> str | None:
+    """Why sliding-window layers make prefix sharing inexact for sequences up to max_length, or None.
+
+    A sliding-window layer lets a token see only the last `window` positions. The shared-prefix
+    forward passes one block mask to every layer, with no window in it: the same result as
+    TRL's layout only while every sequence fits in the window (Gemma 2 and 3, Phi-3, Mistral v0.1).
+    """
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if max_length is not None and max_length <= window:
+        return None
+    longest = f"max_length {max_length}" if max_length is not None else "no max_length"
+    return f"sliding-window attention (window {window}) with {longest}: the shared-prefix block mask has no window"
 
 
 class _Collator:
