@@ -196,6 +196,8 @@ def eval_prompts(row: Any, where: str) -> list[str]:
         raise DataError(f"--decontaminate: {where}: expected a row object")
     for key in ("prompt", "messages", "chosen"):
         value = json_cell(row.get(key))
+        if isinstance(value, list) and key == "prompt" and value and all(isinstance(t, str) for t in value):
+            return value  # the turns of a multi-turn prompt (MT-Bench: HuggingFaceH4/mt_bench_prompts)
         if isinstance(value, list):
             return [m["content"] for m in value if isinstance(m, dict) and m.get("role") in ("user", "system") and isinstance(m.get("content"), str)]
         if isinstance(value, str) and key == "prompt":

@@ -54,6 +54,19 @@ def test_preference_shapes_normalize():
     assert normalize_preference({"chosen": multi + c, "rejected": multi + r}, "w")["prompt"] == multi
 
 
+def test_a_preference_row_trains_sft_on_its_chosen_answer(tmp_path):
+    """One built preference dataset feeds SFT (its chosen answers) and DPO; the notes say so."""
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}],
+           "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad"}]}
+    assert normalize_sft(row, "x") == {"messages": row["prompt"] + row["chosen"]}
+    assert normalize_sft({"prompt": "q", "chosen": "good", "rejected": "bad"}, "x")["messages"][-1] == {"role": "assistant", "content": "good"}
+    with pytest.raises(DataError, match="^x: field 'rejected' missing"):
+        normalize_sft({"prompt": "q", "chosen": "good"}, "x")
+    path = write_jsonl(tmp_path / "prefs.jsonl", [row] * 3 + [{"messages": row["prompt"] + row["chosen"]}])
+    splits = load_splits(cfg(path, eval_fraction=0.0), "sft", seed=0)
+    assert len(splits.train) == 4 and "SFT on the chosen answers of 3 preference rows (their rejected answers are not used)" in splits.notes
+
+
 @pytest.mark.parametrize(
     "row, needle",
     [

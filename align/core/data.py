@@ -217,6 +217,11 @@ def normalize_sft(row: Any, where: str) -> dict:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         else:
             messages = _messages(prompt, where, "prompt") + _messages(completion, where, "completion")
+    elif "chosen" in row and "prompt" in row:
+        # A preference row trains SFT on its chosen answer (as HuggingFaceH4's `train_sft` splits
+        # do), so one built preference dataset feeds both SFT and DPO; load_splits notes it.
+        pair = normalize_preference(row, where)
+        messages = pair["prompt"] + pair["chosen"]
     elif "instruction" in row and "output" in row:
         input_text = _text(row, "input", where) if row.get("input") is not None else None
         user = instruction_user_content(_text(row, "instruction", where), input_text)
@@ -224,7 +229,7 @@ def normalize_sft(row: Any, where: str) -> dict:
     else:
         raise DataError(
             f"{where}: field 'messages' missing (an SFT row has 'messages', 'prompt'+'completion', "
-            f"or 'instruction'+'output'; found: {', '.join(map(repr, row)) or 'nothing'})"
+            f"'prompt'+'chosen' (a preference row), or 'instruction'+'output'; found: {', '.join(map(repr, row)) or 'nothing'})"
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: field 'messages': no assistant turn to train on")
@@ -318,6 +323,10 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
         notes.append("no held-out data: evaluation is skipped")
     if not train:
         raise DataError(f"data.path '{cfg.path}': split '{cfg.train_split}' has no rows")
+    if kind == "sft":
+        preference = sum(_is_preference_row(row) for _, row in raw[cfg.train_split])
+        if preference:
+            notes.append(f"SFT on the chosen answers of {preference} preference rows (their rejected answers are not used)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         notes.append(f"using the first {cfg.max_train_samples} of {len(train)} training rows (max_train_samples)")
         train = train[: cfg.max_train_samples]
@@ -325,6 +334,10 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
         notes.append(f"using the first {cfg.max_eval_samples} of {len(held_out)} held-out rows (max_eval_samples)")
         held_out = held_out[: cfg.max_eval_samples]
     return Splits(cfg.path, train, held_out, notes)
+
+
+def _is_preference_row(row: Any) -> bool:
+    return isinstance(row, dict) and "messages" not in row and "completion" not in row and "chosen" in row
 
 
 def row_prompt(row: dict) -> list[dict]:

@@ -54,17 +54,19 @@ class FastPath:
         return "; ".join([f"DPO fast path: {', '.join(on) or 'none'}", *off])
 
 
-def plan(options, method: str, model) -> FastPath:
+def plan(options, method: str, model, max_length: int | None = None) -> FastPath:
     """Which fast-path parts run for this config and model, and why the others do not.
 
     Prefix sharing needs an adapter that works inside the layers and a model whose logits are the
     plain LM head (shared_prefix_blocker); its rows then run under FlexAttention where it can
     (CUDA, a model with flex support: a BlockMask, no dense mask), else under the model's own
     eager/sdpa attention with a dense mask. Padding-free rows only with FlexAttention.
+    `max_length` is the longest sequence a batch can hold (train.max_length): prefix sharing is
+    exact on sliding-window attention only while no sequence outgrows the window.
     """
     why_not = {}
     attention, padding_free = None, False
-    blocker = shared_prefix_blocker(options, method, model)
+    blocker = shared_prefix_blocker(options, method, model, max_length)
     if blocker is None:
         attention, flex_why = shared_prefix.choose_attention(model, options.flex_attention)
         if attention is None:
@@ -83,13 +85,33 @@ def plan(options, method: str, model) -> FastPath:
     return FastPath(blocker is None, cache, why_not, attention, padding_free)
 
 
-def shared_prefix_blocker(options, method: str, model) -> str | None:
+def shared_prefix_blocker(options, method: str, model, max_length: int | None = None) -> str | None:
     """Why prefix sharing cannot run for this config and model (the first reason found), or None."""
     if not options.shared_prefix:
         return "dpo.shared_prefix is false"
     if method in PROMPT_LEARNING:
         return f"{method} prepends virtual tokens to every row"
-    return shared_prefix.unsupported_reason(model)
+    return shared_prefix.unsupported_reason(model) or sliding_window_reason(model, max_length)
+
+
+def sliding_window_reason(model, max_length: int | None) -> str | None:
+    """Why sliding-window layers make prefix sharing inexact for sequences up to max_length, or None.
+
+    A sliding-window layer lets a token see only the last `window` positions. The shared-prefix
+    forward passes one block mask to every layer, with no window in it: the same result as
+    TRL's layout only while every sequence fits in the window (Gemma 2 and 3, Phi-3, Mistral v0.1).
+    """
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if max_length is not None and max_length <= window:
+        return None
+    longest = f"max_length {max_length}" if max_length is not None else "no max_length"
+    return f"sliding-window attention (window {window}) with {longest}: the shared-prefix block mask has no window"
 
 
 class _Collator:

@@ -306,6 +306,7 @@ def train_adapter(
 
     cfg = stage.cfg
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
+    report_folded_system_messages(stage, tokenizer)
     train_ds, eval_ds, token_stats = prepare(stage.splits, tokenizer, cfg.train.max_length)
     set_seed(cfg.train.seed)  # new heads and adapters initialize the same way on every run and rank
     model = models.load_model(stage.base, cfg.model, head=head)
@@ -357,6 +358,18 @@ def train_adapter(
     if "judge" in sampled:
         summary["judge"] = sampled["judge"]
     return Trained(trainer, tokenizer, before, after, adapter_dir, summary)
+
+
+def report_folded_system_messages(stage: StageRun, tokenizer) -> None:
+    """Count the rows whose system message the model's template makes align fold (nothing changes silently)."""
+    from align.modeling.templates import folds_system
+
+    if not folds_system(tokenizer):
+        return
+    for name, rows in (("train", stage.splits.train), ("eval", stage.splits.eval)):
+        n = sum(1 for row in rows if (row.get("messages") or row.get("prompt") or [{}])[0].get("role") == "system")
+        if n:
+            log.info("%s %s: %d rows start with a system message, folded into their first user turn", stage.stage, name, n)
 
 
 class StepTimer(TrainerCallback):

@@ -144,7 +144,7 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
         dataset_num_proc=None,
     )
     peft_config = peft_config_for(cfg, base_location=model.name_or_path)
-    fast = plan(cfg.dpo, cfg.peft.method, model)
+    fast = plan(cfg.dpo, cfg.peft.method, model, max_length=cfg.train.max_length)
     cache = reference_cache(cfg, model, device, fast.attention) if fast.ref_cache else None
     ref_model = None  # the reference is this model with the adapter disabled
     if peft_config is None:  # full fine-tuning: a frozen copy of the starting weights
