@@ -102,10 +102,19 @@ def check_output(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise DataError(f"--output {out}: exists and is not a folder")
     if any(out.iterdir()):
-        if not (out / BUILD_JSON).is_file():
+        # A build is recognized by its build.json carrying align-data's own key, not by the file name alone.
+        if "align_data" not in (_json_dict(out / BUILD_JSON) or {}):
             raise DataError(f"--output {out}: a folder with other content (not an align-data build); choose another path")
         if not overwrite:
             raise DataError(f"--output {out}: already holds a build; pass --overwrite to replace it")
+
+
+def _json_dict(path: Path) -> dict | None:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 # --------------------------------------------------------------------------- the stream
@@ -255,6 +264,7 @@ def build(cfg: BuildConfig, items: Iterable[Item] | None = None, provenance: dic
             atomic_write_text(tmp / name, text)
         card = output.card(out.name, {s: counts.written[s] for s in splits}, _provenance_lines(meta), report_lines[2:])
         atomic_write_text(tmp / "README.md", card)
+        check_output(out, cfg.overwrite)  # again: a folder may have appeared there while the build ran
     seconds = time.time() - started
     if cfg.push_to_hub:
         push(out, cfg.push_to_hub, cfg.private)

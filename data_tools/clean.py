@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from align.core.errors import DataError
+from align.core.rows import ROLES, empty_problem, pair_serial, role_problem, same_response, serial  # noqa: F401 (re-exported)
 from data_tools.dedup import PromptClusters, U64Map, digest64, words
 from data_tools.sources.base import Messages, Pair, json_cell
 
@@ -35,71 +36,24 @@ REASONS = {
     "exact_duplicate": "exact duplicate of an earlier pair",
     "near_duplicate_prompt": "near-duplicate prompt (--near-dup)",
 }
-ROLES = ("system", "user", "assistant")
 SHORT_EVAL_MIN_WORDS = 5
 
 
 # --------------------------------------------------------------------------- row checks
-
-
-def role_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
-    """Why the roles or turn order are malformed, or None."""
-    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if not msgs:
-            return f"'{name}' has no messages"
-        for i, m in enumerate(msgs):
-            if m["role"] not in ROLES:
-                return f"'{name}[{i}].role' is {m['role']!r}, not one of {', '.join(ROLES)}"
-    start = 1 if prompt[0]["role"] == "system" else 0
-    if start == len(prompt):
-        return "'prompt' has only a system message"
-    expected = "user"
-    for i in range(start, len(prompt)):
-        if prompt[i]["role"] != expected:
-            article = "an" if expected == "assistant" else "a"
-            return f"'prompt[{i}]' is a {prompt[i]['role']} turn where {article} {expected} turn belongs (turns alternate from user)"
-        expected = "assistant" if expected == "user" else "user"
-    if prompt[-1]["role"] != "user":
-        return "'prompt' ends with an assistant turn (the prompt's last turn is the user's)"
-    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-        expected = "assistant"
-        for i, m in enumerate(msgs):
-            if m["role"] != expected:
-                article = "an" if expected == "assistant" else "a"
-                return f"'{name}[{i}]' is a {m['role']} turn where {article} {expected} turn belongs (a response starts with the assistant)"
-            expected = "user" if expected == "assistant" else "assistant"
-        if msgs[-1]["role"] != "assistant":
-            return f"'{name}' ends with a user turn"
-    return None
-
-
-def empty_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
-    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        for i, m in enumerate(msgs):
-            if not m["content"].strip():
-                return f"'{name}[{i}].content' is empty or whitespace"
-    return None
-
-
-def same_response(chosen: Messages, rejected: Messages) -> bool:
-    return [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]
+# role_problem, empty_problem and same_response live in align.core.rows: align's recipes apply the
+# same checks to the rows they train on.
 
 
 def prompt_text(prompt: Messages) -> str:
     return "\n".join(m["content"] for m in prompt)
 
 
-def _serial(msgs: Messages) -> str:
-    # Length-prefixed, so no content can imitate a boundary (cheaper than json.dumps).
-    return "".join(f"{m['role']}:{len(m['content'])}:{m['content']}" for m in msgs)
-
-
 def pair_digest(prompt: Messages, chosen: Messages, rejected: Messages) -> int:
-    return digest64(f"{_serial(prompt)}|{len(chosen)}|{_serial(chosen)}|{_serial(rejected)}")
+    return digest64(pair_serial(prompt, chosen, rejected))
 
 
 def prompt_digest(prompt: Messages) -> int:
-    return digest64(_serial(prompt))
+    return digest64(serial(prompt))
 
 
 # --------------------------------------------------------------------------- lengths

@@ -219,6 +219,15 @@ def _run(args, command: str) -> int:
 
         if args.num_samples < 2:
             raise ConfigError(f"--num-samples: at least 2 responses per prompt are needed to pair, got {args.num_samples}")
+        for flag, value, ok, what in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+            ("--temperature", args.temperature, 0 < args.temperature < float("inf"), "positive (sampling)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
+            ("--sample-seed", args.sample_seed, 0 <= args.sample_seed < 2**32, "in [0, 4294967295]"),
+        ):
+            if not ok:
+                raise ConfigError(f"{flag}: must be {what}, got {value}")
         gen = GenerateConfig(
             model=args.model, adapter=args.adapter, prompts=args.prompts, num_samples=args.num_samples,
             judge=args.judge, judge_args=args.judge_arg, max_new_tokens=args.max_new_tokens,

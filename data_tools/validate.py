@@ -3,21 +3,22 @@ with its row (file:line or row), then a summary. Exit status 0 when clean, 1 whe
 were found (2 when the dataset cannot be read at all).
 
 Checked per row: align's canonical validation (align.core.data.normalize_preference: fields, types,
-roles), the cleaning rules that apply to a single row (turn order, empty turns, chosen identical
-to rejected), scores that are not numbers or rank rejected above chosen; across rows: exact
-duplicates and prompts that appear in more than one split.
+roles), then align.core.rows.preference_problems (turn order, empty turns, chosen identical to
+rejected, scores that are not numbers or rank rejected above chosen): the same code align's
+recipes run on the rows they load, dropping and counting what it rejects. Across rows: exact
+duplicates and prompts that appear in more than one split. An empty dataset is a problem too.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 
 from align.core.data import normalize_preference
 from align.core.errors import DataError
-from data_tools.clean import empty_problem, pair_digest, prompt_digest, role_problem, same_response
+from align.core.rows import preference_problems
+from data_tools.clean import pair_digest, prompt_digest
 from data_tools.dedup import U64Map
 from data_tools.readers import iter_splits
 from data_tools.sources.base import RowError
@@ -42,13 +43,8 @@ def problems(path: str, splits: list[str] | None = None):
                 yield where, str(exc).removeprefix(f"{where}: ")
                 continue
             prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-            for check in (role_problem, empty_problem):
-                found = check(prompt, chosen, rejected)
-                if found:
-                    yield where, found
-            if same_response(chosen, rejected):
-                yield where, "chosen identical to rejected"
-            yield from _score_problems(raw, where)
+            for _, message in preference_problems(row, raw):  # the same checks align's recipes apply
+                yield where, message
             key = pair_digest(prompt, chosen, rejected)
             first = seen_pairs.get(key, int(seen_pairs.bulk_get(np.array([key], dtype=np.uint64))[0]))
             if first >= 0:
@@ -68,20 +64,6 @@ def problems(path: str, splits: list[str] | None = None):
     return rows, split_names
 
 
-def _score_problems(raw: dict, where: str):
-    scores = {}
-    for key in ("score_chosen", "score_rejected"):
-        value = raw.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            yield where, f"field '{key}': expected a finite number, got {value!r}"
-        else:
-            scores[key] = value
-    if len(scores) == 2 and scores["score_chosen"] < scores["score_rejected"]:
-        yield where, f"score_chosen {scores['score_chosen']:g} is below score_rejected {scores['score_rejected']:g}"
-
-
 def validate_command(path: str, splits: list[str] | None = None) -> int:
     found = problems(path, splits)
     bad_rows: set[str] = set()
@@ -95,6 +77,9 @@ def validate_command(path: str, splits: list[str] | None = None) -> int:
         print(f"{where}: {message}")
         bad_rows.add(where)
         count += 1
+    if rows == 0:
+        print(f"{path}: no rows ({', '.join(names) or 'no splits'}): nothing to train on", file=sys.stderr)
+        return 1
     if count:
         print(f"{path}: {count} problems in {len(bad_rows)} of {rows} rows ({', '.join(names)})", file=sys.stderr)
         return 1

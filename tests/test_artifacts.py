@@ -50,7 +50,7 @@ def test_rundir_lifecycle(tmp_path):
 
 def test_rundir_refuses_to_wipe_a_foreign_directory(tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
-    with pytest.raises(ConfigError, match="is not a RunDir"):
+    with pytest.raises(ConfigError, match="is not an align run dir"):
         start(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "precious"
 

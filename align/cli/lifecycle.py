@@ -33,13 +33,15 @@ def _mb(folder: Path) -> str:
 
 def cmd_merge(args) -> int:
     """Adapter folded into its base, saved as full-precision safetensors (a 4-bit base is dequantized first)."""
+    from align.core.artifacts import check_replaceable
     from align.modeling import models
     from align.modeling.adapters import merge_adapter, resolve_adapter
 
-    source = resolve_adapter(args.source, args.base)
-    tokenizer = models.load_tokenizer(source.base, source.model_cfg)
     out = Path(args.output)
-    merge_adapter(source.base, source.model_cfg, source.adapter_dir, out, tokenizer)
+    check_replaceable(out, "--output")
+    source = resolve_adapter(args.source, args.base, trust_remote_code=args.trust_remote_code)
+    tokenizer = models.load_tokenizer(source.base, source.model_cfg)
+    merge_adapter(source.base, source.model_cfg, source.adapter_dir, out, tokenizer, mark="merge")
     quant = source.model_cfg.quantization
     note = f" (base loaded {quant}, dequantized before merging)" if quant != "none" else ""
     print(f"merged {source.adapter_dir} into {source.base.name}{note}: {out} ({_mb(out)} of safetensors)")
@@ -49,21 +51,36 @@ def cmd_merge(args) -> int:
 # --------------------------------------------------------------------------- export
 
 
+# What an exported adapter folder may hold: data a PEFT/transformers load reads without running code.
+# Anything else in a run's adapter/ (a .py file, a pickled .bin, ...) is left out and named.
+EXPORTED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+
+
 def cmd_export(args) -> int:
     """The run's adapter in standard PEFT format plus a model card (README.md)."""
+    from align.core.artifacts import atomic_dir, check_replaceable, mark_output
     from align.modeling.adapters import resolve_adapter
-    from align.core.artifacts import atomic_dir
     from align.modeling.model_card import model_card
 
+    out = Path(args.output)
+    check_replaceable(out, "--output")
     source = resolve_adapter(args.run)
     if source.run is None:
         raise ConfigError(f"{args.run}: export takes a RunDir (the model card is written from its manifest)")
-    out = Path(args.output)
+    left_out = []
     with atomic_dir(out) as tmp:
-        for item in source.adapter_dir.iterdir():
-            if item.is_file() and item.name != "README.md":
+        for item in sorted(source.adapter_dir.iterdir()):
+            if item.name == "README.md" or item.name.startswith(".align-"):
+                continue
+            if item.is_file() and not item.is_symlink() and item.suffix in EXPORTED_SUFFIXES:
                 shutil.copy2(item, tmp / item.name)
+            else:
+                left_out.append(item.name)
         (tmp / "README.md").write_text(model_card(source.run), encoding="utf-8")
+        mark_output(tmp, "export")
+    if left_out:
+        print(f"left out {len(left_out)} item(s) of {source.adapter_dir} that are not adapter data: {', '.join(left_out)}",
+              file=sys.stderr)
     params = ((source.run.manifest() or {}).get("summary") or {}).get("parameters") or {}
     print(
         f"exported {source.adapter_dir} -> {out}: {params.get('trainable', 0):,} trainable of {params.get('total', 0):,} "
@@ -117,7 +134,16 @@ def cmd_generate(args) -> int:
     from align.modeling.adapters import AdapterSet, check_same_base, resolve_adapter
     from align.modeling.generation import Sampling
 
-    sources = {name: resolve_adapter(path, args.base) for name, path in _named_sources(args.adapter).items()}
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < float("inf"):
+        raise ConfigError(f"--temperature: must be 0 (greedy) or positive, got {args.temperature}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed: must be in [0, 4294967295], got {args.seed}")
+    sources = {
+        name: resolve_adapter(path, args.base, trust_remote_code=args.trust_remote_code)
+        for name, path in _named_sources(args.adapter).items()
+    }
     if args.base is None:
         check_same_base(sources)
     requests = _read_requests(args)
@@ -152,9 +178,15 @@ def cmd_generate(args) -> int:
 
 def cmd_combine(args) -> int:
     """Weighted combination of LoRA adapters of one base, saved as a new adapter."""
+    import math
+
+    from align.core.artifacts import check_replaceable
     from align.modeling.adapters import combine_adapters, resolve_adapter
 
-    sources = [resolve_adapter(s, args.base) for s in args.sources]
+    check_replaceable(Path(args.output), "--output")
+    if args.weights is not None and not all(math.isfinite(w) for w in args.weights):
+        raise ConfigError(f"--weights: must be finite numbers, got {args.weights}")
+    sources = [resolve_adapter(s, args.base, trust_remote_code=args.trust_remote_code) for s in args.sources]
     weights = args.weights if args.weights is not None else [1.0 / len(sources)] * len(sources)
     out = combine_adapters(sources, weights, args.type, Path(args.output))
     print(f"combined {len(sources)} adapters ({args.type}, weights {weights}) -> {out} ({_mb(out)})")
@@ -167,19 +199,26 @@ def cmd_combine(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align", description="Adapter lifecycle: merge, export, generate, combine.")
     sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
+    loads = argparse.ArgumentParser(add_help=False)
+    loads.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let the base model's own Python code run (its auto_map); never taken from a run dir's config",
+    )
 
-    m = sub.add_parser("merge", help=cmd_merge.__doc__)
+    m = sub.add_parser("merge", help=cmd_merge.__doc__, parents=[common, loads])
     m.add_argument("source", help="a RunDir or an adapter folder")
     m.add_argument("--output", required=True, help="folder for the merged safetensors model")
     m.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     m.set_defaults(func=cmd_merge)
 
-    e = sub.add_parser("export", help=cmd_export.__doc__)
+    e = sub.add_parser("export", help=cmd_export.__doc__, parents=[common])
     e.add_argument("run", help="a RunDir with adapter/")
     e.add_argument("--output", required=True, help="folder for the adapter and its README.md")
     e.set_defaults(func=cmd_export)
 
-    g = sub.add_parser("generate", help=cmd_generate.__doc__)
+    g = sub.add_parser("generate", help=cmd_generate.__doc__, parents=[common, loads])
     g.add_argument("--adapter", action="append", required=True, metavar="NAME=SOURCE", help="an adapter to load (repeat)")
     g.add_argument("--base", help="base model for every adapter (default: theirs, which must be the same)")
     g.add_argument("--prompt", action="append", help="a user message (repeat)")
@@ -192,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="also write the responses as JSON lines")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("combine", help=cmd_combine.__doc__)
+    c = sub.add_parser("combine", help=cmd_combine.__doc__, parents=[common, loads])
     c.add_argument("sources", nargs="+", help="LoRA adapters (RunDirs or folders) trained on the same base")
     c.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: equal, summing to 1)")
     c.add_argument("--type", default="linear", help="linear (equal ranks), cat (exact weighted sum) or svd")
@@ -207,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     setup_logging()
-    return guarded(lambda: args.func(args))
+    return guarded(lambda: args.func(args), debug=args.debug, command=f"align {args.command}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}: stages[{i}].stage: unknown stage '{st.stage}'{hint}; stages: {', '.join(known)}")
     configs: dict[str, tuple[str, RunConfig]] = {}
-    for st in cfg.stages:
+    for i, st in enumerate(cfg.stages):
         stage_overrides: dict[str, Any] = {
             **st.overrides,
             "output_dir": str(root / st.name),
@@ -68,9 +68,12 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
             stage_overrides[key] = (
                 {alias: str(root / name) for alias, name in target.items()} if isinstance(target, dict) else str(root / target)
             )
+        # An error in a key the pipeline set names the pipeline file, not the command line.
+        where = {key: f"{path} (stages[{i}]{'.overrides' if key in st.overrides else ''})" for key in stage_overrides}
         stage_overrides.update(per_stage[st.name])
+        where.update({key: "command line" for key in per_stage[st.name]})
         stage_file = (path.parent / st.config).resolve() if not Path(st.config).is_absolute() else Path(st.config)
-        configs[st.name] = (st.stage, load_stage_config(st.stage, stage_file, stage_overrides))
+        configs[st.name] = (st.stage, load_stage_config(st.stage, stage_file, stage_overrides, override_where=where))
     return Pipeline(cfg, configs)
 
 

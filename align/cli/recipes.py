@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run even if a finished RunDir matches")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its newest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--keys", action="store_true", help="list every config key with its type, default and help")
+    p.add_argument("--keys", action="store_true", help="list every config key with its type, default, valid range and help")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (nested keys with dots)")
     return p
 
@@ -51,17 +53,33 @@ def _with_resume(args) -> dict:
     return overrides
 
 
-def guarded(work) -> int:
-    """Run `work()`; bad input is one line on stderr and exit status 2, Ctrl-C is 130."""
+def guarded(work, debug: bool = False, command: str | None = None) -> int:
+    """Run `work()`; bad input is one line on stderr and exit status 2, Ctrl-C is 130.
+
+    A library error inside a stage arrives as a StageError (one line, exit status 1). `command`
+    set: any other exception is one line too (exit status 1). `debug`: every error also prints its
+    full traceback.
+    """
     try:
         return work()
     except AlignError as exc:
+        if debug:
+            traceback.print_exception(exc)
         one_line = " ".join(str(exc).split("\n"))  # user text inside a message may hold newlines
         print(f"{getattr(exc, 'label', 'error')}: {one_line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if command is None or debug:
+            raise
+        from align.core.artifacts import redact_text
+
+        text = " ".join(str(exc).split())
+        cause = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        print(f"error: {command} failed: {redact_text(cause)[:300]} (--debug prints the traceback)", file=sys.stderr)
+        return 1
 
 
 def recipe_main(stage_name: str, argv: list[str] | None = None) -> int:
@@ -85,7 +103,7 @@ def recipe_main(stage_name: str, argv: list[str] | None = None) -> int:
         print("\n".join(describe_run(stage_name, run_dir.path)))
         return 0
 
-    return guarded(work)
+    return guarded(work, debug=args.debug)
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:
@@ -112,7 +130,7 @@ def pipeline_main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
 
-    return guarded(work)
+    return guarded(work, debug=args.debug)
 
 
 # --------------------------------------------------------------------------- summaries

@@ -37,6 +37,27 @@ def latest_complete(run_path: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def load_plain(path: Path):
+    """A file written with torch.save, read as data only.
+
+    `torch.load(weights_only=True)` unpickles nothing but tensors, storages, torch dtypes/sizes/devices
+    and plain containers and scalars (dict, OrderedDict, list, tuple, set, str, bytes, int, float,
+    bool, None): what an optimizer, scheduler or RNG state holds. A file that needs anything else
+    (a class or function to import and call: how a tampered pickle runs code) is refused with one line.
+    """
+    import torch
+
+    from align.core.errors import DataError
+
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing from the checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError for a forbidden type, others for a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: refused: not a checkpoint of plain data (tensors and containers only): {first[:200]}") from None
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,14 +25,94 @@ from align.core.errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def opt(default: Any = _MISSING, help: str = "") -> Any:
-    """A config field with its documentation; mutable defaults are copied per instance."""
+@dataclass(frozen=True)
+class Check:
+    """The valid values of a config field beyond its type: a numeric range, or a non-empty list.
+
+    Declared in the schema with `opt(...)` (`min=`/`max=` inclusive, `gt=`/`lt=` exclusive,
+    `nonempty=True`), checked by the loader before anything runs and shown by `--keys`. A numeric
+    or list field whose every value is valid says so with `any_value="why"`, so a field without a
+    declared range is a schema bug that tests/test_schema_ranges.py reports.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    nonempty: bool = False
+    any_value: str | None = None
+
+    def text(self) -> str:
+        """The range in words: 'at least 1', 'in [0, 1)', 'positive', 'non-empty'."""
+        low = (f"[{_num(self.min)}", self.min) if self.min is not None else (f"({_num(self.gt)}", self.gt) if self.gt is not None else None
+        high = (f"{_num(self.max)}]", self.max) if self.max is not None else (f"{_num(self.lt)})", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"in {low[0]}, {high[0]}"
+        if low:
+            if self.gt == 0:
+                return "positive"
+            return f"at least {_num(self.min)}" if self.min is not None else f"greater than {_num(self.gt)}"
+        if high:
+            return f"at most {_num(self.max)}" if self.max is not None else f"less than {_num(self.lt)}"
+        if self.nonempty:
+            return "non-empty"
+        return "any value" if self.any_value else ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is out of range (None when it is fine); None values are the type's business."""
+        if value is None:
+            return None
+        if isinstance(value, (list, dict, str)):
+            if self.nonempty and not (value.strip() if isinstance(value, str) else value):
+                return "must not be empty"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        ok = (
+            (self.min is None or value >= self.min)
+            and (self.max is None or value <= self.max)
+            and (self.gt is None or value > self.gt)
+            and (self.lt is None or value < self.lt)
+        )
+        return None if ok else f"must be {self.text()}, got {value!r}"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def opt(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    nonempty: bool = False,
+    any_value: str | None = None,
+) -> Any:
+    """A config field with its documentation and valid range; mutable defaults are copied per instance.
+
+    `opt(16, "LoRA rank.", min=1)`, `opt(0.1, "...", min=0, lt=1)`, `opt([...], "...", nonempty=True)`,
+    `opt(0, "Seed.", any_value="every integer seeds")`.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if any(v is not None for v in (min, max, gt, lt, any_value)) or nonempty:
+        metadata["check"] = Check(min, max, gt, lt, nonempty, any_value)
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help})
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
     if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_check(f: dataclasses.Field) -> Check | None:
+    return f.metadata.get("check")
+
+
+SEED = {"min": 0, "max": 2**32 - 1}  # numpy and torch seed their generators from [0, 2**32)
 
 
 # --------------------------------------------------------------------------- schema
@@ -64,11 +145,13 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = opt(16, "LoRA rank.")
-    alpha: int = opt(32, "LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    r: int = opt(16, "LoRA rank.", min=1)
+    alpha: int = opt(32, "LoRA alpha; the update is scaled by alpha / r.", min=1)
+    dropout: float = opt(0.05, "Dropout on the LoRA input.", min=0, lt=1)
     target_modules: list[str] | str = opt(
-        "all-linear", "Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj])."
+        "all-linear",
+        "Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj]); each must exist in the model.",
+        nonempty=True,
     )
 
 
@@ -77,31 +160,38 @@ PEFT_METHODS = ("full", "lora", "qlora", "dora", "vera", "ia3", "prompt_tuning",
 
 @dataclass
 class VeraOptions:
-    r: int = opt(256, "Rank of the shared frozen random projections; VeRA trains only two scaling vectors per layer, so r can be large.")
+    r: int = opt(256, "Rank of the shared frozen random projections; VeRA trains only two scaling vectors per layer, so r can be large.", min=1)
     target_modules: list[str] | str = opt(
         ["q_proj", "v_proj"],
         "Modules to adapt. Shapes may differ (q_proj 576x576, v_proj 576x192 with grouped-query attention): "
         "PEFT draws one A/B of the largest shape and slices it per layer.",
+        nonempty=True,
     )
-    projection_prng_key: int = opt(0, "Seed of the shared random A and B.")
+    projection_prng_key: int = opt(0, "Seed of the shared random A and B.", **SEED)
     save_projection: bool = opt(True, "Store A and B in the adapter file (larger file; loads without regenerating them).")
-    d_initial: float = opt(0.1, "Initial value of the lambda_d scaling vector (lambda_b starts at 0: no effect at step 0).")
-    dropout: float = opt(0.0, "Dropout on the VeRA input.")
+    d_initial: float = opt(
+        0.1, "Initial value of the lambda_d scaling vector (lambda_b starts at 0: with both at 0 nothing would train).", gt=0
+    )
+    dropout: float = opt(0.0, "Dropout on the VeRA input.", min=0, lt=1)
 
 
 @dataclass
 class IA3Options:
     target_modules: list[str] = opt(
-        ["k_proj", "v_proj", "down_proj"], "Modules whose activations are rescaled by a learned vector (the IA3 paper: keys, values, FFN)."
+        ["k_proj", "v_proj", "down_proj"],
+        "Modules whose activations are rescaled by a learned vector (the IA3 paper: keys, values, FFN).",
+        nonempty=True,
     )
     feedforward_modules: list[str] = opt(
-        ["down_proj"], "Targets whose *input* is rescaled (the feed-forward ones); a subset of target_modules."
+        ["down_proj"],
+        "Targets whose *input* is rescaled (the feed-forward ones); a subset of target_modules.",
+        any_value="may be empty (no feed-forward target); checked to be a subset of target_modules",
     )
 
 
 @dataclass
 class PromptTuningOptions:
-    num_virtual_tokens: int = opt(20, "Trainable embeddings prepended to every input.")
+    num_virtual_tokens: int = opt(20, "Trainable embeddings prepended to every input.", min=1)
     init_text: str | None = opt(
         None, "Start the virtual tokens from the embeddings of this text (repeated or cut to length); null = random vocabulary tokens."
     )
@@ -109,7 +199,7 @@ class PromptTuningOptions:
 
 @dataclass
 class PrefixTuningOptions:
-    num_virtual_tokens: int = opt(20, "Trainable key/value positions prepended in every attention layer.")
+    num_virtual_tokens: int = opt(20, "Trainable key/value positions prepended in every attention layer.", min=1)
 
 
 @dataclass
@@ -127,27 +217,14 @@ class PeftConfig:
     prefix_tuning: PrefixTuningOptions = opt(PrefixTuningOptions, "Prefix-tuning options (peft.method: prefix_tuning).")
 
     def validate(self) -> None:
-        """The options of the chosen method; combinations with other sections are the stage's check."""
-        if self.method == "vera":
-            if self.vera.r < 1:
-                raise ConfigError(f"peft.vera.r: must be at least 1, got {self.vera.r}")
-            if not 0 <= self.vera.dropout < 1:
-                raise ConfigError(f"peft.vera.dropout: must be in [0, 1), got {self.vera.dropout}")
-            if not self.vera.target_modules:
-                raise ConfigError("peft.vera.target_modules: at least one module is required")
+        """Combinations within the section (ranges are in the schema); combinations with other sections are the stage's check."""
         if self.method == "ia3":
-            if not self.ia3.target_modules:
-                raise ConfigError("peft.ia3.target_modules: at least one module is required")
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
             if extra:
                 raise ConfigError(
                     f"peft.ia3.feedforward_modules: {extra} not in peft.ia3.target_modules; a feed-forward module is a "
                     "target whose input is rescaled, so it must also be a target"
                 )
-        for name in ("prompt_tuning", "prefix_tuning"):
-            n = getattr(self, name).num_virtual_tokens
-            if self.method == name and n < 1:
-                raise ConfigError(f"peft.{name}.num_virtual_tokens: must be at least 1, got {n}")
 
 
 @dataclass
@@ -159,23 +236,24 @@ class DataConfig:
     )
     train_split: str = opt("train", "Split to train on.")
     eval_split: str | None = opt("test", "Held-out split; null carves eval_fraction off the training split.")
-    eval_fraction: float = opt(0.05, "Share of the training split held out when there is no eval split.")
-    max_train_samples: int | None = opt(None, "Use only the first N training rows.")
-    max_eval_samples: int | None = opt(None, "Use only the first N held-out rows.")
+    eval_fraction: float = opt(0.05, "Share of the training split held out when there is no eval split.", min=0, lt=1)
+    max_train_samples: int | None = opt(None, "Use only the first N training rows (null: all).", min=1)
+    max_eval_samples: int | None = opt(None, "Use only the first N held-out rows (null: all).", min=1)
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = opt(2e-4, "Peak learning rate (LoRA takes far larger values than full fine-tuning).")
+    learning_rate: float = opt(2e-4, "Peak learning rate (LoRA takes far larger values than full fine-tuning).", gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = opt(
         "cosine", "Learning-rate schedule after warmup."
     )
-    warmup_ratio: float = opt(0.1, "Share of the steps spent warming up the learning rate.")
-    epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
-    batch_size: int = opt(8, "Rows (SFT) or pairs (DPO) per device per micro-batch.")
-    eval_batch_size: int | None = opt(None, "Held-out micro-batch; defaults to batch_size.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    # A share of the steps, below 1: the trainers read a warmup below 1 as a ratio and from 1 up as steps.
+    warmup_ratio: float = opt(0.1, "Share of the steps spent warming up the learning rate.", min=0, lt=1)
+    epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps is set).", gt=0)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.", min=1)
+    batch_size: int = opt(8, "Rows (SFT) or pairs (DPO) per device per micro-batch.", min=1)
+    eval_batch_size: int | None = opt(None, "Held-out micro-batch; null = batch_size.", min=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     gradient_checkpointing: bool | Literal["auto"] = opt(
         "auto",
         "Recompute activations in the backward pass: less memory, ~20-30% slower. auto = on only when the "
@@ -186,22 +264,26 @@ class TrainConfig:
         "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (SFT, DPO, reward; via TRL's use_liger_kernel). CUDA only; "
         "pip install 'align[gpu]'. The LM head stays TRL's chunked log-prob kernel, which already avoids full logits.",
     )
-    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    max_length: int = opt(512, "Longest tokenized sequence (prompt + response); longer rows are truncated and counted.")
-    seed: int = opt(42, "Seed for adapter init, shuffling and dropout.")
-    logging_steps: int = opt(5, "Log training metrics every N steps.")
-    eval_steps: int | None = opt(None, "Also evaluate every N steps (always at start and end).")
-    save_steps: int | None = opt(
-        None, "Checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; null = only on Ctrl-C."
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0, max=1)
+    max_length: int = opt(
+        512, "Longest tokenized sequence (prompt + response); longer rows are truncated and counted.", min=2
     )
-    save_total_limit: int = opt(2, "Checkpoints kept (at least 2, so a crash while writing one leaves the previous).")
+    seed: int = opt(42, "Seed for adapter init, shuffling and dropout.", **SEED)
+    logging_steps: int = opt(5, "Log training metrics every N steps.", min=1)
+    eval_steps: int | None = opt(None, "Also evaluate every N steps (always at start and end).", min=1)
+    save_steps: int | None = opt(
+        None, "Checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; null = only on Ctrl-C.", min=1
+    )
+    save_total_limit: int = opt(
+        2, "Checkpoints kept (at least 2, so a crash while writing one leaves the previous).", min=2
+    )
 
 
 @dataclass
 class SamplesConfig:
-    num_prompts: int = opt(6, "Held-out prompts to generate from at the end of the stage (0 disables).")
-    max_new_tokens: int = opt(48, "Tokens generated per sample (greedy).")
+    num_prompts: int = opt(6, "Held-out prompts to generate from at the end of the stage (0 disables).", min=0)
+    max_new_tokens: int = opt(48, "Tokens generated per sample (greedy).", min=1)
     judge: str | None = opt(
         None, "Score the samples with a judge (align.evaluation.judges: 'format', 'refusal', 'length' or 'module:function')."
     )
@@ -216,7 +298,7 @@ class WandbConfig:
     mode: Literal["auto", "offline", "online"] = opt(
         "auto", "auto = online when WANDB_API_KEY is set (or WANDB_MODE says so), else offline."
     )
-    tags: list[str] = opt([], "W&B tags.")
+    tags: list[str] = opt([], "W&B tags.", any_value="any labels, none included")
 
 
 @dataclass
@@ -252,31 +334,6 @@ class StageConfig(RunConfig):
         super().validate()
         if not self.data.path:
             raise ConfigError("data.path: required")
-        positive = {
-            "train.batch_size": self.train.batch_size,
-            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
-            "train.max_length": self.train.max_length,
-            "train.logging_steps": self.train.logging_steps,
-            "lora.r": self.lora.r,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
-        if self.train.save_steps is not None and self.train.save_steps < 1:
-            raise ConfigError(f"train.save_steps: must be at least 1 or null, got {self.train.save_steps}")
-        if self.train.save_total_limit < 2:
-            raise ConfigError(
-                f"train.save_total_limit: must be at least 2 (a crash while writing the newest checkpoint "
-                f"must leave the previous one), got {self.train.save_total_limit}"
-            )
-        if self.train.max_steps is not None and self.train.max_steps < 1:
-            raise ConfigError(f"train.max_steps: must be at least 1 or null, got {self.train.max_steps}")
-        if self.train.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate: must be positive, got {self.train.learning_rate}")
-        if not 0 <= self.data.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
-        if not 0 <= self.lora.dropout < 1:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         self.peft.validate()
 
 
@@ -318,14 +375,12 @@ class PipelineConfig:
     tracking: Literal["wandb", "none"] | None = opt(None, "Overrides tracking of every stage when set.")
     wandb_project: str | None = opt(None, "Overrides wandb.project of every stage when set.")
     resume: bool = opt(False, "Resume every interrupted stage from its newest complete checkpoint.")
-    stages: list[PipelineStage] = opt([], "Stages in the order they run.")
+    stages: list[PipelineStage] = opt([], "Stages in the order they run.", nonempty=True)
 
     def validate(self) -> None:
         for key in ("name", "output_dir"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: required")
-        if not self.stages:
-            raise ConfigError("stages: at least one stage is required")
         seen: set[str] = set()
         for i, st in enumerate(self.stages):
             for key in ("name", "stage", "config"):
@@ -349,14 +404,19 @@ class PipelineConfig:
 class _Source:
     """Where values came from, so errors can name a file and line (or the command line)."""
 
-    def __init__(self, name: str, lines: dict[str, int] | None = None, overridden: set[str] | None = None):
+    def __init__(
+        self, name: str, lines: dict[str, int] | None = None, overridden: set[str] | None = None,
+        override_where: dict[str, str] | None = None,
+    ):
         self.name = name
         self.lines = lines or {}
         self.overridden = overridden or set()
+        self.override_where = override_where or {}  # overridden key -> where it was set (default: the command line)
 
     def where(self, path: str) -> str:
-        if any(path == k or path.startswith(k + ".") or k.startswith(path + ".") for k in self.overridden):
-            return "command line"
+        for k in self.overridden:
+            if path == k or path.startswith(k + ".") or k.startswith(path + "."):
+                return self.override_where.get(k, "command line")
         probe = path
         while probe:
             if probe in self.lines:
@@ -365,32 +425,61 @@ class _Source:
         return self.name
 
 
+_MAX_YAML_NODES = 100_000  # a config has hundreds; aliases nested to explode into billions are refused
+
+
 def _yaml_with_lines(text: str, name: str) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and record the line of every mapping key by dotted path."""
+    """Parse YAML and record the line of every mapping key by dotted path.
+
+    Refused with one line each: invalid YAML, a key given twice in one mapping (YAML keeps the
+    last silently), an alias that contains itself, and aliases that expand beyond any config's size.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     lines: dict[str, int] = {}
+    on_path: set[int] = set()  # nodes being walked: meeting one again means an alias contains itself
+    visits = 0
 
     def walk(n: Any, prefix: str) -> None:
+        nonlocal visits
+        visits += 1
+        if visits > _MAX_YAML_NODES:
+            raise ConfigError(f"{name}: YAML aliases expand to more than {_MAX_YAML_NODES:,} values; not a config")
+        if id(n) in on_path:
+            raise ConfigError(f"{name}:{n.start_mark.line + 1}: {prefix or 'the document'}: an alias refers to itself (recursive YAML)")
+        on_path.add(id(n))
         if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
             for key_node, value_node in n.value:
-                path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                lines[path] = key_node.start_mark.line + 1
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                path = f"{prefix}.{key}" if prefix else str(key)
+                if isinstance(key_node, yaml.ScalarNode) and key != "<<":
+                    if key in seen:
+                        raise ConfigError(f"{name}:{line}: duplicate key '{path}' (first at line {seen[key]}); YAML would keep only the last")
+                    seen[key] = line
+                lines[path] = line
                 walk(value_node, path)
         elif isinstance(n, yaml.SequenceNode):
             for i, item in enumerate(n.value):
                 path = f"{prefix}[{i}]"
                 lines[path] = item.start_mark.line + 1
                 walk(item, path)
+        on_path.discard(id(n))
 
     if node is not None:
         walk(node, "")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # composing succeeded, so this is a constructor problem (a bad tag or value)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
     return data, lines
 
 
@@ -556,11 +645,51 @@ def apply_overrides(data: dict, overrides: dict[str, Any], source: str = "comman
         node[parts[-1]] = value
 
 
+def check_values(cfg: Any, where: typing.Callable[[str], str] | None = None, prefix: str = "") -> None:
+    """Every range declared in the schema of a config and its sections; the first value out of range
+    raises a ConfigError naming its key (and, given `where`, its file:line or the command line)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        path = prefix + f.name
+        check = field_check(f)
+        problem = check.problem(value) if check is not None else None
+        if problem:
+            raise ConfigError(f"{where(path)}: {path}: {problem}" if where else f"{path}: {problem}")
+        if dataclasses.is_dataclass(value):
+            check_values(value, where, path + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_values(item, where, f"{path}[{i}].")
+
+
+_LEADING_KEY = re.compile(r"[A-Za-z_][\w]*(?:\[\d+\])?(?:\.[A-Za-z_][\w]*(?:\[\d+\])?)*")
+
+
+def _locate(message: str, src: _Source) -> str:
+    """Where the key a validation message starts with was set: its file:line, the command line, or the file."""
+    match = _LEADING_KEY.match(message)
+    return src.where(match.group(0)) if match else src.name
+
+
 T = typing.TypeVar("T")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Load a config dataclass from YAML (optional) plus dotted overrides, then validate it."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    prepare: typing.Callable[[Any], Any] | None = None,
+    override_where: dict[str, str] | None = None,
+) -> T:
+    """Load a config dataclass from YAML (optional) plus dotted overrides, then check and validate it.
+
+    Order: types (while building), the schema's ranges, the config's own validate(), then
+    `prepare` (a stage's pre-flight checks and resolve step). Every error names the key and where
+    it was set: `file:line`, or `command line` for an override (`override_where` labels overrides
+    that came from elsewhere, e.g. a pipeline file).
+    """
     data: dict = {}
     lines: dict[str, int] = {}
     name = "command line"
@@ -581,14 +710,26 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         data = loaded
     if overrides:
         apply_overrides(data, overrides)
-    src = _Source(name, lines, set(overrides or ()))
+    src = _Source(name, lines, set(overrides or ()), override_where)
     cfg = _build(cls, data, src, cls)
-    validate = getattr(cfg, "validate", None)
-    if validate:
-        try:
+    check_values(cfg, src.where)
+    try:
+        validate = getattr(cfg, "validate", None)
+        if validate:
             validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
+        if prepare is not None:
+            cfg = prepare(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{_locate(str(exc), src)}: {exc}") from None
+    return cfg
+
+
+def config_from_dict(cls: type[T], data: dict, name: str) -> T:
+    """A config section built from a mapping read elsewhere (a run dir's config.yaml): types and ranges
+    checked like a loaded config's, errors naming `name`."""
+    src = _Source(name)
+    cfg = _build(cls, data, src, cls)
+    check_values(cfg, src.where)
     return cfg
 
 
@@ -613,5 +754,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             out.extend(describe(tp, path + "."))
             continue
         default = f.default if f.default is not _MISSING else (f.default_factory() if f.default_factory is not _MISSING else None)
-        out.append(f"  {path} ({_type_name(tp)}, default {default!r}): {help_text}")
+        check = field_check(f)
+        valid = f"; {check.text()}" if check is not None and not check.any_value else ""
+        out.append(f"  {path} ({_type_name(tp)}, default {default!r}{valid}): {help_text}")
     return out

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from align.core.artifacts import hash_json
 from align.core.config import DataConfig
 from align.core.errors import DataError
+from align.core.rows import REASONS, pair_serial, preference_problems, serial
 from align.modeling.templates import instruction_user_content
 
 BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
@@ -37,14 +38,18 @@ class Splits:
     train: list[dict]
     eval: list[dict]
     notes: list[str] = field(default_factory=list)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> rows left out
 
     def info(self) -> dict:
-        return {
+        out = {
             "path": self.source,
             "hash": hash_json({"train": self.train, "eval": self.eval}),
             "rows": {"train": len(self.train), "eval": len(self.eval)},
             "notes": self.notes,
         }
+        if self.dropped:
+            out["dropped"] = self.dropped
+        return out
 
 
 # --------------------------------------------------------------------------- reading sources
@@ -299,16 +304,73 @@ def normalize_prompt(row: Any, where: str) -> dict:
 # --------------------------------------------------------------------------- splits
 
 
+class _PreferenceChecks:
+    """align-data validate's row checks on the rows a recipe loads (align.core.rows: the same code),
+    plus exact duplicates across both splits; rejected rows are left out and counted by reason."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.dropped: dict[str, dict[str, int]] = {}
+
+    def __call__(self, rows: list[Row], split: str) -> list[dict]:
+        kept = []
+        counts: dict[str, int] = {}
+        for where, raw in rows:
+            row = normalize_preference(raw, where)
+            problems = preference_problems(row, raw)
+            reason = problems[0][0] if problems else None
+            if reason is None:
+                key = pair_serial(row["prompt"], row["chosen"], row["rejected"])
+                if key in self.seen:
+                    reason = "exact_duplicate"
+                else:
+                    self.seen.add(key)
+                    kept.append(row)
+                    continue
+            counts[reason] = counts.get(reason, 0) + 1
+        if counts:
+            self.dropped[split] = counts
+        return kept
+
+    def note(self, split: str, total: int) -> str | None:
+        counts = self.dropped.get(split)
+        if not counts:
+            return None
+        reasons = ", ".join(f"{REASONS[r]}: {n}" for r, n in counts.items())
+        return f"{split}: left out {sum(counts.values())} of {total} rows that align-data validate rejects ({reasons})"
+
+
 def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
-    """Read, validate and split a dataset; kind is 'sft', 'preference' or 'prompt'."""
+    """Read, validate and split a dataset; kind is 'sft', 'preference' or 'prompt'.
+
+    Preference rows that `align-data validate` rejects (turn order, empty turns, chosen identical to
+    rejected, bad scores, exact duplicates) are left out and counted by reason in the notes.
+    """
     normalize = {"sft": normalize_sft, "preference": normalize_preference, "prompt": normalize_prompt}[kind]
     raw = read_splits(cfg.path)
     if cfg.train_split not in raw:
         raise DataError(f"data.path '{cfg.path}': no split '{cfg.train_split}' (available: {', '.join(sorted(raw))})")
     notes: list[str] = []
-    train = [normalize(row, where) for where, row in raw[cfg.train_split]]
+    checks = _PreferenceChecks() if kind == "preference" else None
+
+    def load(split: str) -> list[dict]:
+        if checks is not None:
+            return checks(raw[split], split)
+        return [normalize(row, where) for where, row in raw[split]]
+
+    train = load(cfg.train_split)
+    if checks is not None and (note := checks.note(cfg.train_split, len(raw[cfg.train_split]))):
+        notes.append(note)
     if cfg.eval_split and cfg.eval_split in raw:
-        held_out = [normalize(row, where) for where, row in raw[cfg.eval_split]]
+        held_out = load(cfg.eval_split)
+        if checks is not None and (note := checks.note(cfg.eval_split, len(raw[cfg.eval_split]))):
+            notes.append(note)
+        if checks is not None:
+            train_prompts = {serial(r["prompt"]) for r in train}
+            shared = sum(serial(r["prompt"]) in train_prompts for r in held_out)
+            if shared:
+                notes.append(f"{cfg.eval_split}: {shared} held-out rows share their prompt with a training row "
+                             "(align-data validate flags these; kept)")
     elif cfg.eval_fraction > 0 and len(train) > 1:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -322,7 +384,9 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
         held_out = []
         notes.append("no held-out data: evaluation is skipped")
     if not train:
-        raise DataError(f"data.path '{cfg.path}': split '{cfg.train_split}' has no rows")
+        left_out = sum((checks.dropped.get(cfg.train_split) or {}).values()) if checks is not None else 0
+        why = f" left after leaving out {left_out} that align-data validate rejects" if left_out else ""
+        raise DataError(f"data.path '{cfg.path}': split '{cfg.train_split}' has no rows{why}")
     if kind == "sft":
         preference = sum(_is_preference_row(row) for _, row in raw[cfg.train_split])
         if preference:
@@ -333,7 +397,7 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
     if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(held_out):
         notes.append(f"using the first {cfg.max_eval_samples} of {len(held_out)} held-out rows (max_eval_samples)")
         held_out = held_out[: cfg.max_eval_samples]
-    return Splits(cfg.path, train, held_out, notes)
+    return Splits(cfg.path, train, held_out, notes, checks.dropped if checks is not None else {})
 
 
 def _is_preference_row(row: Any) -> bool:

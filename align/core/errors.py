@@ -21,3 +21,13 @@ class DataError(AlignError):
 
 class ModelError(AlignError):
     """A model reference cannot be resolved or loaded."""
+
+
+class StageError(AlignError):
+    """A library (transformers, PEFT, TRL, torch) raised while a stage ran.
+
+    One line naming the stage, the step and the cause; the run dir is marked failed with the
+    traceback in its manifest. Exit status 1: not necessarily bad input. `--debug` shows the trace.
+    """
+
+    exit_code = 1

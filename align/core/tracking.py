@@ -7,13 +7,15 @@ Only the main process of a distributed run tracks anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import SAMPLES, RunDir, atomic_write_text, redact
+from align.core.artifacts import SAMPLES, RunDir, atomic_write_text, redact, redact_text
 from align.core.config import RunConfig, to_dict
 
 
@@ -77,21 +79,22 @@ class Tracker:
         if enabled_wandb:
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=project,
-                entity=entity,
-                group=group,
-                job_type=stage,
-                name=name or (f"{group}-{stage}" if group else stage),
-                tags=tags or None,
-                config=redact(config or {}),
-                dir=str(run_dir.path),
-                mode=wandb_mode(mode),
-                # stdout is not mirrored into the run: logs stay where the user sees them.
-                settings=wandb.Settings(console="off", silent=True),
-                id=resume_id,
-                resume="allow" if resume_id else None,
-            )
+            with _redacted_argv():  # W&B records the command line (sys.argv) in its run files
+                self.wandb_run = wandb.init(
+                    project=redact(project),
+                    entity=redact(entity),
+                    group=redact(group),
+                    job_type=stage,
+                    name=redact(name or (f"{group}-{stage}" if group else stage)),
+                    tags=redact(tags) or None,
+                    config=redact(config or {}),
+                    dir=str(run_dir.path),
+                    mode=wandb_mode(mode),
+                    # stdout is not mirrored into the run: logs stay where the user sees them.
+                    settings=wandb.Settings(console="off", silent=True),
+                    id=resume_id,
+                    resume="allow" if resume_id else None,
+                )
             self.wandb_run_id = self.wandb_run.id
             self.wandb_path = Path(self.wandb_run.dir).parent  # <RunDir>/wandb/<offline-run-...>/files -> run folder
 
@@ -155,6 +158,17 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+@contextlib.contextmanager
+def _redacted_argv():
+    """sys.argv with secrets (secret environment values, token-shaped strings) replaced, while W&B reads it."""
+    original = sys.argv
+    sys.argv = [redact_text(a) for a in original]
+    try:
+        yield
+    finally:
+        sys.argv = original
 
 
 def trainer_metric_name(key: str) -> str:

@@ -39,7 +39,7 @@ class CompareConfig(RunConfig):
     """The same SFT (and DPO) run with each PEFT method, same steps and seed, and a table comparing them."""
 
     output_dir: str | None = opt(None, "Runs go to <output_dir>/<method>/{sft,dpo}; the table to comparison.md (required).")
-    methods: list[Literal[PEFT_METHODS]] = opt(list(PEFT_METHODS), "Methods to compare, in table order.")  # type: ignore[valid-type]
+    methods: list[Literal[PEFT_METHODS]] = opt(list(PEFT_METHODS), "Methods to compare, in table order.", nonempty=True)  # type: ignore[valid-type]
     sft_config: str = opt("sft.yaml", "The SFT stage YAML every method runs, relative to this file.")
     dpo_config: str | None = opt(
         "dpo.yaml",
@@ -47,7 +47,8 @@ class CompareConfig(RunConfig):
         "(the same for every method), not from each method's SFT run: prompt and prefix tuning have no merged model.",
     )
     dpo_methods: list[Literal[PEFT_METHODS]] | None = opt(  # type: ignore[valid-type]
-        None, "Methods that also run DPO; null = all of methods (every method has a DPO reference, see README)."
+        None, "Methods that also run DPO; null = all of methods (every method has a DPO reference, see README); [] = none.",
+        any_value="any subset of methods, [] included (checked against methods)",
     )
     overrides: dict[str, Any] = opt({}, "Dotted overrides for both stages of every method (train.max_steps: 8).")
     sft_overrides: dict[str, Any] = opt({}, "Dotted overrides for the SFT stage only.")
@@ -62,8 +63,6 @@ class CompareConfig(RunConfig):
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: required (where the runs and the table go)")
-        if not self.methods:
-            raise ConfigError("methods: at least one method is required")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods: a method is listed twice ({self.methods})")
         for m in self.dpo_methods or []:
@@ -237,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="comparison YAML (e.g. recipes/configs/smollm2-135m/compare_methods.yaml)")
     p.add_argument("--force", action="store_true", help="rerun stages even when a finished run matches")
     p.add_argument("--print-config", action="store_true", help="print every stage config the comparison runs and exit")
-    p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
+    p.add_argument("--keys", action="store_true", help="list every key with its type, default, valid range and help")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override keys (methods=[lora,ia3], overrides.train.max_steps=2)")
     args = p.parse_args(argv)
     if args.keys:
@@ -260,5 +260,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"table: {table} (and comparison.json; W&B table 'methods')")
         return 0 if all(row[-1] == "ok" for row in rows) else 1
 
-    return guarded(work)
+    return guarded(work, debug=args.debug)
 

@@ -177,6 +177,29 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- the report
 
 
+_MD_SIGNATURE = "<!-- report written by align's eval stage; the next evaluation replaces it -->"
+_HTML_SIGNATURE = "<title>align report</title>"
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """Refuse, before the evaluation runs, a report folder whose report.md/report.html align did not write."""
+    from align.core.errors import ConfigError
+
+    for name, signs in (("report.md", (_MD_SIGNATURE, "# Comparison report:")), ("report.html", (_HTML_SIGNATURE,))):
+        path = Path(out_dir) / name
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise ConfigError(f"report_dir: {path} exists and is not a file")
+        if path.is_file():
+            try:
+                head = path.read_text(encoding="utf-8", errors="replace")[:4096]
+            except OSError as exc:
+                raise ConfigError(f"report_dir: cannot read {path}: {exc}") from None
+            if not any(sign in head for sign in signs):
+                raise ConfigError(
+                    f"report_dir: {path} exists and was not written by align; it is never replaced: set report_dir elsewhere"
+                )
+
+
 def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None, out_dir: Path, n_samples: int, tracker=None) -> dict:
     results = json.loads((Path(eval_dir) / "eval.json").read_text())
     generations = [json.loads(line) for line in (Path(eval_dir) / "generations.jsonl").read_text().splitlines()]
@@ -213,7 +236,7 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
     rm = results.get("reward_model_accuracy")
     rm_line = f"Reward model pairwise accuracy on {results['num_pairs']} held-out pairs: **{rm:.3f}**." if rm is not None else ""
 
-    md = [f"# Comparison report: {', '.join(names)}", "", intro, "", rm_line, "", "## Policies", "",
+    md = [_MD_SIGNATURE, f"# Comparison report: {', '.join(names)}", "", intro, "", rm_line, "", "## Policies", "",
           _md_table(policy_header, policy_rows), ""]
     for title, path in plots.items():
         md += [f"## {title}", "", f"![{title}]({path.relative_to(out_dir)})", ""]

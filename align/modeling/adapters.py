@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from align.core.artifacts import RunDir, atomic_dir
+import logging
+
+from align.core.artifacts import RunDir, atomic_dir, mark_output
 from align.core.errors import ConfigError
+
+log = logging.getLogger("align")
 
 if TYPE_CHECKING:
     from peft import LoraConfig as PeftLoraConfig
@@ -91,27 +95,99 @@ def peft_config_for(cfg: "StageConfig", task_type: str = "CAUSAL_LM", base_locat
     raise ValueError(f"unknown peft.method {method!r}")  # the config's Literal makes this unreachable
 
 
+_TARGETED = ("lora", "qlora", "dora", "vera", "ia3")  # methods that adapt named modules
+
+
+def check_target_modules(cfg: "StageConfig", base: "ModelRef", head: str = "causal") -> None:
+    """Refuse target modules the base model does not have, before any run dir is written.
+
+    PEFT's own matching runs on an empty copy of the model built from its config on the meta
+    device (no weights are read; well under a second), so the rule is exactly the one training
+    would apply later, with its error turned into one line naming the key.
+    """
+    method = cfg.peft.method
+    if method not in _TARGETED:
+        return
+    lora_like = method in ("lora", "qlora", "dora")
+    targets = cfg.lora.target_modules if lora_like else getattr(cfg.peft, method).target_modules
+    key = "lora.target_modules" if lora_like else f"peft.{method}.target_modules"
+    if targets == "all-linear":
+        return
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align.core.errors import ModelError
+
+    try:
+        config = AutoConfig.from_pretrained(base.location, revision=base.revision, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model '{base.name}': cannot read its config from {base.location}: {first}") from None
+    auto = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+    if head == "score":
+        config.num_labels = 1
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built empty: the real load checks it
+        return
+    linear = sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    peft_config = peft_config_for(cfg, "SEQ_CLS" if head == "score" else "CAUSAL_LM", base_location=base.location)
+    try:
+        with torch.device("meta"):
+            get_peft_model(model, peft_config)
+    except ValueError as exc:  # PEFT's NoMatchingPeftModuleError is one, and so is "not supported"
+        text = " ".join(str(exc).split())
+        if "Target module" not in text and "target_modules" not in text and "compatible" not in text:
+            raise
+        reason = "not found in the model" if "not found" in text or "compatible" in text else "not a layer this method adapts"
+        raise ConfigError(
+            f"{key}: {targets!r}: {reason} ({base.name}); its linear layers are {', '.join(linear)} (or use 'all-linear')"
+        ) from None
+
+
 def adapter_bytes(folder: Path) -> int:
     """Size on disk of the weights in a saved adapter (or model) folder."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def peft_type(adapter_dir: Path) -> str:
-    """The PEFT type (LORA, IA3, PROMPT_TUNING, ...) of a saved adapter."""
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """A saved adapter's adapter_config.json, checked to be a mapping with a string peft_type (one-line errors)."""
     import json
 
     config = Path(adapter_dir) / "adapter_config.json"
     try:
-        return json.loads(config.read_text())["peft_type"]
-    except (OSError, ValueError, KeyError):
-        raise ConfigError(f"{adapter_dir}: not a PEFT adapter (no readable adapter_config.json with a peft_type)") from None
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{adapter_dir}: not a PEFT adapter (no adapter_config.json)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{config}: expected a JSON object, got {type(loaded).__name__}")
+    if not isinstance(loaded.get("peft_type"), str):
+        raise ConfigError(f"{config}: no 'peft_type' (a PEFT adapter's config names its type, e.g. LORA)")
+    base = loaded.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{config}: 'base_model_name_or_path' must be a string, got {type(base).__name__}")
+    return loaded
+
+
+def peft_type(adapter_dir: Path) -> str:
+    """The PEFT type (LORA, IA3, PROMPT_TUNING, ...) of a saved adapter."""
+    return read_adapter_config(adapter_dir)["peft_type"]
 
 
 _MERGEABLE_TYPES = ("LORA", "IA3", "VERA")
 
 
-def merge_adapter(base: "ModelRef", model_cfg: "ModelConfig", adapter_dir: Path, out_dir: Path, tokenizer) -> None:
-    """Write base + adapter as one full-precision safetensors model (atomically).
+def merge_adapter(
+    base: "ModelRef", model_cfg: "ModelConfig", adapter_dir: Path, out_dir: Path, tokenizer, mark: str | None = None
+) -> None:
+    """Write base + adapter as one full-precision safetensors model (atomically); `mark` labels a folder
+    the user named as align's output (so a later run may replace it).
 
     Only adapters that change weights merge; prompt and prefix tuning add virtual tokens instead.
     """
@@ -129,9 +205,14 @@ def merge_adapter(base: "ModelRef", model_cfg: "ModelConfig", adapter_dir: Path,
     if model_cfg.quantization != "none":
         model = model.dequantize()
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    if not model_cfg.trust_remote_code and getattr(merged.config, "auto_map", None):
+        # The base names code files that did not run (and are not copied): the merged model is the built-in class.
+        del merged.config.auto_map
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if mark:
+            mark_output(tmp, mark)
 
 
 def load_frozen_adapter(model, adapter_dir: Path, name: str):
@@ -147,6 +228,7 @@ def load_frozen_adapter(model, adapter_dir: Path, name: str):
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    read_adapter_config(adapter_dir)  # a malformed adapter_config.json is one line, not PEFT's traceback
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.modules_to_save = None
     config.inference_mode = True
@@ -189,22 +271,30 @@ class AdapterSource:
     run: RunDir | None  # the RunDir it came from, if any
 
 
-def resolve_adapter(spec: str | Path, base: str | None = None) -> AdapterSource:
+# Model settings a run dir's config.yaml may carry over to `align merge/generate/export/combine`: how
+# to load the base as it was trained. Never trust_remote_code: code runs only when the user asks.
+_CARRIED_MODEL_KEYS = ("dtype", "attn_implementation", "quantization", "chat_template")
+
+
+def resolve_adapter(spec: str | Path, base: str | None = None, trust_remote_code: bool = False) -> AdapterSource:
     """An adapter given as a RunDir (its adapter/) or an adapter folder; `base` overrides its recorded base.
 
     A RunDir names its base in manifest.json and its model settings in config.yaml; a bare
-    adapter folder names its base in adapter_config.json (base_model_name_or_path).
+    adapter folder names its base in adapter_config.json (base_model_name_or_path). What a run dir
+    says is data: its dtype, attention, quantization and chat template are used, but remote code
+    runs only with `trust_remote_code=True` from the user (`--trust-remote-code`), whatever the
+    run's config.yaml says.
     """
-    import dataclasses
-    import json
-
+    from align.core.config import ModelConfig, config_from_dict
     from align.modeling import models
-    from align.core.config import ModelConfig
 
     path = Path(spec)
-    run = RunDir(path) if (path / "manifest.json").is_file() else None
-    model_cfg = ModelConfig()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    candidate = RunDir(path)
+    run = candidate if candidate.is_run_dir() else None
     recorded = None
+    saved: dict = {}
     if run is not None:
         manifest = run.manifest() or {}
         if not (run.adapter_dir / "adapter_config.json").is_file():
@@ -212,15 +302,25 @@ def resolve_adapter(spec: str | Path, base: str | None = None) -> AdapterSource:
             hint = f" (peft.method {method}: the trained model is {run.merged_dir})" if method == "full" else ""
             raise ConfigError(f"{path}: this run has no adapter/{hint}")
         adapter_dir = run.adapter_dir
+        read_adapter_config(adapter_dir)
         recorded = (manifest.get("base_model") or {}).get("location")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        saved = {k: v for k, v in (run.config().get("model") or {}).items() if k in known}
-        model_cfg = dataclasses.replace(ModelConfig(), **saved)
+        if recorded is not None and not isinstance(recorded, str):
+            raise ConfigError(f"{run.manifest_path}: base_model.location must be a string")
+        model_section = run.config().get("model") or {}
+        if not isinstance(model_section, dict):
+            raise ConfigError(f"{path}/config.yaml: 'model' must be a mapping")
+        saved = {k: v for k, v in model_section.items() if k in _CARRIED_MODEL_KEYS}
+        if model_section.get("trust_remote_code") is True and not trust_remote_code:
+            log.warning(
+                "%s was trained with model.trust_remote_code: true; a run dir cannot turn remote code on: its base "
+                "loads with the built-in code (pass --trust-remote-code if you trust %s)", path, recorded,
+            )
     elif (path / "adapter_config.json").is_file():
         adapter_dir = path
-        recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        recorded = read_adapter_config(path).get("base_model_name_or_path")
     else:
         raise ConfigError(f"{path}: neither a RunDir with adapter/ nor an adapter folder (no adapter_config.json)")
+    model_cfg = config_from_dict(ModelConfig, {**saved, "trust_remote_code": trust_remote_code}, f"{path}/config.yaml (model)")
     name = base or recorded
     if not name:
         raise ConfigError(f"{path}: the adapter does not name its base model; pass --base")
@@ -299,7 +399,6 @@ def combine_adapters(sources: list[AdapterSource], weights: list[float], combina
     svd: that exact sum truncated back to the largest rank by SVD.
     """
     import dataclasses
-    import json
     import os
 
     from peft import PeftModel
@@ -317,7 +416,7 @@ def combine_adapters(sources: list[AdapterSource], weights: list[float], combina
         kind = peft_type(s.adapter_dir)
         if kind != "LORA":
             raise ConfigError(f"combine: {s.adapter_dir} is of PEFT type {kind}; only LoRA adapters combine (their A/B matrices are what is weighted)")
-        config = json.loads((s.adapter_dir / "adapter_config.json").read_text())
+        config = read_adapter_config(s.adapter_dir)
         if config.get("use_dora"):
             raise ConfigError(f"combine: {s.adapter_dir} is a DoRA adapter; its magnitude vectors are not combined by PEFT, so the result would be wrong")
         if config.get("modules_to_save"):
@@ -353,4 +452,5 @@ def combine_adapters(sources: list[AdapterSource], weights: list[float], combina
             "",
         ]
         (tmp / "README.md").write_text("\n".join(lines), encoding="utf-8")
+        mark_output(tmp, "combine")
     return out_dir

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from align.core.artifacts import RunDir, atomic_dir, atomic_write_json, atomic_write_text
-from align.core.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs
+from align.core.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, load_plain
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
 from align.modeling.adapters import load_frozen_adapter, peft_config_for
@@ -158,21 +158,29 @@ def load_checkpoint(folder: Path, pvr: PolicyValueReward, optimizer, scheduler) 
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    for name in ("policy", "value"):
-        weights = load_file(str(folder / "adapters" / name / "adapter_model.safetensors"))
-        set_peft_model_state_dict(pvr.model, weights, adapter_name=name)
-    pvr.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
-    # A checkpoint is data: tensors and plain containers only, never pickled code.
-    state = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(folder / "rng_state.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(_as_tuples(rng["python"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    meta = json.loads((folder / "state.json").read_text())
-    return meta["step"], meta["kl_coef"]
+    # A checkpoint is data: safetensors, JSON, and torch.save files of tensors and plain containers
+    # (load_plain), never pickled code. Anything malformed is one line naming the file.
+    try:
+        state = load_plain(folder / "optimizer.pt")
+        rng = load_plain(folder / "rng_state.pt")
+        meta = json.loads((folder / "state.json").read_text())
+        step, kl_coef = int(meta["step"]), float(meta["kl_coef"])
+        for name in ("policy", "value"):
+            weights = load_file(str(folder / "adapters" / name / "adapter_model.safetensors"))
+            set_peft_model_state_dict(pvr.model, weights, adapter_name=name)
+        pvr.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuples(rng["python"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign checkpoint, whatever broke
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{folder}: cannot resume from this checkpoint: {type(exc).__name__}: {first[:200]}") from None
+    return step, kl_coef
 
 
 # --------------------------------------------------------------------------- one PPO step

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from align.modeling.adapters import adapter_bytes
-from align.core.artifacts import ADAPTER, MERGED, RunDir, atomic_dir, hash_json, redact
+from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, check_output_dir, hash_json, redact
 from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
 from align.core.data import Splits, distinct_prompts
 from align.core.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
-from align.core.errors import AlignError, ConfigError, DataError
+from align.core.errors import AlignError, ConfigError, DataError, StageError
 from align.modeling.models import ModelRef, content_hash
 from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteGuard, check_disk_space, oom_advice
 from align.core.tracking import Tracker, is_main_process, trainer_metric_name
@@ -44,9 +44,15 @@ def run_key(cfg: RunConfig, base_hash: str, data_hash: str) -> str:
 
 def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
     parent = RunDir(Path(path))
+    kind = parent.kind()
+    if kind == "missing":
+        raise ConfigError(f"{key}: {parent.path} does not exist; run the parent stage first")
+    if kind not in ("run", "legacy"):
+        what = "a file" if kind == "file" else "an empty folder" if kind == "empty" else "a folder without align's run marker"
+        raise ConfigError(f"{key}: {parent.path} is not an align run dir ({what}); give the output_dir of a finished stage")
     status = parent.status
     if status != "finished":
-        state = "does not exist" if status is None else f"is not finished (status: {status})"
+        state = "has no readable manifest.json" if status is None else f"is not finished (status: {status})"
         raise ConfigError(f"{key}: {parent.path} {state}; run the parent stage first")
     return parent
 
@@ -98,13 +104,16 @@ def resolve_base(cfg) -> tuple[ModelRef, RunDir | None]:
     return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
 
 
-def open_stage(cfg: StageConfig, data_kind: str, force: bool, inputs: dict | None = None) -> "StageRun":
-    """A training stage's data, base model and StageRun: bad input fails here, before anything is written."""
+def open_stage(cfg: StageConfig, data_kind: str, force: bool, inputs: dict | None = None, head: str = "causal") -> "StageRun":
+    """A training stage's data, base model and StageRun: bad input fails here, before anything is written.
+
+    `head`: the model the stage trains ("score" for a reward model), for the check of target modules.
+    """
     from align.core.data import load_splits
 
     splits = load_splits(cfg.data, data_kind, cfg.train.seed)
     base, parent = resolve_base(cfg)
-    return StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=inputs)
+    return StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=inputs, head=head)
 
 
 def held_out_summary(trained: "Trained", keys: tuple[str, ...]) -> dict[str, Any]:
@@ -126,6 +135,7 @@ class StageRun:
         parent: RunDir | None = None,
         force: bool = False,
         inputs: dict | None = None,
+        head: str = "causal",
     ):
         self.cfg = cfg
         self.stage = cfg.stage
@@ -133,6 +143,10 @@ class StageRun:
         self.splits = splits
         self.parent = parent
         self.run_dir = RunDir(Path(cfg.output_dir))
+        self.step: int | None = None  # the optimizer step in progress, for error messages
+        self.phase = "setup"
+        self._lock = None
+        self._began = False
         self.base_hash = content_hash(base)
         self.data_info = splits.info()
         # `inputs`: identities of other runs this one reads (an evaluation's policies, a PPO reward model).
@@ -145,6 +159,12 @@ class StageRun:
             source = "parent run" if parent else "base model"
             log.info("%s: skipped: the finished run in %s matches its config, %s and data", self.stage, self.run_dir.path, source)
         resumable = isinstance(cfg, StageConfig) and cfg.resume
+        if not self.skipped and is_main_process():
+            check_output_dir(self.run_dir.path)  # a file, a foreign folder, no write access: refused before any work
+        if not self.skipped and isinstance(cfg, StageConfig):
+            from align.modeling.adapters import check_target_modules
+
+            check_target_modules(cfg, base, head)  # a module name PEFT would not find, refused before anything is written
         self.resume_from = self._checkpoint_to_resume() if resumable and not self.skipped else None
         self.tracker: Tracker | None = None
         self._started = 0.0
@@ -167,6 +187,20 @@ class StageRun:
     def __enter__(self) -> "StageRun":
         self._started = time.time()
         reset_peak_memory()
+        if is_main_process():
+            self._lock = RunLock.acquire(self.run_dir.path)  # held until __exit__; a second run is refused
+        try:
+            return self._enter()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _enter(self) -> "StageRun":
         wandb_id = None
         if self.resume_from is not None:
             wandb_id = (self.run_dir.manifest() or {}).get("wandb_run_id")
@@ -176,6 +210,7 @@ class StageRun:
                     if later_step > step:  # half-written by the run that died
                         shutil.rmtree(folder, ignore_errors=True)
                 self.run_dir.reopen(str(self.resume_from))
+                self._began = True
                 self.run_dir.truncate_metrics(after_step=step)
             log.info("%s: resuming from %s", self.stage, self.resume_from)
         elif is_main_process():
@@ -190,15 +225,17 @@ class StageRun:
                 base_model={"name": self.base.name, "location": self.base.location, "content_hash": self.base_hash},
                 dataset=self.data_info,
             )
+            self._began = True
         try:
             self.tracker = Tracker.for_config(self.run_dir, self.cfg, resume_id=wandb_id)
             if is_main_process() and self.tracker.wandb_run_id:
                 self.run_dir.update(wandb_run_id=self.tracker.wandb_run_id)
         except BaseException as exc:  # __exit__ does not run when __enter__ raises
-            self.__exit__(type(exc), exc, exc.__traceback__)
+            self._exit(type(exc), exc, exc.__traceback__)
             raise
         for note in self.splits.notes:
             log.info("%s data: %s", self.stage, note)
+        self.phase = "training"
         return self
 
     def _needed_disk_bytes(self) -> int:
@@ -214,15 +251,33 @@ class StageRun:
         merged = weights if self.stage == "sft" and not full else 0
         return merged + adapter_and_state * (1 + checkpoints) + 50 * 2**20
 
+    def where(self) -> str:
+        """Where the stage is, for an error message: 'at step 3', 'while saving', 'during setup'."""
+        if self.phase == "training" and self.step is not None:
+            return f"at step {self.step}"
+        return {"setup": "during setup", "training": "before the first step"}.get(self.phase, f"while {self.phase}")
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._exit(exc_type, exc, tb)
+        finally:
+            self._release()
+        if exc is not None and not isinstance(exc, (AlignError, KeyboardInterrupt, SystemExit)) and isinstance(exc, Exception):
+            # A library error mid-run: one line naming the stage, the step and the cause (the manifest keeps the trace).
+            raise StageError(
+                f"{self.stage} failed {self.where()}: {redact(_one_line(exc))}; the run in {self.run_dir.path} is marked "
+                "failed (its manifest.json has the traceback; --debug prints it)"
+            ) from exc
+        return False
+
+    def _exit(self, exc_type, exc, tb) -> None:
         if exc is not None:
             message = redact(f"{exc_type.__name__}: {exc}".strip())
-            if is_main_process():
+            if is_main_process() and self._began:  # never mark a previous run failed for a refusal before this one began
                 status = "interrupted" if isinstance(exc, Interrupted) else "failed"
-                self.run_dir.fail(message, traceback.format_exception(exc_type, exc, tb)[-6:], status=status)
+                self.run_dir.fail(message, redact(traceback.format_exception(exc_type, exc, tb)[-6:]), status=status)
             if self.tracker:
                 self.tracker.finish(failed=True)
-        return False
 
     @staticmethod
     def before_metrics(trainer) -> dict[str, float]:
@@ -234,7 +289,7 @@ class StageRun:
         return {}
 
     def callback(self):
-        return TrackerCallback(self.tracker)
+        return TrackerCallback(self.tracker, self)
 
     def save_adapter(self, trainer) -> Path:
         """The trained adapter in standard PEFT format (adapter/), written atomically, logged as an artifact.
@@ -391,11 +446,28 @@ class StepTimer(TrainerCallback):
         return round(sum(self.durations) / len(self.durations), 3) if self.durations else None
 
 
-class TrackerCallback(TrainerCallback):
-    """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names."""
+def _one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, at most 300 characters."""
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
-    def __init__(self, tracker: Tracker):
+
+class TrackerCallback(TrainerCallback):
+    """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names; keeps the
+    stage's step current for error messages."""
+
+    def __init__(self, tracker: Tracker, stage: "StageRun | None" = None):
         self.tracker = tracker
+        self.stage = stage
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stage is not None:
+            self.stage.step = state.global_step + 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stage is not None:
+            self.stage.phase = "finishing (evaluation, saving, samples)"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:

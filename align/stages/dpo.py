@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 from align.core.config import ChildStageConfig, opt
-from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
@@ -38,9 +37,9 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "
 
 @dataclass
 class DPOOptions:
-    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).")
+    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).", gt=0)
     loss_type: Literal[DPO_LOSS_TYPES] = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), ...")  # type: ignore[valid-type]
-    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative/robust DPO), in [0, 0.5).")
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative/robust DPO).", min=0, lt=0.5)
     shared_prefix: bool = opt(
         True,
         "Compute each pair's prompt once for chosen and rejected (block attention mask); off, or where it "
@@ -74,12 +73,7 @@ class DPOConfig(ChildStageConfig):
 
     stage = "dpo"
 
-    def validate(self) -> None:
-        super().validate()
-        if self.dpo.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be positive, got {self.dpo.beta}")
-        if not 0 <= self.dpo.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.dpo.label_smoothing}")
+
 
 
 def prepare(splits, tokenizer, max_length: int):

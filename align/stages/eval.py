@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.core.config import DataConfig, ModelConfig, RunConfig, opt
+from align.core.config import SEED, DataConfig, ModelConfig, RunConfig, opt
 from align.core.errors import ConfigError
 from align.evaluation.judges import check_judge_specs
 from align.stages.registry import Stage, prepare_config, register
@@ -28,51 +28,44 @@ GENERATIONS = "generations.jsonl"
 
 @dataclass
 class EvalSampling:
-    max_new_tokens: int = opt(48, "Longest response.")
-    temperature: float = opt(1.0, "Sampling temperature; 1.0 keeps the sample-based KL estimate unbiased.")
-    top_p: float = opt(1.0, "Nucleus sampling.")
-    seed: int = opt(1234, "Seed of the sampling: the same prompts and draws for every policy.")
+    max_new_tokens: int = opt(48, "Longest response.", min=1)
+    temperature: float = opt(1.0, "Sampling temperature; 1.0 keeps the sample-based KL estimate unbiased.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling.", gt=0, max=1)
+    seed: int = opt(1234, "Seed of the sampling: the same prompts and draws for every policy.", **SEED)
 
 
 @dataclass
 class EvalConfig(RunConfig):
     """Evaluation of several policies on held-out prompts, and the comparison report."""
 
-    runs: dict[str, str] = opt({}, "Policies to compare: name -> RunDir (sft, dpo, ppo, ...).")
+    runs: dict[str, str] = opt({}, "Policies to compare: name -> RunDir (sft, dpo, ppo, ...).", nonempty=True)
     baseline: str = opt("sft", "The policy every other one is compared with (win rates, KL reference).")
     reward_run: str | None = opt(None, "Reward-model RunDir: reward scores and its pairwise accuracy.")
     data: DataConfig = opt(DataConfig, "Held-out preference data: its prompts are generated from, its pairs scored.")
     perplexity_data: str | None = opt(
         "bundled:demo-sft", "SFT data whose held-out split measures each policy's perplexity (forgetting check)."
     )
-    num_prompts: int = opt(256, "Held-out prompts generated from (all when fewer).")
-    num_pairs: int = opt(128, "Held-out pairs for the implicit-reward and reward-model accuracies.")
-    perplexity_rows: int = opt(64, "Held-out SFT rows for perplexity.")
-    max_length: int = opt(512, "Longest held-out SFT conversation (tokens) in the perplexity; longer ones are cut.")
-    judges: list[str] = opt(["format"], "Programmatic judges (align.evaluation.judges names or module:function).")
-    dpo_beta: float = opt(0.1, "beta of the implicit reward beta * (log p - log p_ref) when a run does not name one.")
-    bootstrap: int = opt(2000, "Bootstrap resamples of the prompts for the 95% intervals.")
-    batch_size: int = opt(16, "Sequences per forward pass / generation batch.")
+    num_prompts: int = opt(256, "Held-out prompts generated from (all when fewer).", min=1)
+    num_pairs: int = opt(128, "Held-out pairs for the implicit-reward and reward-model accuracies.", min=1)
+    perplexity_rows: int = opt(64, "Held-out SFT rows for perplexity (perplexity_data: null skips it).", min=1)
+    max_length: int = opt(512, "Longest held-out SFT conversation (tokens) in the perplexity; longer ones are cut.", min=2)
+    judges: list[str] = opt(["format"], "Programmatic judges (align.evaluation.judges names or module:function).", nonempty=True)
+    dpo_beta: float = opt(0.1, "beta of the implicit reward beta * (log p - log p_ref) when a run does not name one.", gt=0)
+    bootstrap: int = opt(2000, "Bootstrap resamples of the prompts for the 95% intervals.", min=1)
+    batch_size: int = opt(16, "Sequences per forward pass / generation batch.", min=1)
     sampling: EvalSampling = opt(EvalSampling, "How responses are drawn (fixed for every policy).")
     model: ModelConfig = opt(ModelConfig, "dtype / attention / quantization of the shared base.")
     report_dir: str | None = opt(None, "Where report.md/.html and plots go; default: the folder above output_dir.")
-    samples_in_report: int = opt(6, "Prompts shown side by side in the report.")
+    samples_in_report: int = opt(6, "Prompts shown side by side in the report.", min=0)
 
     stage = "eval"
 
     def validate(self) -> None:
         super().validate()
-        if not self.runs:
-            raise ConfigError("runs: at least one policy RunDir is required (name: path)")
         if self.baseline not in self.runs:
             raise ConfigError(f"baseline: '{self.baseline}' is not one of runs ({', '.join(self.runs)})")
         if not self.data.path:
             raise ConfigError("data.path: required (held-out preference data)")
-        for key in ("num_prompts", "num_pairs", "batch_size", "bootstrap", "max_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        if self.sampling.temperature <= 0:
-            raise ConfigError(f"sampling.temperature: must be positive, got {self.sampling.temperature}")
 
 
 # --------------------------------------------------------------------------- the steps
@@ -209,6 +202,10 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     inputs = {name: (run.manifest() or {}).get("run_id") for name, run in runs.items()}
     inputs["reward"] = (reward.manifest() or {}).get("run_id") if reward else None
     stage = StageRun(cfg, base=ModelRef(location, location, True), splits=splits, force=force, inputs=inputs)
+    if not stage.skipped:
+        from align.evaluation.report import check_report_dir
+
+        check_report_dir(Path(cfg.report_dir) if cfg.report_dir else stage.run_dir.path.parent)
     if stage.skipped:
         log.info("eval: skipped: the finished evaluation in %s matches its config and runs", stage.run_dir.path)
         return stage.run_dir

@@ -23,29 +23,29 @@ log = logging.getLogger("align")
 
 @dataclass
 class PPOOptions:
-    rollout_batch_size: int = opt(16, "Prompts sampled per PPO step (one rollout batch).")
-    minibatch_size: int = opt(8, "Responses per optimization minibatch; a rollout batch is split into these.")
-    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
-    max_new_tokens: int = opt(32, "Longest sampled response.")
-    temperature: float = opt(1.0, "Sampling temperature of rollouts.")
-    top_p: float = opt(1.0, "Nucleus sampling of rollouts.")
-    kl_coef: float = opt(0.05, "Weight of the per-token KL penalty to the reference (initial value when adaptive).")
+    rollout_batch_size: int = opt(16, "Prompts sampled per PPO step (one rollout batch).", min=1)
+    minibatch_size: int = opt(8, "Responses per optimization minibatch; a rollout batch is split into these.", min=1)
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.", min=1)
+    max_new_tokens: int = opt(32, "Longest sampled response.", min=1)
+    temperature: float = opt(1.0, "Sampling temperature of rollouts.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling of rollouts.", gt=0, max=1)
+    kl_coef: float = opt(0.05, "Weight of the per-token KL penalty to the reference (initial value when adaptive).", min=0)
     kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p).")
-    target_kl: float | None = opt(None, "Adapt kl_coef towards this KL per response (null: fixed kl_coef).")
-    kl_horizon: int = opt(10000, "Responses over which the adaptive KL controller reacts.")
-    gamma: float = opt(1.0, "Discount of GAE.")
-    lam: float = opt(0.95, "Lambda of GAE.")
-    clip_range: float = opt(0.2, "Clip of the policy ratio.")
-    clip_range_value: float = opt(0.2, "Clip of the value update around the rollout values.")
-    vf_coef: float = opt(0.1, "Weight of the value loss.")
-    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
+    target_kl: float | None = opt(None, "Adapt kl_coef towards this KL per response (null: fixed kl_coef).", gt=0)
+    kl_horizon: int = opt(10000, "Responses over which the adaptive KL controller reacts.", min=1)
+    gamma: float = opt(1.0, "Discount of GAE.", min=0, max=1)
+    lam: float = opt(0.95, "Lambda of GAE.", min=0, max=1)
+    clip_range: float = opt(0.2, "Clip of the policy ratio.", gt=0)
+    clip_range_value: float = opt(0.2, "Clip of the value update around the rollout values.", gt=0)
+    vf_coef: float = opt(0.1, "Weight of the value loss.", gt=0)
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.", min=0)
     whiten_advantages: bool = opt(True, "Normalize advantages per rollout batch.")
     normalize_rewards: bool = opt(True, "Normalize scores with the reward run's mean and std.")
-    reward_clip: float | None = opt(5.0, "Clip (normalized) scores to +-this value (null: no clip).")
+    reward_clip: float | None = opt(5.0, "Clip (normalized) scores to +-this value (null: no clip).", gt=0)
     missing_eos_penalty: float | None = opt(
-        1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS (null: none)."
+        1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS (null: none).", min=0
     )
-    value_head_init_std: float = opt(0.0, "Std of the value head's initial weights (0: start at 0).")
+    value_head_init_std: float = opt(0.0, "Std of the value head's initial weights (0: start at 0).", min=0)
 
 
 @dataclass
@@ -64,9 +64,6 @@ class PPOConfig(ChildStageConfig):
         if self.train.liger_kernel:
             raise ConfigError("train.liger_kernel: applies to the TRL trainers (sft, dpo, reward); PPO runs its own loop")
         p = self.ppo
-        for key in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
-            if getattr(p, key) < 1:
-                raise ConfigError(f"ppo.{key}: must be at least 1, got {getattr(p, key)}")
         if p.rollout_batch_size % p.minibatch_size:
             raise ConfigError(
                 f"ppo.minibatch_size: must divide ppo.rollout_batch_size ({p.minibatch_size} does not divide "
@@ -74,10 +71,6 @@ class PPOConfig(ChildStageConfig):
             )
         if not self.train.max_steps:
             raise ConfigError("train.max_steps: required for PPO (the number of rollout + update steps)")
-        if p.temperature <= 0 or not 0 < p.top_p <= 1:
-            raise ConfigError("ppo.temperature must be positive and ppo.top_p in (0, 1]")
-        if p.target_kl is not None and p.target_kl <= 0:
-            raise ConfigError(f"ppo.target_kl: must be positive or null, got {p.target_kl}")
 
 
 def optimizer_and_schedule(cfg: PPOConfig, params):
@@ -114,7 +107,7 @@ def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats,
         if start == 0 and eval_prompts:
             stage.tracker.log(rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed), step=0)
         for step in tqdm(range(start, cfg.train.max_steps), desc="ppo", initial=start, total=cfg.train.max_steps, disable=not is_main_process()):
-            step_in_progress = done = step + 1
+            step_in_progress = done = stage.step = step + 1
             batch = rl.batch_prompts(prompts, step, cfg.ppo.rollout_batch_size, cfg.train.seed)
             metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
             kl_ctl.update(metrics["ppo/kl"], len(batch))

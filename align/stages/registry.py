@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from align.core.config import RunConfig, StageConfig, load_config
+from align.core.config import RunConfig, StageConfig, check_values, load_config
 from align.core.errors import ConfigError
 from align.evaluation.judges import check_judge_specs
 from align.modeling.methods import check_method
@@ -100,6 +100,7 @@ def prepare_config(cfg: Any) -> Any:
     stage's `run` call it, so a config built in code is checked the same way as one from a file.
     """
     stage = get_stage(cfg.stage)
+    check_values(cfg)  # the schema's ranges, for a config built in code (the loader checked a loaded one)
     for check in stage.checks:
         check(cfg)
     return stage.resolve(cfg) if stage.resolve else cfg
@@ -132,15 +133,13 @@ def fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def load_stage_config(stage: str | type, path: str | Path | None, overrides: dict[str, Any] | None = None) -> Any:
+def load_stage_config(
+    stage: str | type, path: str | Path | None, overrides: dict[str, Any] | None = None,
+    override_where: dict[str, str] | None = None,
+) -> Any:
     """Load a stage's config (by stage name or config class) the way the recipes do: validate, check, resolve.
 
-    Errors name the file (or the command line).
+    Errors name the key and where it was set: the file and line, or the command line.
     """
     cls = get_stage(stage).config if isinstance(stage, str) else stage
-    cfg = load_config(cls, path, overrides)
-    try:
-        return prepare_config(cfg)
-    except ConfigError as exc:
-        source = str(path) if path is not None else "command line"
-        raise ConfigError(f"{source}: {exc}") from None
+    return load_config(cls, path, overrides, prepare=prepare_config, override_where=override_where)

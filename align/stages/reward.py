@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
-from align.core.errors import ConfigError
 from align.modeling.methods import LORA_FAMILY, resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
@@ -23,10 +22,10 @@ log = logging.getLogger("align")
 @dataclass
 class RewardOptions:
     center_rewards_coefficient: float | None = opt(
-        None, "Adds coef * mean(r^2) to the loss, keeping rewards centred on 0 (e.g. 0.01)."
+        None, "Adds coef * mean(r^2) to the loss, keeping rewards centred on 0 (e.g. 0.01; null: off).", min=0
     )
     stats_samples: int = opt(
-        512, "Training responses scored after training for the mean and std PPO normalizes rewards with."
+        512, "Training responses scored after training for the mean and std PPO normalizes rewards with.", min=2
     )
 
 
@@ -38,10 +37,7 @@ class RewardConfig(ChildStageConfig):
 
     stage = "reward"
 
-    def validate(self) -> None:
-        super().validate()
-        if self.reward.stats_samples < 2:
-            raise ConfigError(f"reward.stats_samples: must be at least 2, got {self.reward.stats_samples}")
+
 
 
 def prepare(splits, tokenizer, max_length: int):
@@ -113,7 +109,7 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
     from align.stages.common import held_out_summary, open_stage, train_adapter
 
     cfg = prepare_config(cfg)
-    stage = open_stage(cfg, "preference", force)
+    stage = open_stage(cfg, "preference", force, head="score")
     if stage.skipped:
         return stage.run_dir
     with stage:

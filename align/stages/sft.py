@@ -22,8 +22,8 @@ log = logging.getLogger("align")
 @dataclass
 class SFTOptions:
     packing: bool = opt(False, "Pack several short rows into one max_length sequence.")
-    neftune_noise_alpha: float | None = opt(None, "NEFTune: noise on input embeddings during training (e.g. 5).")
-    label_smoothing: float = opt(0.0, "Label smoothing of the token loss (costs an extra forward pass in TRL).")
+    neftune_noise_alpha: float | None = opt(None, "NEFTune: noise on input embeddings during training (e.g. 5; null: off).", gt=0)
+    label_smoothing: float = opt(0.0, "Label smoothing of the token loss (costs an extra forward pass in TRL).", min=0, lt=1)
 
 
 @dataclass
@@ -38,8 +38,6 @@ class SFTConfig(StageConfig):
         super().validate()
         if not self.model.name_or_path:
             raise ConfigError("model.name_or_path: required for SFT (e.g. smollm2-135m-instruct)")
-        if not 0 <= self.sft.label_smoothing < 1:
-            raise ConfigError(f"sft.label_smoothing: must be in [0, 1), got {self.sft.label_smoothing}")
 
 
 def tokenize(splits, tokenizer, max_length: int):
