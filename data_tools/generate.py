@@ -125,8 +125,10 @@ def _judge(spec: str, args: list[str], prompts: list[PromptRow]):
 
 def _model_dir(spec: str) -> str:
     """An SFT RunDir stands for its merged model."""
+    from align.core.artifacts import RunDir
+
     path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").is_file() and (path / "merged" / "config.json").is_file():
+    if path.is_dir() and RunDir(path).is_run_dir() and (path / "merged" / "config.json").is_file():
         return str(path / "merged")
     return spec
 

@@ -272,3 +272,46 @@ def test_out_of_memory_in_the_step0_evaluation_gives_the_memory_advice(runs, tin
         ppo.run(ppo_config(runs, tiny_data, name="ppo-oom"))
     manifest = json.loads((runs["root"] / "ppo-oom" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "out of memory at step 0" in manifest["error"]
+
+
+class _LeavesAMarker:
+    """A pickle that runs code when loaded: what a tampered checkpoint would hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pickled code ran"))
+
+
+def test_ppo_resume_refuses_a_tampered_checkpoint_and_runs_no_code(runs, tiny_data, tmp_path):
+    """A checkpoint is data: `--resume` into a run dir whose optimizer.pt holds a code-running pickle
+    refuses it in one line (exit 2), marks the run failed, and the code never runs."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+
+    from align.core.artifacts import RunDir
+    from align.core.config import to_dict
+    from align.stages import ppo
+
+    cfg = ppo_config(runs, tiny_data, name="ppo-tampered", **{"train.max_steps": 2, "train.save_steps": 1})
+    run = ppo.run(cfg)
+    RunDir(run.path).update(status="interrupted")  # as a stopped run leaves it: resumable
+    checkpoint = run.path / "checkpoints" / "checkpoint-2"
+    marker = tmp_path / "PICKLE_RAN"
+    torch.save({"optimizer": _LeavesAMarker(str(marker)), "scheduler": {}}, checkpoint / "optimizer.pt")
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "ppo.py"), "--config", str(config), "--resume"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert "optimizer.pt" in line and "refused" in line
+    assert not marker.exists(), "a pickle in a run dir ran code"
+    assert json.loads((run.path / "manifest.json").read_text())["status"] == "failed"
+    torch.load(checkpoint / "optimizer.pt", weights_only=False)  # the control: an unrestricted load runs it
+    assert marker.read_text() == "pickled code ran"

@@ -7,8 +7,11 @@
     align combine  SOURCE SOURCE [...] --weights W W [...] [--type linear|cat|svd] --output DIR
 
 A SOURCE is a RunDir (its adapter/, base model and model settings are read from it) or
-a plain PEFT adapter folder (its base from adapter_config.json). Bad input prints one
-line and exits with status 2.
+a plain PEFT adapter folder (its base from adapter_config.json). What a run dir says is data:
+its `model.trust_remote_code` is never honoured; `--trust-remote-code` (merge, generate,
+combine) is the only way a base's own code runs. `--output` is a new or empty folder, or one
+this command wrote before. Bad input prints one line and exits with status 2; any other error
+is one line with exit status 1, and `--debug` prints its traceback.
 """
 
 from __future__ import annotations

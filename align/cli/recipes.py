@@ -56,9 +56,10 @@ def _with_resume(args) -> dict:
 def guarded(work, debug: bool = False, command: str | None = None) -> int:
     """Run `work()`; bad input is one line on stderr and exit status 2, Ctrl-C is 130.
 
-    A library error inside a stage arrives as a StageError (one line, exit status 1). `command`
-    set: any other exception is one line too (exit status 1). `debug`: every error also prints its
-    full traceback.
+    A library error inside a stage (StageRun marked the run failed and gave the exception its
+    `align_stage_failure` line) is that one line, exit status 1. With `command` set, any other
+    exception is one line too (exit status 1); without, it is a bug and keeps its traceback.
+    `debug`: every error also prints its full traceback.
     """
     try:
         return work()
@@ -72,6 +73,12 @@ def guarded(work, debug: bool = False, command: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        failure = getattr(exc, "align_stage_failure", None)
+        if failure:
+            if debug:
+                traceback.print_exception(exc)
+            print(f"error: {failure}", file=sys.stderr)
+            return 1
         if command is None or debug:
             raise
         from align.core.artifacts import redact_text

@@ -209,7 +209,7 @@ def git_commit() -> str | None:
 def _read_json_dict(path: Path) -> dict | None:
     try:
         loaded = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
     return loaded if isinstance(loaded, dict) else None
 
@@ -356,20 +356,32 @@ class RunLock:
     delete once that process is known to be gone.
     """
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, created: bool = False):
         self.path = path
         self._fd = fd
+        self._created = created  # this lock created the run dir: remove it again if nothing was written
 
     @classmethod
     def acquire(cls, run_path: Path, command: str | None = None) -> "RunLock":
-        import fcntl
-
         run_path = Path(run_path)
         check_output_dir(run_path)
+        created = not run_path.exists()
         try:
             run_path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"output_dir: cannot create {run_path}: {exc.strerror or exc}") from None
+        try:
+            return cls._acquire(run_path, command, created)
+        except BaseException:
+            if created:  # a refused run leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    run_path.rmdir()
+            raise
+
+    @classmethod
+    def _acquire(cls, run_path: Path, command: str | None, created: bool) -> "RunLock":
+        import fcntl
+
         lock_path = run_path / LOCK
         for _ in range(20):
             try:
@@ -410,7 +422,7 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
             os.fsync(fd)
-            return cls(lock_path, fd)
+            return cls(lock_path, fd, created)
         raise RunLocked(f"output_dir: {run_path}: could not take its lock (other runs keep taking it)")
 
     def release(self) -> None:
@@ -421,6 +433,9 @@ class RunLock:
                 os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
+        if self._created:
+            with contextlib.suppress(OSError):  # fails, as it should, once the run wrote anything
+                self.path.parent.rmdir()
 
 
 def _read_fd_json(fd: int) -> dict:
@@ -480,12 +495,20 @@ class RunDir:
         return m if is_legacy_manifest(m) else None
 
     def config(self) -> dict:
-        """The resolved config the run ran with (config.yaml); {} when missing or unreadable."""
-        import yaml
+        """The resolved config the run ran with (config.yaml); {} when missing or unreadable.
 
+        Read as data with the config loader's safe YAML (no tags, no self-referencing or
+        exploding aliases): a tampered file is ignored with a warning.
+        """
+        from align.core.config import _yaml_with_lines
+
+        path = self.path / CONFIG
         try:
-            loaded = yaml.safe_load((self.path / CONFIG).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
+            loaded, _ = _yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError):
+            return {}
+        except ConfigError as exc:
+            log.warning("ignored %s: %s", path, exc)
             return {}
         return loaded if isinstance(loaded, dict) else {}
 

@@ -1,7 +1,8 @@
 """Errors that mean "the user's input is wrong", as opposed to a bug.
 
-Recipes catch `AlignError`, print its one-line message and exit with status 2;
-anything else is a bug and keeps its traceback.
+Recipes catch `AlignError`, print its one-line message and exit with status 2. An error a
+library raises while a stage runs is one line too (exit status 1; the stage, the step and the
+cause; `--debug` shows the trace); anything else is a bug and keeps its traceback.
 """
 
 
@@ -22,12 +23,3 @@ class DataError(AlignError):
 class ModelError(AlignError):
     """A model reference cannot be resolved or loaded."""
 
-
-class StageError(AlignError):
-    """A library (transformers, PEFT, TRL, torch) raised while a stage ran.
-
-    One line naming the stage, the step and the cause; the run dir is marked failed with the
-    traceback in its manifest. Exit status 1: not necessarily bad input. `--debug` shows the trace.
-    """
-
-    exit_code = 1

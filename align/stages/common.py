@@ -8,6 +8,7 @@ input fails with nothing written. From then on, any exception marks the RunDir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, c
 from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
 from align.core.data import Splits, distinct_prompts
 from align.core.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
-from align.core.errors import AlignError, ConfigError, DataError, StageError
+from align.core.errors import AlignError, ConfigError, DataError
 from align.modeling.models import ModelRef, content_hash
 from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteGuard, check_disk_space, oom_advice
 from align.core.tracking import Tracker, is_main_process, trainer_metric_name
@@ -188,6 +189,8 @@ class StageRun:
         self._started = time.time()
         reset_peak_memory()
         if is_main_process():
+            if self.resume_from is None:
+                check_disk_space(self.run_dir.path, self._needed_disk_bytes())  # before anything is created
             self._lock = RunLock.acquire(self.run_dir.path)  # held until __exit__; a second run is refused
         try:
             return self._enter()
@@ -214,7 +217,6 @@ class StageRun:
                 self.run_dir.truncate_metrics(after_step=step)
             log.info("%s: resuming from %s", self.stage, self.resume_from)
         elif is_main_process():
-            check_disk_space(self.run_dir.path, self._needed_disk_bytes())
             RunDir.start(
                 self.run_dir.path,
                 stage=self.stage,
@@ -262,12 +264,14 @@ class StageRun:
             self._exit(exc_type, exc, tb)
         finally:
             self._release()
-        if exc is not None and not isinstance(exc, (AlignError, KeyboardInterrupt, SystemExit)) and isinstance(exc, Exception):
-            # A library error mid-run: one line naming the stage, the step and the cause (the manifest keeps the trace).
-            raise StageError(
-                f"{self.stage} failed {self.where()}: {redact(_one_line(exc))}; the run in {self.run_dir.path} is marked "
-                "failed (its manifest.json has the traceback; --debug prints it)"
-            ) from exc
+        if exc is not None and not isinstance(exc, AlignError) and isinstance(exc, Exception):
+            # A library error mid-run: the exception goes on as it is (callers of the Python API see it), carrying
+            # the one line the command line prints instead of a traceback: the stage, the step and the cause.
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.align_stage_failure = (
+                    f"{self.stage} failed {self.where()}: {redact(_one_line(exc))}; the run in {self.run_dir.path} is "
+                    "marked failed (its manifest.json has the traceback; --debug prints it)"
+                )
         return False
 
     def _exit(self, exc_type, exc, tb) -> None:
