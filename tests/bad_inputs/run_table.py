@@ -119,6 +119,7 @@ def build_workspace(w: Path) -> dict[str, str]:
     (d / "bad_utf8.jsonl").write_bytes(json.dumps(sft_rows[0]).encode() + b"\n{\"messages\": \"\xff\xfe\"}\n")
     jsonl(d / "lacking.jsonl", sft_rows[:2] + [{"text": "no messages"}])
     jsonl(d / "prefs_missing_chosen.jsonl", [{"prompt": "q", "rejected": "r"}])
+    (d / "bad_pairs.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n{\"prompt\": \n")
     (d / "data.txt").write_text("plain text\n")
     (d / "empty.jsonl").write_text("")
     jsonl(d / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)])
@@ -332,7 +333,7 @@ def cases() -> list[Case]:
         value(sft, "lora.dropout", "1"), value(sft, "lora.dropout", "-0.1"), value(sft, "samples.max_new_tokens", "0"),
         value(sft, "train.eval_steps", "0"), value(sft, "data.max_train_samples", "-5", "trained on 691 of 696 rows before"),
         value(sft, "data.max_train_samples", "0", "was blamed on max_length"), value(sft, "data.max_eval_samples", "0"),
-        value(sft, "lora.target_modules", "[]"), value(sft, "lora.target_modules", ""),
+        value(sft, "lora.target_modules", "[]"), value(sft, "lora.target_modules", '""'),
         value(sft, "train.eval_batch_size", "0", "was silently replaced by batch_size"), value(sft, "train.batch_size", "0"),
         value(sft, "train.batch_size", "-1"), value(sft, "train.gradient_accumulation_steps", "0"),
         value(sft, "train.learning_rate", "0"), value(sft, "train.learning_rate", "-1e-4"), value(sft, "train.max_steps", "0"),
@@ -358,7 +359,7 @@ def cases() -> list[Case]:
         Case("`ppo.minibatch_size` that does not divide the rollout", f"{ppo} {out} ppo.minibatch_size=3", 2,
              r"command line: ppo.minibatch_size: must divide"),
         Case("PPO without `train.max_steps`", f"{ppo} {out} train.max_steps=null", 2, r"command line: train.max_steps: required for PPO"),
-        Case("`peft.ia3.feedforward_modules` not among the targets", f"{sft} {out} peft.ia3.feedforward_modules=[o_proj]", 2,
+        Case("`peft.ia3.feedforward_modules` not among the targets", f"{sft} {out} peft.method=ia3 peft.ia3.feedforward_modules=[o_proj]", 2,
              r"peft.ia3.feedforward_modules: \['o_proj'\] not in"),
         Case("`parent_run` and `model.name_or_path` both set", f"recipes/dpo.py --config {{dpo}} {out} model.name_or_path={{tiny}}", 2,
              r"parent_run / model.name_or_path: set exactly one"),
@@ -374,7 +375,7 @@ def cases() -> list[Case]:
         Case("a choice misspelled: `peft.method: lorra`", f"{sft} peft.method=lorra", 2, r"peft.method: expected one of .*did you mean 'lora'"),
         Case("`model.dtype: fp32`", f"{sft} model.dtype=fp32", 2, r"model.dtype: expected one of"),
         Case("NaN learning rate", f"{sft} train.learning_rate=.nan", 2, r"train.learning_rate: expected a finite number"),
-        Case("infinite beta", f"recipes/dpo.py --config {{dpo}} dpo.beta=.inf", 2, r"dpo.beta: expected a finite number"),
+        Case("infinite beta", "recipes/dpo.py --config {dpo} dpo.beta=.inf", 2, r"dpo.beta: expected a finite number"),
         Case("override without `=`", f"{sft} train.max_steps", 2, r"an override is key=value"),
         Case("override into a value as if it were a section", f"{sft} output_dir.x=1", 2, r"output_dir.x: 'output_dir' is not a section"),
         Case("unknown stage in a pipeline", "recipes/pipeline.py --config {pipeline} 'stages=[{{name: a, stage: sfft, config: sft.yaml}}]'",
@@ -402,13 +403,13 @@ def cases() -> list[Case]:
              r"range.yaml:\d+: train.warmup_ratio: must be in \[0, 1\), got 5", setup=lambda p: yaml_file(p, "range.yaml", "range")),
         # ----- output dirs
         Case("output_dir is a file", f"{sft} output_dir={{w}}/a-file", 2, r"output_dir: .*a-file is a file, not a folder",
-             setup=lambda p: Path(p["w"], "a-file").write_text("x")),
+             setup=a_file),
         Case("output_dir is someone else's folder with a manifest.json (was emptied before)", f"{sft} output_dir={{w}}/foreign/webapp", 2,
              r"not an align run dir", setup=lambda p: foreign_folder(p, "webapp"), check=unchanged("webapp")),
         Case("output_dir is a non-empty folder without any manifest", f"{sft} output_dir={{w}}/foreign/plain", 2, r"not an align run dir",
              setup=lambda p: foreign_folder(p, "plain"), check=unchanged("plain")),
         Case("output_dir under a file", f"{sft} output_dir={{w}}/a-file/run", 2, r"cannot write .* is a file",
-             setup=lambda p: Path(p["w"], "a-file").write_text("x")),
+             setup=a_file),
         Case("output_dir in use by a live run", f"{sft} output_dir={{w}}/out/locked", 2, r"in use by another align run \(pid \d+ on ",
              setup=lock_with(None)),
         Case("output_dir locked from another host", f"{sft} output_dir={{w}}/out/locked", 2,
@@ -441,7 +442,7 @@ def cases() -> list[Case]:
              r"field 'chosen' missing"),
         Case("split that does not exist", f"{sft} {out} data.train_split=nope", 2, r"no split 'nope'"),
         Case("DPO data with rows validate rejects (empty chosen, chosen == rejected, ...) (trained on before)",
-             f"recipes/dpo.py --config {{dpo}} output_dir={{w}}/out/dpo-bad-rows data.path={{data}}/prefs_with_bad_rows.jsonl train.max_steps=1",
+             "recipes/dpo.py --config {dpo} output_dir={w}/out/dpo-bad-rows data.path={data}/prefs_with_bad_rows.jsonl train.max_steps=1",
              0, r"left out 5 of 29 rows that align-data validate rejects", check=dpo_counted),
         Case("DPO data whose every row validate rejects", f"recipes/dpo.py --config {{dpo}} {out} data.path={{data}}/prefs_all_bad.jsonl", 2,
              r"has no rows left after leaving out 4 that align-data validate rejects"),
@@ -471,7 +472,7 @@ def cases() -> list[Case]:
         Case("`align merge --output` someone else's folder", "-m align merge {runs}/sft --output {w}/foreign/merge-out", 2,
              r"--output: .* holds files align did not write", setup=lambda p: foreign_folder(p, "merge-out"), check=unchanged("merge-out")),
         Case("`align export --output` a file", "-m align export {runs}/sft --output {w}/a-file", 2, r"--output: .* is a file",
-             setup=lambda p: Path(p["w"], "a-file").write_text("x")),
+             setup=a_file),
         Case("`align generate --max-new-tokens 0`", "-m align generate --adapter x={runs}/sft --prompt hi --max-new-tokens 0", 2,
              r"--max-new-tokens: must be at least 1"),
         Case("`align generate --temperature -1`", "-m align generate --adapter x={runs}/sft --prompt hi --temperature -1", 2,
@@ -490,14 +491,14 @@ def cases() -> list[Case]:
              "--output {w}/foreign/site --overwrite --no-plots", 2, r"not an align-data build",
              setup=lambda p: foreign_folder(p, "site", build_json=True), check=unchanged("site")),
         Case("`align-data build --output` a file", "-m data_tools build --format trl --input {data}/pairs.jsonl --output {w}/a-file --no-plots",
-             2, r"exists and is not a folder", setup=lambda p: Path(p["w"], "a-file").write_text("x")),
+             2, r"exists and is not a folder", setup=a_file),
         Case("`align-data build --test-fraction 1`", "-m data_tools build --format trl --input {data}/pairs.jsonl --output {w}/out/b --test-fraction 1",
              2, r"--test-fraction: must be in \[0, 1\)"),
         Case("`align-data build --min-margin -1`", "-m data_tools build --format trl --input {data}/pairs.jsonl --output {w}/out/b --min-margin -1",
              2, r"--min-margin: must be >= 0"),
         Case("`align-data build` of a missing input", "-m data_tools build --format trl --input {w}/nope.jsonl --output {w}/out/b", 2, r"nope.jsonl"),
-        Case("`align-data build` of a malformed line", "-m data_tools build --format trl --input {data}/bad_json.jsonl --output {w}/out/b", 2,
-             r"bad_json.jsonl:2"),
+        Case("`align-data build` of a malformed line", "-m data_tools build --format trl --input {data}/bad_pairs.jsonl --output {w}/out/b", 2,
+             r"bad_pairs.jsonl:2: malformed JSON"),
         Case("`align-data generate --num-samples 1`", "-m data_tools generate --model {tiny} --prompts {data}/sft.jsonl --num-samples 1 "
              "--judge format --output {w}/out/g", 2, r"--num-samples: at least 2"),
         Case("`align-data generate --top-p 0`", "-m data_tools generate --model {tiny} --prompts {data}/sft.jsonl --top-p 0 "
@@ -530,6 +531,14 @@ def yaml_file(p: dict, name: str, key: str) -> None:
         (folder / name).write_text(YAML_FILES[key].format(**p))
 
 
+def a_file(p: dict) -> None:
+    """A plain file where a folder is expected (removing whatever an earlier case left there)."""
+    path = Path(p["w"], "a-file")
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.write_text("x")
+
+
 def _not_written(p: dict) -> str | None:
     return f"{p['w']}/out/never was written" if Path(p["w"], "out", "never").exists() else None
 
@@ -544,7 +553,11 @@ def _no_py(folder: Path) -> str | None:
 
 def run_case(case: Case, p: dict, timeout: int) -> dict:
     if case.setup:
-        case.setup(p)
+        try:
+            case.setup(p)
+        except Exception as exc:  # noqa: BLE001 - an earlier case may have damaged what this one sets up
+            return {"case": case, "rc": "-", "message": f"setup failed: {exc}", "ok": False, "problems": ["setup failed"],
+                    "seconds": 0.0}
     argv = shlex.split(case.command.format(**p))
     argv = [str(REPO / argv[0])] + argv[1:] if argv[0].startswith("recipes/") else argv
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_MODULES_CACHE": str(Path(p["w"]) / "hf-modules"),
@@ -553,7 +566,8 @@ def run_case(case: Case, p: dict, timeout: int) -> dict:
     try:
         proc = subprocess.run([sys.executable, *argv], cwd=p["w"], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"case": case, "rc": "timeout", "message": f"no answer in {timeout} s", "ok": False, "seconds": timeout}
+        return {"case": case, "rc": "timeout", "message": f"no answer in {timeout} s", "ok": False, "problems": ["timeout"],
+                "seconds": timeout}
     seconds = time.time() - started
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     text = proc.stdout + "\n" + proc.stderr
@@ -588,18 +602,24 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def table(results: list[dict], p: dict) -> str:
+def table(results: list[dict], p: dict, before: dict | None = None) -> str:
     def anonymize(text: str) -> str:
         return text.replace(p["w"], "$W").replace(str(REPO), ".")
 
     lines = ["| # | bad input | command | exit | message (shortened) | verdict |", "| ---: | --- | --- | ---: | --- | --- |"]
+    if before is not None:
+        lines = [lines[0] + " before: exit | before: message (shortened) |", lines[1] + " ---: | --- |"]
     for i, r in enumerate(results, 1):
         case = r["case"]
         command = anonymize(case.command.format(**p)).replace(sys.executable, "python")
         command = ("align" + command[len("-m align"):]) if command.startswith("-m align") else command
         command = ("align-data" + command[len("-m data_tools"):]) if command.startswith("-m data_tools") else command
         verdict = "ok" if r["ok"] else "FAIL: " + "; ".join(r.get("problems", []))
-        lines.append(f"| {i} | {cell(case.name)} | `{cell(shorten(command, 110))}` | {r['rc']} | {cell(shorten(anonymize(r['message'])))} | {verdict} |")
+        row = f"| {i} | {cell(case.name)} | `{cell(shorten(command, 110))}` | {r['rc']} | {cell(shorten(anonymize(r['message'])))} | {verdict} |"
+        if before is not None:
+            old = before.get(case.name)
+            row += f" {old['rc']} | {cell(shorten(old['message'], 110))} |" if old else " | (not run) |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -610,6 +630,8 @@ def main() -> int:
     ap.add_argument("--only", help="run only cases whose input matches this regex")
     ap.add_argument("-j", type=int, default=2, help="cases run at once (default 2)")
     ap.add_argument("--timeout", type=int, default=420)
+    ap.add_argument("--results", help="also write each result as a JSON line here (input, exit, message, verdict)")
+    ap.add_argument("--before", help="a --results file of another checkout (e.g. main before a change): adds its columns")
     args = ap.parse_args()
     w = Path(args.work or tempfile.mkdtemp(prefix="align-bad-inputs-")).resolve()
     print(f"workspace {w}: building (tiny model, data, runs)", file=sys.stderr)
@@ -631,10 +653,18 @@ def main() -> int:
         child.kill()
     ordered = [results[id(c)] for c in selected]
     ok = sum(r["ok"] for r in ordered)
+    if args.results:
+        with open(args.results, "w", encoding="utf-8") as f:
+            for r in ordered:
+                f.write(json.dumps({"input": r["case"].name, "rc": r["rc"], "message": r["message"].replace(p["w"], "$W"),
+                                    "ok": r["ok"], "problems": r.get("problems", [])}) + "\n")
+    before = None
+    if args.before:
+        before = {row["input"]: row for row in map(json.loads, Path(args.before).read_text().splitlines())}
     head = (f"{len(ordered)} bad inputs, {ok} handled as expected, {len(ordered) - ok} not. Exit status 2: refused as bad input "
             "(one `error:` line, nothing written); 1: a library error inside a stage or problems found by validate; 0: the input "
             "was safely ignored or counted (see the message). $W is the workspace folder.\n\n")
-    text = head + table(ordered, p) + "\n"
+    text = head + table(ordered, p, before) + "\n"
     if args.output:
         Path(args.output).write_text(text)
         print(f"table written to {args.output}", file=sys.stderr)
