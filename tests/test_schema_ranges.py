@@ -226,7 +226,7 @@ def test_warmup_ratio_reaches_the_trainer_as_a_share_of_the_steps(ratio, total, 
     from align.stages.sft import SFTConfig
 
     cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path), "model.name_or_path": "m", "data.path": "d",
-                                        "train.warmup_ratio": ratio})
+                                        "train.warmup_ratio": ratio, "train.gradient_checkpointing": False})
     args = TRLSFTConfig(**trainer_kwargs(cfg, RunDir(tmp_path), "cpu", has_eval=False))
     assert args.get_warmup_steps(total) == expected
     with pytest.raises(ConfigError, match=r"train\.warmup_ratio: must be in \[0, 1\), got 1"):
