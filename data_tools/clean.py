@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 
 from align.core.errors import DataError
+from align.core.pairing import STRUCTURAL_REASONS, structural_problem
 from data_tools.dedup import PromptClusters, U64Map, digest64, words
 from data_tools.sources.base import Messages, Pair, json_cell
 
 REASONS = {
-    "malformed_roles": "malformed roles or turn order",
-    "empty_turn": "empty or whitespace-only turn",
-    "identical": "chosen identical to rejected",
+    **STRUCTURAL_REASONS,
     "prompt_too_long": "prompt over --max-prompt-tokens",
     "response_too_long": "chosen or rejected over --max-response-tokens",
     "total_too_long": "prompt + response over --max-total-tokens",
@@ -35,54 +34,12 @@ REASONS = {
     "exact_duplicate": "exact duplicate of an earlier pair",
     "near_duplicate_prompt": "near-duplicate prompt (--near-dup)",
 }
-ROLES = ("system", "user", "assistant")
 SHORT_EVAL_MIN_WORDS = 5
 
 
 # --------------------------------------------------------------------------- row checks
-
-
-def role_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
-    """Why the roles or turn order are malformed, or None."""
-    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if not msgs:
-            return f"'{name}' has no messages"
-        for i, m in enumerate(msgs):
-            if m["role"] not in ROLES:
-                return f"'{name}[{i}].role' is {m['role']!r}, not one of {', '.join(ROLES)}"
-    start = 1 if prompt[0]["role"] == "system" else 0
-    if start == len(prompt):
-        return "'prompt' has only a system message"
-    expected = "user"
-    for i in range(start, len(prompt)):
-        if prompt[i]["role"] != expected:
-            article = "an" if expected == "assistant" else "a"
-            return f"'prompt[{i}]' is a {prompt[i]['role']} turn where {article} {expected} turn belongs (turns alternate from user)"
-        expected = "assistant" if expected == "user" else "user"
-    if prompt[-1]["role"] != "user":
-        return "'prompt' ends with an assistant turn (the prompt's last turn is the user's)"
-    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-        expected = "assistant"
-        for i, m in enumerate(msgs):
-            if m["role"] != expected:
-                article = "an" if expected == "assistant" else "a"
-                return f"'{name}[{i}]' is a {m['role']} turn where {article} {expected} turn belongs (a response starts with the assistant)"
-            expected = "user" if expected == "assistant" else "assistant"
-        if msgs[-1]["role"] != "assistant":
-            return f"'{name}' ends with a user turn"
-    return None
-
-
-def empty_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
-    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        for i, m in enumerate(msgs):
-            if not m["content"].strip():
-                return f"'{name}[{i}].content' is empty or whitespace"
-    return None
-
-
-def same_response(chosen: Messages, rejected: Messages) -> bool:
-    return [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]
+# The structural checks (roles, empty turns, identical responses) live in align.core.pairing,
+# shared with the online DPO stage.
 
 
 def prompt_text(prompt: Messages) -> str:
@@ -246,13 +203,7 @@ class Cleaner:
         self.clusters = PromptClusters(method=opts.near_dup, threshold=opts.near_dup_threshold, ngram=opts.near_dup_ngram)
 
     def _structural(self, p: Pair) -> str | None:
-        if role_problem(p.prompt, p.chosen, p.rejected):
-            return "malformed_roles"
-        if empty_problem(p.prompt, p.chosen, p.rejected):
-            return "empty_turn"
-        if same_response(p.chosen, p.rejected):
-            return "identical"
-        return None
+        return structural_problem(p)
 
     def _length(self, lens: tuple[int, int, int]) -> str | None:
         o = self.opts

@@ -17,7 +17,8 @@ import numpy as np
 
 from align.core.data import normalize_preference
 from align.core.errors import DataError
-from data_tools.clean import empty_problem, pair_digest, prompt_digest, role_problem, same_response
+from align.core.pairing import empty_problem, role_problem, same_response
+from data_tools.clean import pair_digest, prompt_digest
 from data_tools.dedup import U64Map
 from data_tools.readers import iter_splits
 from data_tools.sources.base import RowError

@@ -173,7 +173,7 @@ class TrainConfig:
     warmup_ratio: float = opt(0.1, "Share of the steps spent warming up the learning rate.")
     epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
-    batch_size: int = opt(8, "Rows (SFT) or pairs (DPO) per device per micro-batch.")
+    batch_size: int = opt(8, "Rows (SFT), pairs (DPO, online DPO) or sampled responses (GRPO, RLOO) per device per micro-batch.")
     eval_batch_size: int | None = opt(None, "Held-out micro-batch; defaults to batch_size.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     gradient_checkpointing: bool | Literal["auto"] = opt(
@@ -614,4 +614,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not _MISSING else (f.default_factory() if f.default_factory is not _MISSING else None)
         out.append(f"  {path} ({_type_name(tp)}, default {default!r}): {help_text}")
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):  # the keys of each entry, e.g. rewards[].weight
+            out.extend(describe(item, path + "[]."))
     return out

@@ -392,14 +392,18 @@ class StepTimer(TrainerCallback):
 
 
 class TrackerCallback(TrainerCallback):
-    """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names."""
+    """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names.
 
-    def __init__(self, tracker: Tracker):
+    `step_offset`: steps taken before this trainer started (online DPO trains one trainer per round).
+    """
+
+    def __init__(self, tracker: Tracker, step_offset: int = 0):
         self.tracker = tracker
+        self.step_offset = step_offset
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            self.tracker.log({trainer_metric_name(k): v for k, v in logs.items()}, step=state.global_step)
+            self.tracker.log({trainer_metric_name(k): v for k, v in logs.items()}, step=self.step_offset + state.global_step)
 
 
 def gradient_checkpointing(cfg: StageConfig, model, device: str, rows_per_example: int) -> bool:
