@@ -28,7 +28,7 @@ from data_tools import output
 from data_tools.clean import Cleaner, CleanOptions
 from data_tools.dedup import NEAR_DUP_METHODS, digest64, shorten
 from data_tools.grouping import Spill, shard_count
-from data_tools.pairing import STRATEGIES, pair_group
+from align.core.pairing import STRATEGIES, pair_group
 from data_tools.readers import input_size, iter_splits
 from data_tools.report import Counts, Stats, counts_markdown, stats_markdown, write_plots
 from data_tools.sources import make_format

@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 
 from align.core.errors import DataError
+from align.core.pairing import STRUCTURAL_REASONS, structural_problem
 from align.core.rows import ROLES, empty_problem, pair_serial, role_problem, same_response, serial  # noqa: F401 (re-exported)
 from data_tools.dedup import PromptClusters, U64Map, digest64, words
 from data_tools.sources.base import Messages, Pair, json_cell
 
 REASONS = {
-    "malformed_roles": "malformed roles or turn order",
-    "empty_turn": "empty or whitespace-only turn",
-    "identical": "chosen identical to rejected",
+    **STRUCTURAL_REASONS,
     "prompt_too_long": "prompt over --max-prompt-tokens",
     "response_too_long": "chosen or rejected over --max-response-tokens",
     "total_too_long": "prompt + response over --max-total-tokens",
@@ -200,13 +199,7 @@ class Cleaner:
         self.clusters = PromptClusters(method=opts.near_dup, threshold=opts.near_dup_threshold, ngram=opts.near_dup_ngram)
 
     def _structural(self, p: Pair) -> str | None:
-        if role_problem(p.prompt, p.chosen, p.rejected):
-            return "malformed_roles"
-        if empty_problem(p.prompt, p.chosen, p.rejected):
-            return "empty_turn"
-        if same_response(p.chosen, p.rejected):
-            return "identical"
-        return None
+        return structural_problem(p)
 
     def _length(self, lens: tuple[int, int, int]) -> str | None:
         o = self.opts

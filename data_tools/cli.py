@@ -36,7 +36,7 @@ def _weights(text: str) -> dict[str, float]:
 
 def _add_build_options(p: argparse.ArgumentParser, with_format: bool = True) -> None:
     from data_tools.dedup import NEAR_DUP_METHODS
-    from data_tools.pairing import STRATEGIES
+    from align.core.pairing import STRATEGIES
 
     if with_format:
         from data_tools.sources import FORMATS

@@ -101,7 +101,7 @@ def _prompt_row(row: dict, where: str) -> PromptRow:
 
 
 def _judge(spec: str, args: list[str], prompts: list[PromptRow]):
-    from align.evaluation.judges import AnswerJudge, load_judge
+    from align.evaluation.judges import build_judge
 
     kwargs: dict[str, Any] = {}
     for arg in args:
@@ -112,15 +112,11 @@ def _judge(spec: str, args: list[str], prompts: list[PromptRow]):
             kwargs[key] = json.loads(value)
         except json.JSONDecodeError:
             kwargs[key] = value
-    if spec == "answer":
-        answers = {p.prompt[-1]["content"].strip(): p.answer for p in prompts if p.answer}
-        if not answers:
-            raise ConfigError(f"--judge answer: no row of {prompts[0].where.rsplit(':', 1)[0]} has an 'answer' field")
-        return AnswerJudge(answers)
-    try:
-        return load_judge(spec, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"--judge-arg: judge {spec!r} does not take these arguments: {exc}") from None
+    answers = {p.prompt[-1]["content"].strip(): p.answer for p in prompts if p.answer}
+    if spec == "answer" and not answers:
+        raise ConfigError(f"--judge answer: no row of {prompts[0].where.rsplit(':', 1)[0]} has an 'answer' field")
+    where = "--judge-arg" if kwargs and spec != "answer" else "--judge"
+    return build_judge(spec, kwargs, answers, where=where)
 
 
 def _model_dir(spec: str) -> str:

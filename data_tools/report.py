@@ -15,7 +15,7 @@ import numpy as np
 
 from data_tools.clean import REASONS
 from data_tools.dedup import Cluster
-from data_tools.pairing import OUTCOMES
+from align.core.pairing import OUTCOMES
 from data_tools.sources.base import INVALID_REASONS
 
 LEN_BINS = 1 << 16

@@ -12,7 +12,7 @@ import pytest
 
 from data_tools import grouping
 from data_tools.cli import main
-from data_tools.pairing import pair_group
+from align.core.pairing import pair_group
 from data_tools.sources.base import Candidate, Group
 
 FIX = Path(__file__).parent / "fixtures" / "data_tools"

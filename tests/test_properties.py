@@ -125,3 +125,44 @@ def test_any_preference_row_normalizes_or_names_the_problem(row):
         assert_messages(out[key])
     assert out["prompt"][-1]["role"] == "user"
     assert out["chosen"][0]["role"] == out["rejected"][0]["role"] == "assistant"
+
+
+reward_entries = st.lists(
+    st.one_of(values, st.dictionaries(st.sampled_from(["judge", "reward_run", "weight", "args", "normalize", "default", "name", "x"]),
+                                      values, max_size=4)),
+    max_size=3,
+)
+
+
+@SETTINGS
+@given(st.one_of(reward_entries, values), st.dictionaries(keys, values, max_size=3), st.sampled_from(["grpo", "rloo", "online_dpo"]))
+def test_any_reward_sources_give_a_config_or_a_config_error(rewards, overrides, stage):
+    """Online stages: the rewards list (a list of sections) never ends in a traceback either."""
+    import math
+
+    from align.stages.registry import get_stage
+
+    cls = get_stage(stage).config
+    try:
+        cfg = load_config(cls, None, {"output_dir": "out", "data.path": "d.jsonl", "parent_run": "p", **overrides, "rewards": rewards})
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert cfg.rewards
+    for src in cfg.rewards:
+        assert bool(src.judge) != bool(src.reward_run) and math.isfinite(src.weight) and src.weight != 0
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(["prompt", "messages", "answer", "x"]), row_values, max_size=3))
+def test_any_prompt_row_normalizes_or_names_the_problem(row):
+    from align.core.data import normalize_prompt
+
+    try:
+        out = normalize_prompt(row, "f.jsonl:9")
+    except DataError as exc:
+        assert str(exc).startswith("f.jsonl:9: ") and "\n" not in str(exc)
+        return
+    assert_messages(out["prompt"])
+    assert out["prompt"][-1]["role"] == "user"
+    assert "answer" not in out or (isinstance(out["answer"], list) and all(isinstance(a, str) for a in out["answer"]))

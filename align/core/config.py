@@ -251,7 +251,9 @@ class TrainConfig:
     warmup_ratio: float = opt(0.1, "Share of the steps spent warming up the learning rate.", min=0, lt=1)
     epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps is set).", gt=0)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.", min=1)
-    batch_size: int = opt(8, "Rows (SFT) or pairs (DPO) per device per micro-batch.", min=1)
+    batch_size: int = opt(
+        8, "Rows (SFT), pairs (DPO, online DPO) or sampled responses (GRPO, RLOO) per device per micro-batch.", min=1
+    )
     eval_batch_size: int | None = opt(None, "Held-out micro-batch; null = batch_size.", min=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     gradient_checkpointing: bool | Literal["auto"] = opt(
@@ -757,4 +759,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         check = field_check(f)
         valid = f"; {check.text()}" if check is not None and not check.any_value else ""
         out.append(f"  {path} ({_type_name(tp)}, default {default!r}{valid}): {help_text}")
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):  # the keys of each entry, e.g. rewards[].weight
+            out.extend(describe(item, path + "[]."))
     return out

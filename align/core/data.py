@@ -282,7 +282,8 @@ def normalize_preference(row: Any, where: str) -> dict:
 
 def normalize_prompt(row: Any, where: str) -> dict:
     """A prompt to sample from: `prompt` (messages or text) of any row, or an SFT conversation
-    up to its last assistant turn."""
+    up to its last assistant turn; an optional `answer` (text or list) is kept as the reference
+    of the `answer` judge."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a row mapping, got {_kind(row)}")
     if "prompt" in row and row["prompt"] is not None:
@@ -298,7 +299,14 @@ def normalize_prompt(row: Any, where: str) -> dict:
         raise DataError(f"{where}: field 'prompt' missing (a prompt row has 'prompt', or 'messages')")
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: field 'prompt': the last message must be from the user, got {prompt[-1]['role']!r}")
-    return {"prompt": prompt}
+    out = {"prompt": prompt}
+    if row.get("answer") is not None:  # the reference of the verifiable-answer judge (online stages)
+        answer = _maybe_json(row["answer"])
+        answer = [answer] if isinstance(answer, str) else answer
+        if not isinstance(answer, list) or not answer or not all(isinstance(a, str) for a in answer):
+            raise DataError(f"{where}: field 'answer': expected a string or a non-empty list of strings, got {_kind(row['answer'])}")
+        out["answer"] = answer
+    return out
 
 
 # --------------------------------------------------------------------------- splits

@@ -69,6 +69,7 @@ __all__ = [
     "RefusalJudge",
     "RuleJudge",
     "available_judges",
+    "build_judge",
     "find_format_instructions",
     "last_user_message",
     "load_judge",
@@ -671,3 +672,25 @@ def load_judge(spec: str, **kwargs: Any) -> Judge:
             "expected a function (prompt, response) -> float | None"
         )
     return FunctionJudge(obj, name=spec)
+
+
+ANSWER = "answer"  # the verifiable-answer judge: its references come from the data, not the spec
+
+
+def build_judge(spec: str, kwargs: Mapping[str, Any] | None = None, answers: Mapping[str, Any] | None = None, where: str = "judge") -> Judge:
+    """`load_judge`, plus ``"answer"``: an `AnswerJudge` over ``answers`` ({question: answer or answers}).
+
+    ``where`` names the option in errors (``--judge``, ``rewards[0].judge``). The one place callers
+    that read references from their data (``align-data generate``, the online stages) build judges.
+    """
+    kwargs = dict(kwargs or {})
+    if isinstance(spec, str) and spec.strip() == ANSWER:
+        if kwargs:
+            raise JudgeSpecError(f"{where}: judge 'answer' takes no arguments (its references come from the data's 'answer' field)")
+        if not answers:
+            raise JudgeSpecError(f"{where}: judge 'answer' needs reference answers: no row of the data has an 'answer' field")
+        return AnswerJudge(answers)
+    try:
+        return load_judge(spec, **kwargs)
+    except TypeError as exc:
+        raise JudgeSpecError(f"{where}: judge {spec!r} does not take these arguments: {exc}") from None

@@ -1,4 +1,24 @@
-"""Batched generation from chat prompts (sample tables, on-policy pairs, judges, evaluation)."""
+"""Batched generation from chat prompts: sample tables, on-policy pairs, judges, evaluation, RL rollouts.
+
+One decoding loop (`decode`) serves every caller. Online methods spend most of their time
+here, so it does less work than `model.generate` for the same draws:
+
+- each prompt's prefill runs once, and its KV cache is repeated for the k samples
+  (`generate(num_return_sequences=k)` runs the prompt k times);
+- a response that has ended (EOS) leaves the batch: later steps compute only the rows
+  still running (generate keeps computing finished rows until the longest one ends);
+- prompts are left-padded with real position ids, and when several batches are needed they
+  are formed from prompts of similar length (less padding), results put back in order;
+- per step: one forward of the live rows, temperature and top-p on float32 logits, a draw.
+
+Tokens are drawn like `generate` does (float32 logits, temperature, then top-p keeping at
+least one token, softmax, `torch.multinomial`, greedy = argmax), so greedy output is the
+same, and seeded samples are the same as long as no row ends early (after that, the batch
+the random draws are spread over differs). `recipes/bench_generation.py` measures both.
+
+Prompt- and prefix-tuned PEFT models put virtual tokens in front of the input, which a
+plain forward with a cache does not handle: they go through `model.generate`.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +50,135 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, *extra} - {None})
 
 
+def position_ids(attention_mask):
+    """Positions that count real tokens only (left padding), as generate() uses them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _uses_virtual_tokens(model) -> bool:
+    """A PEFT model whose active adapter is prompt or prefix tuning (and is not disabled)."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return False
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(active, str) else None
+    # Inside `disable_adapter()` PEFT routes the forward to the plain model: the fast loop applies.
+    return bool(config is not None and getattr(config, "is_prompt_learning", False) and not getattr(model, "_adapters_disabled", False))
+
+
+def _cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    import inspect
+
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(plain.forward).parameters else "past_key_values"
+
+
+def _next_tokens(logits: "torch.Tensor", sampling: Sampling) -> "torch.Tensor":
+    """One token per row from float32 logits: argmax, or temperature + top-p + a multinomial draw."""
+    import torch
+
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    scores = logits / sampling.temperature if sampling.temperature != 1.0 else logits
+    if sampling.top_p < 1.0:
+        # Drop the least likely tokens whose probabilities sum to at most 1 - top_p; the most likely always stays.
+        ordered, order = torch.sort(scores, descending=False)
+        tail = ordered.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        tail[:, -1] = False
+        scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+
+
+def decode(model, input_ids, attention_mask, sampling: Sampling, eos_ids: list[int], pad_id: int) -> "torch.Tensor":
+    """New tokens for left-padded prompts: [B * k, max_new_tokens], k = num_return_sequences.
+
+    Rows i*k .. i*k+k-1 answer prompt i. A row holds its tokens up to and including its first
+    EOS, then `pad_id`. No gradients; the caller sets eval mode and the seed.
+    """
+    import torch
+
+    k, steps = sampling.num_return_sequences, sampling.max_new_tokens
+    if _uses_virtual_tokens(model):
+        kwargs = dict(max_new_tokens=steps, do_sample=sampling.do_sample, num_return_sequences=k, pad_token_id=pad_id, eos_token_id=eos_ids)
+        if sampling.do_sample:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new = out[:, input_ids.shape[1] :]
+        return torch.nn.functional.pad(new, (0, steps - new.shape[1]), value=pad_id)
+
+    device = input_ids.device
+    cache_keyword = _cache_keyword(model)
+    positions = position_ids(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = getattr(out, cache_keyword), out.logits[:, -1].float()
+    next_position = positions[:, -1] + 1
+    if k > 1:  # the prompt ran once; its cache and next-token logits serve all k samples
+        cache.batch_repeat_interleave(k)
+        logits, attention_mask, next_position = (t.repeat_interleave(k, dim=0) for t in (logits, attention_mask, next_position))
+    del out
+    rows = input_ids.shape[0] * k
+    tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
+    live = torch.arange(rows, device=device)  # which output row each batch row is
+    eos = torch.tensor(eos_ids, device=device)
+    for step in range(steps):
+        chosen = _next_tokens(logits, sampling)
+        tokens[live, step] = chosen
+        if step == steps - 1:
+            break
+        ended = torch.isin(chosen, eos)
+        if ended.any():  # finished rows leave the batch, and the cache with them
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            live, chosen, attention_mask, next_position = live[keep], chosen[keep], attention_mask[keep], next_position[keep]
+            cache.batch_select_indices(keep)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+            use_cache=True, **{cache_keyword: cache},
+        )
+        logits = out.logits[:, -1].float()
+        next_position = next_position + 1
+        del out
+    return tokens
+
+
+def _encode(tokenizer, prompts: list[list[dict]], device):
+    """Left-padded token ids of the rendered prompts (the tokenizer's padding side is restored)."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    try:
+        enc = tokenizer([prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def _run(model, fn):
+    """`fn()` in eval mode without gradients; the model's mode is restored."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        model.train(was_training)
+
+
+def _response_lengths(tokens: "torch.Tensor", eos_ids: list[int]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(length up to and including the first EOS, or all tokens without one; has_eos) per row."""
+    import torch
+
+    n = tokens.shape[1]
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, n, dtype=torch.long))
+    return torch.where(has_eos, first + 1, first), has_eos
+
+
 def generate(
     model,
     tokenizer,
@@ -41,7 +190,8 @@ def generate(
     """Responses to chat prompts, decoded without special tokens.
 
     With `sampling.num_return_sequences = k` the result holds k responses per prompt, the
-    k of prompt i at positions i*k .. i*k+k-1.
+    k of prompt i at positions i*k .. i*k+k-1. `batch_size` counts prompts per forward (each
+    with its k samples); with more prompts than that, batches group prompts of similar length.
     """
     import torch
 
@@ -51,39 +201,37 @@ def generate(
     if not prompts:
         return []
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    kwargs = dict(
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=sampling.do_sample,
-        num_return_sequences=sampling.num_return_sequences,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_token_ids(model, tokenizer),
-    )
-    if sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    responses: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, **kwargs)
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            responses.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return responses
+    eos = eos_token_ids(model, tokenizer)
+    k = sampling.num_return_sequences
+    order = list(range(len(prompts)))
+    if len(prompts) > batch_size:  # only then does grouping by length save padding
+        lengths = [len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts]
+        order.sort(key=lambda i: lengths[i])
+    texts: list[list[str]] = [[] for _ in prompts]
+
+    def work():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids, attn = _encode(tokenizer, [prompts[i] for i in batch], device)
+            tokens = decode(model, ids, attn, sampling, eos, tokenizer.pad_token_id)
+            lengths, _ = _response_lengths(tokens, eos)
+            decoded = tokenizer.batch_decode([t[: int(n)] for t, n in zip(tokens, lengths)], skip_special_tokens=True)
+            for j, i in enumerate(batch):
+                texts[i] = [t.strip() for t in decoded[j * k : (j + 1) * k]]
+
+    _run(model, work)
+    return [t for group in texts for t in group]
 
 
 @dataclass
 class Sampled:
-    """Responses drawn from a model, kept as token ids so they can be scored exactly."""
+    """Responses drawn from a model, kept as token ids so they can be scored exactly.
+
+    With k samples per prompt, `prompts` repeats each prompt k times (row i*k + j is sample j
+    of prompt i), so every field has one entry per response.
+    """
 
     prompts: list[list[dict]]
     responses: list[str]
@@ -101,40 +249,22 @@ def sample_tokens(model, tokenizer, prompts: list[list[dict]], sampling: Samplin
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer([prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = old_side
-    enc = enc.to(device)
+    ids, attn = _encode(tokenizer, prompts, device)
     eos = eos_token_ids(model, tokenizer)
-    was_training = model.training
-    model.eval()
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-    if sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    try:
-        with torch.no_grad():
-            out = model.generate(**enc, **kwargs)
-    finally:
-        model.train(was_training)
-    response = out[:, enc["input_ids"].shape[1] :]
-    n_resp = response.shape[1]
-    is_eos = torch.isin(response, torch.tensor(eos, device=device))
-    has_eos = is_eos.any(dim=1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, n_resp, dtype=torch.long))
-    lengths = torch.where(has_eos, first_eos + 1, first_eos)
+    response = _run(model, lambda: decode(model, ids, attn, sampling, eos, tokenizer.pad_token_id))
+    k = sampling.num_return_sequences
+    if k > 1:
+        ids, attn = ids.repeat_interleave(k, dim=0), attn.repeat_interleave(k, dim=0)
+    # Trim trailing columns no row reached (every row ended early).
+    lengths, has_eos = _response_lengths(response, eos)
+    n_resp = max(int(lengths.max().item()), 1)
+    response = response[:, :n_resp]
     mask = (torch.arange(n_resp, device=device)[None] < lengths[:, None]).long()
-    seq = torch.cat([enc["input_ids"], torch.where(mask.bool(), response, tokenizer.pad_token_id)], dim=1)
-    attn = torch.cat([enc["attention_mask"], mask], dim=1)
-    texts = [tokenizer.decode(r[: int(n)], skip_special_tokens=True).strip() for r, n in zip(response, lengths)]
-    return Sampled(prompts, texts, seq, attn, mask.float(), has_eos, n_resp)
-
-
-def position_ids(attention_mask):
-    """Positions that count real tokens only (left padding), as generate() uses them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    seq = torch.cat([ids, torch.where(mask.bool(), response, tokenizer.pad_token_id)], dim=1)
+    attn = torch.cat([attn, mask], dim=1)
+    texts = tokenizer.batch_decode([r[: int(n)] for r, n in zip(response, lengths)], skip_special_tokens=True)
+    repeated = [p for p in prompts for _ in range(k)]
+    return Sampled(repeated, [t.strip() for t in texts], seq, attn, mask.float(), has_eos, n_resp)
 
 
 def response_logprobs(model, seq, attn, n_resp: int, with_entropy: bool = False):

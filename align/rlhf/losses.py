@@ -146,3 +146,110 @@ class AdaptiveKLController:
             error = max(-0.2, min(0.2, observed_kl / self.target - 1.0))
             self.value *= 1.0 + error * n_samples / self.horizon
         return self.value
+
+
+# --------------------------------------------------------------------------- group policy gradient (GRPO, RLOO)
+#
+# Shapes: the rewards of N = P * G responses, G per prompt, laid out prompt by prompt
+# (rows i*G .. i*G+G-1 answer prompt i). `valid` marks responses that have a reward (a
+# response no reward source scored is left out: it neither gets an advantage nor enters a
+# baseline).
+
+
+def _groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards: expected a flat tensor of groups of {group_size}, got shape {tuple(rewards.shape)}")
+    ok = ~torch.isnan(rewards) if valid is None else valid.bool() & ~torch.isnan(rewards)
+    r = torch.where(ok, rewards, torch.zeros_like(rewards)).view(-1, group_size)
+    return r, ok.view(-1, group_size).to(rewards.dtype)
+
+
+def _batch_std(rewards: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    flat = rewards[ok.reshape(-1).bool()]
+    return flat.std() if flat.numel() > 1 else flat.new_tensor(0.0)
+
+
+def _over_std(x: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / (std + eps); where the std is 0 (all rewards equal) x is 0 too and stays 0."""
+    return torch.where(std > 0, x / (std + eps), torch.zeros_like(x))
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", valid: torch.Tensor | None = None, eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO: each reward minus the mean of its group, divided by a std (scale) or not.
+
+    scale: "group" = the (unbiased) std of the group's rewards; "batch" = the std of all valid
+    rewards; "none" = no division. A group whose rewards are all equal gets advantage 0.
+    `eps` keeps the division finite. Invalid responses get 0.
+    """
+    r, ok = _groups(rewards, group_size, valid)
+    n = ok.sum(1, keepdim=True)
+    mean = (r * ok).sum(1, keepdim=True) / n.clamp(min=1)
+    centered = (r - mean) * ok
+    if scale == "group":
+        centered = _over_std(centered, ((centered**2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt(), eps)
+    elif scale == "batch":
+        centered = _over_std(centered, _batch_std(rewards, ok), eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scale {scale!r} (use 'group', 'batch' or 'none')")
+    return (centered * ok).view(-1)
+
+
+def leave_one_out_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "none", valid: torch.Tensor | None = None, eps: float = 1e-4
+) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the *other* valid rewards of its group.
+
+    With n valid responses in a group: A_i = r_i - (sum_j r_j - r_i) / (n - 1) = n / (n - 1) * (r_i - mean).
+    A group with fewer than 2 valid responses has no baseline: advantage 0. `scale` as in
+    `group_advantages` ("group" divides by the std of the group's rewards, "batch" by the std of
+    all valid rewards).
+    """
+    r, ok = _groups(rewards, group_size, valid)
+    n = ok.sum(1, keepdim=True)
+    total = (r * ok).sum(1, keepdim=True)
+    baseline = (total - r) / (n - 1).clamp(min=1)
+    adv = (r - baseline) * ok * (n >= 2).to(r.dtype)
+    if scale == "group":
+        mean = total / n.clamp(min=1)
+        adv = _over_std(adv, ((((r - mean) * ok) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt(), eps)
+    elif scale == "batch":
+        adv = _over_std(adv, _batch_std(rewards, ok), eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scale {scale!r} (use 'group', 'batch' or 'none')")
+    return adv.view(-1)
+
+
+def clipped_policy_terms(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) and
+    where clipping bit (1.0/0.0). `advantages` is one per sequence [B], broadcast over its tokens."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, n_sequences: int, n_tokens: float, max_tokens: int) -> torch.Tensor:
+    """The share of an update's loss from these rows; summed over the micro-batches of the update it is
+
+    sequence_mean: (1 / N) sum_i (1 / |o_i|) sum_t l_it      (GRPO: each response weighs the same)
+    token_mean:    (1 / T) sum_i sum_t l_it                  (DAPO: each token weighs the same)
+    fixed_length:  (1 / (N * L)) sum_i sum_t l_it            (Dr. GRPO: a constant normalizer, no length bias)
+
+    with N the update's responses (`n_sequences`), T its response tokens (`n_tokens`), L
+    `max_tokens`. The normalizers are the whole update's, so splitting it into micro-batches
+    (gradient accumulation) does not change the loss.
+    """
+    mask = mask.to(per_token.dtype)
+    summed = (per_token * mask).sum(1)
+    if mode == "sequence_mean":
+        return (summed / mask.sum(1).clamp(min=1)).sum() / n_sequences
+    if mode == "token_mean":
+        return summed.sum() / max(n_tokens, 1.0)
+    if mode == "fixed_length":
+        return summed.sum() / (n_sequences * max_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r} (use 'sequence_mean', 'token_mean' or 'fixed_length')")

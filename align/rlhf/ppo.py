@@ -15,22 +15,20 @@ in align/rlhf/losses.py; this module moves tensors between the model and that ma
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from align.core.artifacts import RunDir, atomic_dir, atomic_write_json, atomic_write_text
-from align.core.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, load_plain
+from align.core.artifacts import RunDir
+from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
 from align.modeling.adapters import load_frozen_adapter, peft_config_for
 from align.modeling.generation import Sampled, Sampling, eos_token_ids, position_ids, response_logprobs, sample_tokens
-from align.core.errors import DataError
+from align.rlhf import loop
 from align.rlhf import losses as P
 from align.rlhf.scoring import score_conversations
 
@@ -132,63 +130,24 @@ def batch_prompts(prompts: list[list[dict]], step: int, size: int, seed: int) ->
     return picked
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- checkpoints (align/rlhf/loop.py)
 
 
 def save_checkpoint(run_path: Path, step: int, pvr: PolicyValueReward, optimizer, scheduler, kl_coef: float, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    folder = run_path / CHECKPOINTS / f"checkpoint-{step}"
-    with atomic_dir(folder) as tmp:
-        pvr.model.save_pretrained(str(tmp / "adapters"), selected_adapters=["policy", "value"])
-        save_file({k: v.contiguous() for k, v in pvr.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():  # a GPU resume samples the same rollouts only with the CUDA generators restored
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng_state.pt")
-        atomic_write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef})
-        atomic_write_text(tmp / COMPLETE, f"step {step}\n")
-    for _, old in checkpoint_dirs(run_path)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return loop.save_checkpoint(
+        run_path, step, pvr.model, ["policy", "value"], optimizer, scheduler, {"kl_coef": kl_coef}, keep,
+        modules={"value_head": pvr.value_head},
+    )
 
 
 def load_checkpoint(folder: Path, pvr: PolicyValueReward, optimizer, scheduler) -> tuple[int, float]:
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    # A checkpoint is data: safetensors, JSON, and torch.save files of tensors and plain containers
-    # (load_plain), never pickled code. Anything malformed is one line naming the file.
-    try:
-        state = load_plain(folder / "optimizer.pt")
-        rng = load_plain(folder / "rng_state.pt")
-        meta = json.loads((folder / "state.json").read_text())
-        step, kl_coef = int(meta["step"]), float(meta["kl_coef"])
-        for name in ("policy", "value"):
-            weights = load_file(str(folder / "adapters" / name / "adapter_model.safetensors"))
-            set_peft_model_state_dict(pvr.model, weights, adapter_name=name)
-        pvr.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuples(rng["python"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged or foreign checkpoint, whatever broke
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{folder}: cannot resume from this checkpoint: {type(exc).__name__}: {first[:200]}") from None
-    return step, kl_coef
+    meta = loop.load_checkpoint(
+        folder, pvr.model, ["policy", "value"], optimizer, scheduler, modules={"value_head": pvr.value_head}, state_types={"kl_coef": float}
+    )
+    return meta["step"], meta["kl_coef"]
 
 
 # --------------------------------------------------------------------------- one PPO step
-
-
-def _as_tuples(state):
-    """random.setstate wants the nested tuples getstate gave (a weights-only load may return lists)."""
-    return tuple(_as_tuples(x) for x in state) if isinstance(state, (list, tuple)) else state
 
 
 def ppo_step(pvr: PolicyValueReward, cfg, prompts, optimizer, scheduler, kl_coef: float, stats: dict) -> dict:

@@ -459,15 +459,19 @@ def _one_line(exc: BaseException) -> str:
 
 class TrackerCallback(TrainerCallback):
     """Forwards HF Trainer logs to the stage's tracker under train/... and eval/... names; keeps the
-    stage's step current for error messages."""
+    stage's step current for error messages.
 
-    def __init__(self, tracker: Tracker, stage: "StageRun | None" = None):
+    `step_offset`: steps taken before this trainer started (online DPO trains one trainer per round).
+    """
+
+    def __init__(self, tracker: Tracker, stage: "StageRun | None" = None, step_offset: int = 0):
         self.tracker = tracker
         self.stage = stage
+        self.step_offset = step_offset
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.stage is not None:
-            self.stage.step = state.global_step + 1
+            self.stage.step = self.step_offset + state.global_step + 1
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.stage is not None:
@@ -475,7 +479,7 @@ class TrackerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            self.tracker.log({trainer_metric_name(k): v for k, v in logs.items()}, step=state.global_step)
+            self.tracker.log({trainer_metric_name(k): v for k, v in logs.items()}, step=self.step_offset + state.global_step)
 
 
 def gradient_checkpointing(cfg: StageConfig, model, device: str, rows_per_example: int) -> bool:

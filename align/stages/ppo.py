@@ -9,7 +9,6 @@ align/rlhf/losses.py; this module runs the steps, checkpoints them and writes th
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,76 +87,43 @@ def optimizer_and_schedule(cfg: PPOConfig, params):
 
 
 def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats, start: int, eval_prompts) -> dict:
-    """PPO steps start..max_steps with held-out evaluations, checkpoints and Ctrl-C handling; the final evaluation."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from align.core.checkpoints import latest_complete
-    from align.core.errors import AlignError
-    from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteError, oom_advice
-    from align.core.tracking import is_main_process
+    """PPO steps start..max_steps through the RL step loop (align/rlhf/loop.py); the final evaluation."""
     from align.rlhf import ppo as rl
+    from align.rlhf.loop import run_steps
 
     prompts = [r["prompt"] for r in stage.splits.train]
-    keep = cfg.train.save_total_limit
-    interrupt = InterruptCallback()
-    interrupt.install()
-    step_in_progress = start  # the held-out evaluation before the first step counts as step `start`
-    try:
-        if start == 0 and eval_prompts:
-            stage.tracker.log(rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed), step=0)
-        for step in tqdm(range(start, cfg.train.max_steps), desc="ppo", initial=start, total=cfg.train.max_steps, disable=not is_main_process()):
-            step_in_progress = done = stage.step = step + 1
-            batch = rl.batch_prompts(prompts, step, cfg.ppo.rollout_batch_size, cfg.train.seed)
-            metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
-            kl_ctl.update(metrics["ppo/kl"], len(batch))
-            if eval_prompts and cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < cfg.train.max_steps:
-                metrics.update(rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed))
-            if done % cfg.train.logging_steps == 0 or done == cfg.train.max_steps:
-                log.info("ppo step %d: reward %.3f, kl %.3f, eos %.2f", done, metrics["ppo/reward_raw"], metrics["ppo/kl"], metrics["ppo/eos_share"])
-            stage.tracker.log(metrics, step=done)
-            if is_main_process() and cfg.train.save_steps and done % cfg.train.save_steps == 0:
-                rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, keep)
-            if interrupt.signal_name:
-                folder = rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, keep)
-                raise Interrupted(
-                    f"{interrupt.signal_name} at step {done}; checkpoint saved in {folder}; continue with --resume (resume=true)",
-                    exit_code=interrupt.exit_code,
-                )
-        step_in_progress = cfg.train.max_steps
-        final = rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed) if eval_prompts else {}
-        stage.tracker.log(final, step=cfg.train.max_steps)
-        return final
-    except torch.cuda.OutOfMemoryError as exc:
-        raise AlignError(oom_advice(cfg, step_in_progress)) from exc
-    except NonFiniteError as exc:
-        checkpoint = latest_complete(stage.run_dir.path)
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
-        raise NonFiniteError(f"{exc} at step {step_in_progress}; training stopped before applying it; {kept}") from None
-    finally:
-        interrupt.uninstall()
+
+    def step(i: int) -> dict:
+        batch = rl.batch_prompts(prompts, i, cfg.ppo.rollout_batch_size, cfg.train.seed)
+        metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
+        kl_ctl.update(metrics["ppo/kl"], len(batch))
+        return metrics
+
+    def save(done: int):
+        return rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit)
+
+    def evaluate() -> dict:
+        return rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed)
+
+    return run_steps(
+        stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save,
+        eval_fn=evaluate if eval_prompts else None, desc="ppo",
+        describe=lambda done, m: f"reward {m['ppo/reward_raw']:.3f}, kl {m['ppo/kl']:.3f}, eos {m['ppo/eos_share']:.2f}",
+    )
 
 
 def save_final(stage, pvr):
     """The policy adapter as a standard PEFT adapter (adapter/); the value adapter and head (value/)."""
-    from safetensors.torch import save_file
-
-    from align.core.artifacts import ADAPTER, atomic_dir
+    from align.core.artifacts import ADAPTER
     from align.core.tracking import is_main_process
+    from align.rlhf.loop import save_standard_adapter
     from align.rlhf.ppo import VALUE
 
     target = stage.run_dir.path / ADAPTER
     if not is_main_process():
         return target
-    for name, folder in (("policy", target), ("value", stage.run_dir.path / VALUE)):
-        with atomic_dir(folder) as tmp:
-            pvr.model.save_pretrained(str(tmp), selected_adapters=[name])
-            # PEFT saves a non-default adapter into a subfolder named after it; a standard adapter sits at the top.
-            for item in (tmp / name).iterdir():
-                item.rename(tmp / item.name)
-            (tmp / name).rmdir()
-            if name == "value":
-                save_file({k: v.contiguous() for k, v in pvr.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+    save_standard_adapter(pvr.model, "policy", target)
+    save_standard_adapter(pvr.model, "value", stage.run_dir.path / VALUE, modules={"value_head": pvr.value_head})
     stage.tracker.log_artifact(target, name="ppo-adapter", type="model", metadata={"stage": "ppo", "base_model": stage.base.name})
     return target
 
@@ -168,12 +134,11 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.modeling import models
     from align.rlhf import losses as P
     from align.rlhf import ppo as rl
+    from align.rlhf.loop import single_process
     from align.rlhf.scoring import read_stats
     from align.stages.common import finished_parent, log_sample_table, open_stage
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # each rank would train its own policy on its own rollouts, silently
-        raise ConfigError(f"ppo: runs as one process; it was launched with WORLD_SIZE={world} (start it with plain python)")
+    single_process("ppo")
     cfg = prepare_config(cfg)
     reward_run = finished_parent(cfg.reward_run, key="reward_run")
     if (reward_run.manifest() or {}).get("stage") != "reward":

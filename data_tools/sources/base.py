@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 from align.core.errors import ConfigError, DataError
-
-Messages = list[dict]
+from align.core.pairing import Candidate, Group, Messages, Pair  # noqa: F401 - the items every format builds
 
 # Reason keys of unreadable rows (RowError.reason), with the words the report uses.
 INVALID_REASONS = {
@@ -47,38 +46,6 @@ class RowError(DataError):
 
 
 # --------------------------------------------------------------------------- items
-
-
-@dataclass
-class Pair:
-    prompt: Messages
-    chosen: Messages
-    rejected: Messages
-    id: str
-    where: str
-    score_chosen: float | None = None
-    score_rejected: float | None = None
-
-
-@dataclass
-class Candidate:
-    """One response to a group's prompt. `score`: higher is better (ranks are negated)."""
-
-    messages: Messages
-    score: float
-    id: str
-    where: str
-
-
-@dataclass
-class Group:
-    prompt: Messages
-    candidates: list[Candidate]
-    id: str
-    where: str
-    # True when scores are real ratings (written as score_chosen/score_rejected);
-    # False when they only encode a ranking (nothing meaningful to write).
-    scored: bool = True
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""Config sections of the online methods (online DPO, GRPO, RLOO): reward sources and group options.
+
+Pure config (no torch): stage modules import it at module level, so `--keys` and config
+loading stay fast. What the options do at run time is in align/rlhf/rewards.py (reward
+sources) and align/rlhf/grpo.py (group policy gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.evaluation.judges import ANSWER, check_judge_spec
+
+
+@dataclass
+class RewardSource:
+    """One reward: a judge or a reward-model RunDir, with its weight in the total."""
+
+    judge: str | None = opt(
+        None,
+        "A judge: format, refusal, length, answer (the data's 'answer' field is the reference), "
+        "rm:<reward RunDir> (loads a second model), or package.module:function. Set judge or reward_run, not both.",
+    )
+    reward_run: str | None = opt(
+        None,
+        "A reward-model RunDir: its LoRA adapter and score head are loaded onto this stage's base in memory "
+        "(no second model); it must have been trained on the same base.",
+    )
+    weight: float = opt(1.0, "Weight of this source in the total reward (any finite non-zero number; negative penalizes).")
+    args: dict[str, Any] = opt({}, "Keyword arguments of a built-in judge, e.g. {max_words: 20} for length.")
+    normalize: bool = opt(
+        True, "reward_run only: standardize scores with the reward run's reward_stats.json ((score - mean) / std)."
+    )
+    default: float | None = opt(
+        None,
+        "Score used where the judge does not apply (returns None, e.g. format on a prompt without a format "
+        "instruction); null: the source adds nothing there, and a response no source scores is left out and counted.",
+    )
+    name: str | None = opt(None, "Name in metrics (reward/<name>); null = the judge's name, or rm<i> for a reward_run.")
+
+
+def source_names(sources: list[RewardSource]) -> list[str]:
+    """The metric name of each source (config only: a judge spec's own name, rm<i> for reward runs)."""
+    names = []
+    for i, src in enumerate(sources):
+        if src.name:
+            names.append(src.name)
+        elif src.reward_run:
+            names.append(f"rm{i}")
+        else:
+            spec = src.judge.strip()
+            names.append("rm" if spec.startswith("rm:") else spec.rpartition(":")[2] if ":" in spec else spec)
+    return names
+
+
+def validate_sources(sources: list[RewardSource], key: str = "rewards") -> None:
+    """Checks of the config alone (types are the loader's): one kind per source, weights, names."""
+    if not sources:
+        raise ConfigError(f"{key}: at least one reward source is required (e.g. [{{judge: format}}] or [{{reward_run: runs/x/reward}}])")
+    for i, src in enumerate(sources):
+        where = f"{key}[{i}]"
+        if bool(src.judge) == bool(src.reward_run):
+            raise ConfigError(f"{where}: set exactly one of judge and reward_run")
+        if not math.isfinite(src.weight) or src.weight == 0:
+            raise ConfigError(f"{where}.weight: must be a finite non-zero number, got {src.weight}")
+        if src.args and not src.judge:
+            raise ConfigError(f"{where}.args: only a judge takes arguments")
+        if src.default is not None and src.reward_run:
+            raise ConfigError(f"{where}.default: a reward model scores every response; default applies to judges only")
+        if src.judge and src.judge.strip() == ANSWER and src.args:
+            raise ConfigError(f"{where}.args: judge 'answer' takes no arguments (its references come from the data's 'answer' field)")
+    names = source_names(sources)
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"{key}[{i}].name: '{name}' is used by {key}[{names.index(name)}] too; give one of them a name")
+
+
+def check_sources(sources: list[RewardSource], key: str = "rewards") -> None:
+    """Pre-flight check (loads no model): each judge spec resolves; a reward_run is a RunDir."""
+    from pathlib import Path
+
+    from align.core.artifacts import RunDir
+
+    for i, src in enumerate(sources):
+        if src.judge and src.judge.strip() != ANSWER:
+            try:
+                check_judge_spec(src.judge)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}[{i}].judge: {exc}") from None
+        if src.reward_run and RunDir(Path(src.reward_run)).manifest() is None:
+            # In a pipeline the reward stage may not have run yet: only "is it a RunDir" when it exists.
+            if Path(src.reward_run).exists():
+                raise ConfigError(f"{key}[{i}].reward_run: {src.reward_run} is not a RunDir")
+
+
+# --------------------------------------------------------------------------- GRPO / RLOO
+
+LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "fixed_length")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+@dataclass
+class GroupOptions:
+    """Group policy-gradient options (GRPO and RLOO share them; each stage sets its own defaults)."""
+
+    prompts_per_step: int = opt(8, "Prompts sampled per step (>= 1); each gets group_size responses.")
+    group_size: int = opt(4, "Responses sampled per prompt, the group whose rewards form the baseline (>= 2).")
+    epochs: int = opt(
+        1,
+        "Passes over each rollout batch (>= 1). Each pass runs micro-batches of train.batch_size responses, an optimizer "
+        "update every train.gradient_accumulation_steps of them; with more than one update per step the policy ratio "
+        "and its clipping matter.",
+    )
+    max_new_tokens: int = opt(32, "Longest sampled response (>= 1).")
+    temperature: float = opt(1.0, "Sampling temperature (> 0).")
+    top_p: float = opt(1.0, "Nucleus sampling, in (0, 1].")
+    kl_coef: float = opt(0.04, "Weight of the KL to the reference (the base with adapters disabled), >= 0; 0 skips the reference pass.")
+    kl_in: Literal["loss", "reward"] = opt(
+        "loss",
+        "Where the KL goes: loss = a per-token penalty added to the policy loss (GRPO); reward = the response's "
+        "summed KL subtracted from its reward before the advantages (RLOO).",
+    )
+    kl_estimator: Literal["k1", "k3"] = opt("k3", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) (>= 0).")
+    clip_range: float = opt(0.2, "Clip of the policy ratio below 1: [1 - clip_range, ...], in (0, 1).")
+    clip_range_high: float | None = opt(
+        None, "Clip of the policy ratio above 1: [..., 1 + clip_range_high], > 0 (DAPO's clip-higher: 0.28); null = clip_range."
+    )
+    loss_aggregation: Literal[LOSS_AGGREGATIONS] = opt(  # type: ignore[valid-type]
+        "sequence_mean",
+        "How per-token losses become the loss: sequence_mean = mean over each response's tokens, then over responses "
+        "(GRPO); token_mean = every token of the update weighs the same (DAPO); fixed_length = summed over tokens and "
+        "divided by responses x max_new_tokens (Dr. GRPO, no length bias).",
+    )
+    scale_advantages: Literal[ADVANTAGE_SCALES] = opt(  # type: ignore[valid-type]
+        "group",
+        "Divide advantages by the std of the rewards of their group (GRPO), of the whole batch, or not at all (none).",
+    )
+    missing_eos_penalty: float | None = opt(
+        None, "Subtracted from the reward of a response cut at max_new_tokens without EOS (>= 0; null: none)."
+    )
+    eval_prompts: int = opt(16, "Held-out prompts sampled (once each) for the held-out reward and KL (>= 0; 0 disables).")
+
+    def validate(self, key: str) -> None:
+        for name in ("prompts_per_step", "epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ConfigError(f"{key}.group_size: must be at least 2 (the baseline comes from the other responses of a group), got {self.group_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"{key}.kl_coef: must be at least 0, got {self.kl_coef}")
+        if not 0 < self.clip_range < 1:
+            raise ConfigError(f"{key}.clip_range: must be in (0, 1), got {self.clip_range}")
+        if self.clip_range_high is not None and self.clip_range_high <= 0:
+            raise ConfigError(f"{key}.clip_range_high: must be positive or null, got {self.clip_range_high}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(f"{key}.missing_eos_penalty: must be at least 0 or null, got {self.missing_eos_penalty}")
+        if self.eval_prompts < 0:
+            raise ConfigError(f"{key}.eval_prompts: must be at least 0, got {self.eval_prompts}")
+
+
+@dataclass
+class OnlineStageConfig(ChildStageConfig):
+    """What every online stage has: reward sources scoring the policy's own samples."""
+
+    rewards: list[RewardSource] = opt(
+        [],
+        "Reward sources, summed with their weights: a list of {judge: ...} or {reward_run: ...} entries, "
+        "each with weight (default 1), args, normalize, default, name.",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        validate_sources(self.rewards)
+
+
+@dataclass
+class GroupStageConfig(OnlineStageConfig):
+    """GRPO and RLOO: their section is named after the stage (grpo: / rloo:)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train.liger_kernel:
+            raise ConfigError(f"train.liger_kernel: applies to the TRL trainers (sft, dpo, reward, online_dpo); {self.stage.upper()} runs its own loop")
+        section = getattr(self, self.stage)
+        section.validate(self.stage)
+        if not self.train.max_steps:
+            raise ConfigError(f"train.max_steps: required for {self.stage.upper()} (the number of sample + update steps)")
+        rollout = section.prompts_per_step * section.group_size
+        per_update = self.train.batch_size * self.train.gradient_accumulation_steps
+        if rollout % per_update:
+            raise ConfigError(
+                f"train.batch_size: train.batch_size * train.gradient_accumulation_steps ({per_update} responses per "
+                f"optimizer update) must divide {self.stage}.prompts_per_step * {self.stage}.group_size ({rollout} responses per step)"
+            )

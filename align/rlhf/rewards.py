@@ -1,0 +1,248 @@
+"""Reward sources of the online methods: one interface for judges and reward models, weighted.
+
+`Rewards.score(prompts, responses)` gives, for each response, every source's score and the
+weighted total. A source is
+
+- a judge (align.evaluation.judges: format, refusal, length, answer, rm:<RunDir>, or a user's
+  `module:function`): scores text; None where it does not apply (or the source's `default`);
+- a reward run: the reward stage's LoRA adapter and score head, loaded onto the policy's base
+  model in memory (align.modeling.adapters.load_frozen_adapter) and scored through
+  align.rlhf.scoring.score_conversations, exactly as the reward stage and PPO score; its score
+  is standardized with the run's reward_stats.json unless `normalize: false`.
+
+The total of a response is sum_s weight_s * score_s over the sources that scored it; NaN where
+none did (such a response is left out of the update and counted by the caller).
+Config: align/rlhf/options.py (RewardSource).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align.core.artifacts import RunDir
+from align.core.errors import ConfigError, DataError
+from align.rlhf.options import RewardSource, source_names
+
+if TYPE_CHECKING:
+    import torch
+
+    from align.modeling.models import ModelRef
+
+
+def reward_runs(sources: list[RewardSource], base: "ModelRef", key: str = "rewards") -> dict[int, RunDir]:
+    """The reward RunDirs the sources name, checked before anything is written.
+
+    Each must be a finished reward run trained on this stage's base (its adapter is loaded onto it).
+    """
+    from align.modeling.models import content_hash
+
+    found: dict[int, RunDir] = {}
+    base_hash = None
+    for i, src in enumerate(sources):
+        if not src.reward_run:
+            continue
+        where = f"{key}[{i}].reward_run"
+        run = RunDir(Path(src.reward_run))
+        manifest = run.manifest()
+        if manifest is None:
+            raise ConfigError(f"{where}: {src.reward_run} is not a RunDir")
+        if manifest.get("stage") != "reward":
+            raise ConfigError(f"{where}: {src.reward_run} is a {manifest.get('stage')} run, not a reward-model run")
+        if manifest.get("status") != "finished":
+            raise ConfigError(f"{where}: {src.reward_run} is not finished (status: {manifest.get('status')}); run the reward stage first")
+        base_hash = base_hash or content_hash(base)
+        trained_on = (manifest.get("base_model") or {}).get("content_hash")
+        if trained_on != base_hash:
+            raise ConfigError(
+                f"{where}: {src.reward_run} was trained on another base model ({(manifest.get('base_model') or {}).get('name')}); "
+                f"its adapter only fits the base it was trained on (this stage's base: {base.name}). "
+                f"Use judge: rm:{src.reward_run} to score with it as a separate model"
+            )
+        if not (run.adapter_dir / "adapter_model.safetensors").is_file():
+            raise DataError(f"{where}: {run.adapter_dir} has no adapter_model.safetensors")
+        found[i] = run
+    return found
+
+
+def answers_of(rows: list[dict]) -> dict[str, list[str]]:
+    """{question: reference answers} from prompt rows with an `answer` (the answer judge's references)."""
+    return {row["prompt"][-1]["content"].strip(): row["answer"] for row in rows if row.get("answer")}
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """Run `model` (a PEFT model) with adapter `name` only, in eval mode; everything is restored after.
+
+    PEFT's set_adapter also marks the active adapter trainable and the others frozen, so the
+    requires_grad flags are put back too.
+    """
+    previous = model.active_adapter
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.set_adapter(name)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+@dataclass
+class Scores:
+    """Scores of N responses: per source [N, S] (NaN where a source did not score) and the weighted total [N]."""
+
+    names: list[str]
+    per_source: "torch.Tensor"
+    total: "torch.Tensor"  # NaN where no source scored the response
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Mean of each source over the responses it scored, the share it scored, the mean total."""
+        import torch
+
+        out: dict[str, float] = {}
+        for j, name in enumerate(self.names):
+            column = self.per_source[:, j]
+            scored = ~torch.isnan(column)
+            out[f"{prefix}/{name}"] = column[scored].mean().item() if scored.any() else math.nan
+            out[f"{prefix}/{name}_scored"] = scored.float().mean().item()
+        ok = ~torch.isnan(self.total)
+        out[f"{prefix}/total"] = self.total[ok].mean().item() if ok.any() else math.nan
+        out[f"{prefix}/unscored"] = int((~ok).sum().item())
+        return out
+
+
+class Rewards:
+    """The configured reward sources, ready to score. `model` is the PEFT model the reward adapters join."""
+
+    def __init__(self, sources: list[RewardSource], *, model=None, tokenizer=None, runs: dict[int, RunDir] | None = None,
+                 answers: dict[str, Any] | None = None, key: str = "rewards"):
+        from align.evaluation.judges import build_judge
+
+        self.names = source_names(sources)
+        self.weights = [s.weight for s in sources]
+        self.model, self.tokenizer = model, tokenizer
+        self._scorers: list[Any] = []
+        runs = runs or {}
+        for i, src in enumerate(sources):
+            if src.reward_run:
+                if i not in runs:
+                    raise ValueError(f"{key}[{i}].reward_run: pass the checked RunDir (align.rlhf.rewards.reward_runs)")
+                self._scorers.append(self._reward_adapter(i, runs[i], src.normalize, key))
+            else:
+                judge = build_judge(src.judge, src.args, answers, where=f"{key}[{i}].judge")
+                self._scorers.append(("judge", judge, src.default))
+
+    def _reward_adapter(self, i: int, run: RunDir, normalize: bool, key: str):
+        import torch
+
+        from align.modeling.adapters import load_frozen_adapter
+        from align.rlhf.scoring import read_stats
+
+        if self.model is None or not hasattr(self.model, "peft_config"):
+            raise ValueError("a reward_run source needs the stage's PEFT model to load its adapter onto")
+        name = f"reward{i}"
+        _, head = load_frozen_adapter(self.model, run.adapter_dir, name)
+        if head is None:
+            raise DataError(f"{key}[{i}].reward_run: {run.adapter_dir} has no score head; is it a reward run?")
+        weight = next(p for p in self.model.parameters() if p.is_floating_point())
+        dtype = torch.float32 if weight.dtype == torch.uint8 else weight.dtype
+        head = head.to(device=weight.device, dtype=dtype)
+        stats = None
+        if normalize:
+            try:
+                stats = read_stats(run)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{key}[{i}].reward_run: cannot read {run.path}/reward_stats.json ({exc}); set normalize: false") from None
+        return ("adapter", name, head, stats)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The reward adapters loaded onto the model (frozen)."""
+        return [s[1] for s in self._scorers if s[0] == "adapter"]
+
+    @property
+    def score_heads(self) -> list["torch.nn.Module"]:
+        return [s[2] for s in self._scorers if s[0] == "adapter"]
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> Scores:
+        import torch
+
+        from align.rlhf.scoring import score_conversations
+
+        n = len(responses)
+        columns = []
+        for scorer in self._scorers:
+            if scorer[0] == "judge":
+                _, judge, default = scorer
+                raw = judge.score(prompts, responses)
+                if len(raw) != n:
+                    raise DataError(f"judge {judge.name!r} returned {len(raw)} scores for {n} responses")
+                column = [default if s is None else float(s) for s in raw]
+                columns.append(torch.tensor([math.nan if s is None else s for s in column], dtype=torch.float32))
+            else:
+                _, name, head, stats = scorer
+                conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+                base = self.model.get_base_model()
+                with active_adapter(self.model, name):
+                    raw = score_conversations(getattr(base, base.base_model_prefix), head, self.tokenizer, conversations).cpu()
+                if stats is not None:
+                    raw = (raw - stats["mean"]) / max(stats["std"], 1e-6)
+                columns.append(raw.float())
+        per_source = torch.stack(columns, dim=1) if columns else torch.zeros(n, 0)
+        weights = torch.tensor(self.weights, dtype=torch.float32)
+        scored = ~torch.isnan(per_source)
+        total = torch.where(scored, per_source, torch.zeros_like(per_source)) @ weights
+        total = torch.where(scored.any(dim=1), total, torch.full_like(total, math.nan))
+        return Scores(self.names, per_source, total)
+
+
+def check_answers(sources: list[RewardSource], splits, key: str = "rewards") -> None:
+    """An `answer` judge needs rows with an `answer` field; checked when the data is loaded, before anything is written."""
+    from align.evaluation.judges import ANSWER
+
+    for i, src in enumerate(sources):
+        if src.judge and src.judge.strip() == ANSWER and not answers_of(splits.train + splits.eval):
+            raise ConfigError(f"{key}[{i}].judge: judge 'answer' needs reference answers: no row of data.path '{splits.source}' has an 'answer' field")
+
+
+def run_inputs(runs: dict[int, RunDir]) -> dict | None:
+    """The identities of the reward runs a stage reads (part of its run key: a retrained reward model reruns it)."""
+    if not runs:
+        return None
+    return {"reward_runs": {str(i): (run.manifest() or {}).get("run_id") for i, run in runs.items()}}
+
+
+def held_out_metrics(model, tokenizer, rewards: Rewards, prompts: list[list[dict]], sampling, seed: int) -> dict:
+    """One seeded sample per held-out prompt from `model` as it is: each source's reward, the total,
+    the KL to the reference (adapters disabled; k1 summed per response) and the response length.
+    The global RNG is left as it was, so evaluating does not change training's draws."""
+    import torch
+
+    from align.modeling.generation import Sampling, response_logprobs, sample_tokens
+    from align.rlhf.losses import kl_per_token
+
+    one = Sampling(**{**sampling.__dict__, "num_return_sequences": 1, "seed": seed})
+    state = torch.get_rng_state()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            roll = sample_tokens(model, tokenizer, prompts, one)
+            logp = response_logprobs(model, roll.seq, roll.attn, roll.n_resp)
+            with model.disable_adapter():
+                ref = response_logprobs(model, roll.seq, roll.attn, roll.n_resp)
+        scores = rewards.score(roll.prompts, roll.responses)
+    finally:
+        torch.set_rng_state(state)
+        model.train(was_training)
+    kl = (kl_per_token(logp, ref, "k1") * roll.mask).sum(1)
+    out = scores.metrics("eval/reward")
+    out.update({"eval/kl": kl.mean().item(), "eval/response_length": roll.mask.sum(1).mean().item()})
+    return out

@@ -1,0 +1,72 @@
+"""GRPO stage: group relative policy optimization with a LoRA policy on one frozen base.
+
+Each step samples `grpo.group_size` responses to each of `grpo.prompts_per_step` prompts with
+the policy adapter, scores them with the configured reward sources (judges and reward-model
+adapters on the same base, align/rlhf/rewards.py), and takes clipped policy-gradient updates
+with advantages relative to the group (minus the group mean, over the group std by default) and
+a per-token KL penalty to the reference, the base with adapters disabled (the SFT model). No
+value model. Our own implementation on the PPO stage's sampling, scoring and log-prob parts,
+not TRL's GRPOTrainer: align/rlhf/grpo.py says why. Math: align/rlhf/losses.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align.core.config import opt
+from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.rlhf.options import GroupOptions, GroupStageConfig, check_sources
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+
+
+@dataclass
+class GRPOConfig(GroupStageConfig):
+    """GRPO: group-relative advantages, KL to the SFT model in the loss; rewards from judges and reward models."""
+
+    grpo: GroupOptions = opt(GroupOptions, "GRPO options (train.max_steps counts steps: sample + update; train.batch_size counts responses).")
+
+    stage = "grpo"
+
+
+def run(cfg: GRPOConfig, *, force: bool = False, callbacks=()):
+    cfg = prepare_config(cfg)
+    from align.core.artifacts import ADAPTER
+    from align.core.data import load_splits
+    from align.rlhf import grpo as G
+    from align.rlhf.loop import single_process
+    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
+    from align.stages.common import StageRun, log_sample_table, resolve_base
+
+    single_process("grpo")
+    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
+    check_answers(cfg.rewards, splits)
+    base, parent = resolve_base(cfg)
+    runs = reward_runs(cfg.rewards, base)
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        gp, summary = G.train(stage, cfg, "grpo", runs)
+        sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
+        summary["samples"] = sampled.get("rows", [])
+        if "judge" in sampled:
+            summary["judge"] = sampled["judge"]
+        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "samples": "samples.jsonl"})
+    return stage.run_dir
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  held-out reward {fmt(s.get('eval_reward_before'))} (step 0) -> {fmt(s.get('eval_reward_after'))}, "
+        f"KL to reference {fmt(s.get('eval_kl_after'))}"
+    ]
+
+
+WHY_LORA = (
+    "the policy and the reward models are adapters of one base model; PEFT holds adapters of a single type "
+    "in one model and reward adapters are LoRA"
+)
+register(Stage(
+    "grpo", GRPOConfig, run, summary_lines,
+    checks=(*training_checks(LORA_FAMILY, WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+))

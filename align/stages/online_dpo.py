@@ -1,0 +1,269 @@
+"""Online (iterative) DPO stage: rounds of sample -> score -> pair -> DPO, with a LoRA policy on one base.
+
+Round n samples `online.num_samples` responses per prompt from the policy as round n-1 left it
+(round 1: the fresh adapter, which is the SFT model), scores them with the reward sources
+(judges and reward-model adapters on the same base, align/rlhf/rewards.py), pairs them per prompt
+with the pairing and cleaning `align-data generate` uses (align/core/pairing.py), and trains the
+same adapter on those pairs with the DPO stage's trainer (align/dpo/training.py: TRL's DPOTrainer
+with the fast path). The reference stays the SFT model (the base with adapters disabled) in every
+round. Each round's samples, scores and pairs are kept in rounds/round-<n>/; a checkpoint after a
+round holds the adapter, and --resume continues with the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from align.core.config import opt
+from align.core.errors import ConfigError
+from align.core.pairing import STRATEGIES
+from align.dpo.options import DPOOptions
+from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.rlhf.options import OnlineStageConfig, check_sources
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class OnlineOptions:
+    rounds: int = opt(3, "Rounds of sample -> score -> pair -> DPO (>= 1); round n samples from the policy round n-1 trained.")
+    prompts_per_round: int | None = opt(
+        None, "Training prompts sampled per round (>= 1; a fresh seeded order per pass over them); null = all of them."
+    )
+    num_samples: int = opt(4, "Responses sampled per prompt and round, K (>= 2).")
+    max_new_tokens: int = opt(48, "Longest sampled response (>= 1).")
+    temperature: float = opt(1.0, "Sampling temperature (> 0).")
+    top_p: float = opt(1.0, "Nucleus sampling, in (0, 1].")
+    generation_batch_size: int = opt(16, "Prompts per generation batch, each with its K samples (>= 1).")
+    pairing: Literal[STRATEGIES] = opt(  # type: ignore[valid-type]
+        "best-vs-worst",
+        "How a prompt's scored samples become pairs: best-vs-worst (one pair), best-vs-each, all-pairs; ties are never pairs.",
+    )
+    min_margin: float = opt(0.0, "Smallest chosen - rejected total reward of a pair (>= 0; pairs need a strictly higher chosen anyway).")
+    eval_prompts: int = opt(16, "Held-out prompts sampled once each for the held-out reward and KL (>= 0; 0 disables).")
+
+    def validate(self) -> None:
+        for name in ("rounds", "max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"online.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.num_samples < 2:
+            raise ConfigError(f"online.num_samples: at least 2 responses per prompt are needed to pair, got {self.num_samples}")
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise ConfigError(f"online.prompts_per_round: must be at least 1 or null, got {self.prompts_per_round}")
+        if self.temperature <= 0:
+            raise ConfigError(f"online.temperature: must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"online.top_p: must be in (0, 1], got {self.top_p}")
+        if self.min_margin < 0:
+            raise ConfigError(f"online.min_margin: must be at least 0, got {self.min_margin}")
+        if self.eval_prompts < 0:
+            raise ConfigError(f"online.eval_prompts: must be at least 0, got {self.eval_prompts}")
+
+
+@dataclass
+class OnlineDPOConfig(OnlineStageConfig):
+    """Online DPO: each round pairs the policy's own samples by reward and trains DPO on them; the reference stays the SFT model."""
+
+    online: OnlineOptions = opt(
+        OnlineOptions,
+        "Rounds and sampling. In this stage train.epochs / train.max_steps apply per round (over that round's pairs), "
+        "train.save_steps and train.eval_steps count rounds.",
+    )
+    dpo: DPOOptions = opt(DPOOptions, "DPO options of each round's training (as in the DPO stage).")
+
+    stage = "online_dpo"
+
+    def validate(self) -> None:
+        super().validate()
+        self.online.validate()
+        self.dpo.validate()
+
+
+def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict], step_offset: int, interrupt, timer, callbacks) -> dict:
+    """DPO on one round's pairs, continuing the adapter; returns the round's training figures."""
+    import shutil
+
+    from datasets import Dataset
+
+    from align.core.checkpoints import latest_complete
+    from align.core.safeguards import NonFiniteGuard
+    from align.dpo.training import dpo_trainer, fast_path_summary, pair_converter
+    from align.rlhf.online_dpo import restored_forward, stop_on_signal
+    from align.stages.common import TrackerCallback, trainer_kwargs
+
+    convert = pair_converter(tokenizer, cfg.train.max_length)
+    kept, truncated, dropped = [], 0, 0
+    for row in pairs:
+        example, cut = convert(row)
+        truncated += cut
+        if example is None:
+            dropped += 1
+        else:
+            kept.append(example)
+    figures = {"online/pairs_truncated": truncated, "online/pairs_dropped_max_length": dropped, "online/dpo_steps": 0}
+    if not kept:
+        return figures
+    device = str(next(model.parameters()).device)
+    scratch = stage.run_dir.path / ".round-trainer"  # the HF trainer's own folder; rounds are checkpointed whole instead
+    base_args = trainer_kwargs(cfg, stage.run_dir, device, has_eval=False, model=model.get_base_model(), rows_per_example=2)
+    base_args.update(output_dir=str(scratch), save_strategy="no")
+    guards = [TrackerCallback(stage.tracker, stage, step_offset), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)),
+              stop_on_signal(interrupt), timer]
+    try:
+        with restored_forward(model.get_base_model()):
+            trainer = dpo_trainer(cfg, model, tokenizer, Dataset.from_list(kept), None, base_args, [*guards, *callbacks])
+            result = trainer.train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    figures.update({"online/dpo_steps": trainer.state.global_step, "online/dpo_loss": result.training_loss})
+    figures["fast_path"] = fast_path_summary(trainer)
+    return figures
+
+
+def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
+    cfg = prepare_config(cfg)
+    from align.core.data import load_splits
+    from align.rlhf.loop import single_process
+    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
+    from align.stages.common import StageRun, resolve_base
+
+    single_process("online_dpo")
+    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
+    check_answers(cfg.rewards, splits)
+    base, parent = resolve_base(cfg)
+    runs = reward_runs(cfg.rewards, base)
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        _rounds(stage, cfg, runs, callbacks)
+    return stage.run_dir
+
+
+def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from align.core.artifacts import ADAPTER
+    from align.core.data import distinct_prompts
+    from align.core.safeguards import InterruptCallback, Interrupted, oom_advice
+    from align.core.checkpoints import latest_complete
+    from align.core.errors import AlignError
+    from align.modeling import models
+    from align.modeling.adapters import adapter_bytes, peft_config_for
+    from align.rlhf import loop
+    from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
+    from align.rlhf.ppo import batch_prompts
+    from align.rlhf.rewards import Rewards, answers_of, held_out_metrics
+    from align.stages.common import StepTimer, log_sample_table
+
+    o, t = cfg.online, cfg.train
+    set_seed(t.seed)
+    tokenizer = models.load_tokenizer(stage.base, cfg.model)
+    base_model = models.load_model(stage.base, cfg.model)
+    # The policy is PEFT's "default" adapter: TRL's DPOTrainer trains that one.
+    model = get_peft_model(base_model, peft_config_for(cfg, base_location=stage.base.location), adapter_name=loop.DEFAULT_ADAPTER)
+    rewards = Rewards(cfg.rewards, model=model, tokenizer=tokenizer, runs=runs, answers=answers_of(stage.splits.train + stage.splits.eval))
+    model.set_adapter(loop.DEFAULT_ADAPTER)
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{loop.DEFAULT_ADAPTER}." in name)
+    counts = models.count_parameters(model)
+    done_rounds, step, pairs_so_far = 0, 0, 0
+    if stage.resume_from is not None:
+        state = loop.load_checkpoint(stage.resume_from, model, [loop.DEFAULT_ADAPTER])
+        done_rounds, step, pairs_so_far = state["round"], state["step"], state["pairs"]
+    prompts = [r["prompt"] for r in stage.splits.train]
+    per_round = o.prompts_per_round or len(prompts)
+    eval_prompts = distinct_prompts(stage.splits.eval, o.eval_prompts) if o.eval_prompts else []
+
+    def evaluate() -> dict:
+        return held_out_metrics(model, tokenizer, rewards, eval_prompts, sampling_for(o, t.seed), t.seed) if eval_prompts else {}
+
+    def save(round_no: int):
+        state = {"round": round_no, "pairs": totals["pairs"]}
+        return loop.save_checkpoint(stage.run_dir.path, step, model, [loop.DEFAULT_ADAPTER], None, None, state, t.save_total_limit)
+
+    interrupt, timer = InterruptCallback(), StepTimer()
+    interrupt.install()
+    totals = {"pairs": pairs_so_far}
+    fast_path = None
+    try:
+        if done_rounds == 0:
+            stage.tracker.log(evaluate(), step=0)
+        for r in range(done_rounds + 1, o.rounds + 1):
+            round_prompts = batch_prompts(prompts, r - 1, per_round, t.seed) if o.prompts_per_round else prompts
+            model.set_adapter(loop.DEFAULT_ADAPTER)
+            samples = sample_round(model, tokenizer, rewards, round_prompts, o, seed=t.seed + r)
+            pairs, outcome = pairs_of(samples, o.pairing, o.min_margin, r)
+            write_round(stage.run_dir.path, r, samples, pairs)
+            metrics = {"online/round": r, "online/prompts": len(round_prompts), "online/pairs": len(pairs),
+                       **{f"online/unpaired/{k}": v for k, v in outcome.items()}, **samples.scores.metrics("online/reward")}
+            if not pairs:
+                log.warning("online_dpo round %d: no pairs (every prompt's samples tied or were unscored); the adapter is unchanged", r)
+            if interrupt.signal_name:  # caught while sampling: the policy is still round r-1's
+                raise Interrupted(f"{interrupt.signal_name} before round {r} trained; checkpoint saved in {save(r - 1)}; "
+                                  "continue with --resume (resume=true)", exit_code=interrupt.exit_code)
+            figures = train_round(stage, cfg, model, tokenizer, pairs, step, interrupt, timer, callbacks) if pairs else {}
+            fast_path = figures.pop("fast_path", fast_path)
+            if interrupt.signal_name:
+                checkpoint = latest_complete(stage.run_dir.path)
+                where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved (train.save_steps)"
+                raise Interrupted(f"{interrupt.signal_name} during round {r}; its training is lost; {where}; "
+                                  "continue with --resume (resume=true), which repeats that round", exit_code=interrupt.exit_code)
+            step += figures.get("online/dpo_steps", 0)
+            totals["pairs"] += len(pairs)
+            metrics.update(figures)
+            if (t.eval_steps and r % t.eval_steps == 0) or r == o.rounds:
+                metrics.update(evaluate())
+            log.info("online_dpo round %d: %d pairs from %d prompts, sampled reward %.3f, %d DPO steps", r, len(pairs),
+                     len(round_prompts), metrics["online/reward/total"], figures.get("online/dpo_steps", 0))
+            stage.tracker.log(metrics, step=step)
+            if t.save_steps and r % t.save_steps == 0:
+                save(r)
+        final = metrics if done_rounds < o.rounds else evaluate()
+    except torch.cuda.OutOfMemoryError as exc:
+        raise AlignError(oom_advice(cfg, step + 1)) from exc
+    finally:
+        interrupt.uninstall()
+
+    target = loop.save_standard_adapter(model, loop.DEFAULT_ADAPTER, stage.run_dir.path / ADAPTER)
+    stage.tracker.log_artifact(target, name="online_dpo-adapter", type="model", metadata={"stage": "online_dpo", "base_model": stage.base.name})
+    counts["adapter_bytes"] = adapter_bytes(target)
+    before = loop.logged_at_step(stage.run_dir, 0)
+    model.set_adapter(loop.DEFAULT_ADAPTER)
+    sampled = log_sample_table(stage, model, tokenizer, "reference", step=step)
+    summary = {
+        "rounds": o.rounds,
+        "pairs": totals["pairs"],
+        "steps": step,
+        "seconds_per_step": timer.seconds_per_step(),
+        "eval_reward_before": before.get("eval/reward/total"),
+        "eval_reward_after": final.get("eval/reward/total"),
+        "eval_kl_after": final.get("eval/kl"),
+        "parameters": counts,
+        "samples": sampled.get("rows", []),
+        **({"dpo_fast_path": fast_path} if fast_path else {}),
+        **({"judge": sampled["judge"]} if "judge" in sampled else {}),
+    }
+    stage.finish(summary=summary, outputs={"adapter": ADAPTER, "rounds": "rounds", "samples": "samples.jsonl"})
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  {s.get('rounds')} rounds, {s.get('pairs')} on-policy pairs, {s.get('steps')} DPO steps; held-out reward "
+        f"{fmt(s.get('eval_reward_before'))} (round 0) -> {fmt(s.get('eval_reward_after'))}, KL to reference {fmt(s.get('eval_kl_after'))}"
+    ]
+
+
+WHY_LORA = (
+    "the policy and the reward models are adapters of one base model, and the reference is that base with "
+    "adapters disabled; PEFT holds adapters of a single type in one model and reward adapters are LoRA"
+)
+register(Stage(
+    "online_dpo", OnlineDPOConfig, run, summary_lines,
+    checks=(*training_checks(LORA_FAMILY, WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+))

@@ -1,0 +1,89 @@
+"""RLOO stage: REINFORCE with a leave-one-out baseline, a LoRA policy on one frozen base.
+
+Each step samples `rloo.group_size` responses to each of `rloo.prompts_per_step` prompts with
+the policy adapter and scores them with the configured reward sources (judges and reward-model
+adapters on the same base, align/rlhf/rewards.py). By default the KL to the reference (the base
+with adapters disabled: the SFT model) is subtracted from each response's reward, and a
+response's advantage is its reward minus the mean reward of the other responses to the same
+prompt (Ahmadian et al. 2024). No value model. Shares its implementation with the GRPO stage
+(align/rlhf/grpo.py, which says why it is not TRL's RLOOTrainer); math in align/rlhf/losses.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from align.core.config import opt
+from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.rlhf.options import ADVANTAGE_SCALES, GroupOptions, GroupStageConfig, check_sources
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+
+
+@dataclass
+class RLOOOptions(GroupOptions):
+    """GroupOptions with RLOO's defaults: the KL (k1, summed per response) in the reward, no std scaling."""
+
+    kl_coef: float = opt(0.05, "Weight of the KL to the reference (the base with adapters disabled), >= 0; 0 skips the reference pass.")
+    kl_in: Literal["loss", "reward"] = opt(
+        "reward",
+        "Where the KL goes: reward = the response's summed KL subtracted from its reward before the baseline (RLOO); "
+        "loss = a per-token penalty added to the policy loss (as GRPO).",
+    )
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) (>= 0).")
+    scale_advantages: Literal[ADVANTAGE_SCALES] = opt(  # type: ignore[valid-type]
+        "none", "Divide advantages by the std of the rewards of their group, of the whole batch, or not at all (none)."
+    )
+
+
+@dataclass
+class RLOOConfig(GroupStageConfig):
+    """RLOO: leave-one-out baselines, KL to the SFT model in the reward; rewards from judges and reward models."""
+
+    rloo: RLOOOptions = opt(RLOOOptions, "RLOO options (train.max_steps counts steps: sample + update; train.batch_size counts responses).")
+
+    stage = "rloo"
+
+
+def run(cfg: RLOOConfig, *, force: bool = False, callbacks=()):
+    cfg = prepare_config(cfg)
+    from align.core.artifacts import ADAPTER
+    from align.core.data import load_splits
+    from align.rlhf import grpo as G
+    from align.rlhf.loop import single_process
+    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
+    from align.stages.common import StageRun, log_sample_table, resolve_base
+
+    single_process("rloo")
+    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
+    check_answers(cfg.rewards, splits)
+    base, parent = resolve_base(cfg)
+    runs = reward_runs(cfg.rewards, base)
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        gp, summary = G.train(stage, cfg, "rloo", runs)
+        sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
+        summary["samples"] = sampled.get("rows", [])
+        if "judge" in sampled:
+            summary["judge"] = sampled["judge"]
+        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "samples": "samples.jsonl"})
+    return stage.run_dir
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  held-out reward {fmt(s.get('eval_reward_before'))} (step 0) -> {fmt(s.get('eval_reward_after'))}, "
+        f"KL to reference {fmt(s.get('eval_kl_after'))}"
+    ]
+
+
+WHY_LORA = (
+    "the policy and the reward models are adapters of one base model; PEFT holds adapters of a single type "
+    "in one model and reward adapters are LoRA"
+)
+register(Stage(
+    "rloo", RLOOConfig, run, summary_lines,
+    checks=(*training_checks(LORA_FAMILY, WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+))
