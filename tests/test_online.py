@@ -179,7 +179,7 @@ def test_online_configs_refuse_invalid_combinations(runs, tiny_data, tmp_path):
         ("grpo", {"train.max_steps": None}, "train.max_steps: required for GRPO"),
         ("rloo", {"rloo.clip_range": 1.5}, "rloo.clip_range: must be in (0, 1)"),
         ("grpo", {"grpo.loss_aggregation": "token-mean"}, "did you mean 'token_mean'?"),
-        ("online_dpo", {"online.num_samples": 1}, "online.num_samples: at least 2 responses per prompt"),
+        ("online_dpo", {"online.num_samples": 1}, "online.num_samples: must be at least 2, got 1"),
         ("online_dpo", {"online.pairing": "best_vs_worst"}, "did you mean 'best-vs-worst'?"),
         ("online_dpo", {"dpo.beta": 0}, "dpo.beta: must be positive"),
     ]

@@ -30,7 +30,9 @@ class RewardSource:
         "A reward-model RunDir: its LoRA adapter and score head are loaded onto this stage's base in memory "
         "(no second model); it must have been trained on the same base.",
     )
-    weight: float = opt(1.0, "Weight of this source in the total reward (any finite non-zero number; negative penalizes).")
+    weight: float = opt(
+        1.0, "Weight of this source in the total reward (negative penalizes).", any_value="any finite non-zero number (checked with the sources)"
+    )
     args: dict[str, Any] = opt({}, "Keyword arguments of a built-in judge, e.g. {max_words: 20} for length.")
     normalize: bool = opt(
         True, "reward_run only: standardize scores with the reward run's reward_stats.json ((score - mean) / std)."
@@ -39,6 +41,7 @@ class RewardSource:
         None,
         "Score used where the judge does not apply (returns None, e.g. format on a prompt without a format "
         "instruction); null: the source adds nothing there, and a response no source scores is left out and counted.",
+        any_value="any score the source could give",
     )
     name: str | None = opt(None, "Name in metrics (reward/<name>); null = the judge's name, or rm<i> for a reward_run.")
 
@@ -107,27 +110,28 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 class GroupOptions:
     """Group policy-gradient options (GRPO and RLOO share them; each stage sets its own defaults)."""
 
-    prompts_per_step: int = opt(8, "Prompts sampled per step (>= 1); each gets group_size responses.")
-    group_size: int = opt(4, "Responses sampled per prompt, the group whose rewards form the baseline (>= 2).")
+    prompts_per_step: int = opt(8, "Prompts sampled per step; each gets group_size responses.", min=1)
+    group_size: int = opt(4, "Responses sampled per prompt, the group whose rewards form the baseline (so at least 2).", min=2)
     epochs: int = opt(
         1,
-        "Passes over each rollout batch (>= 1). Each pass runs micro-batches of train.batch_size responses, an optimizer "
+        "Passes over each rollout batch. Each pass runs micro-batches of train.batch_size responses, an optimizer "
         "update every train.gradient_accumulation_steps of them; with more than one update per step the policy ratio "
         "and its clipping matter.",
+        min=1,
     )
-    max_new_tokens: int = opt(32, "Longest sampled response (>= 1).")
-    temperature: float = opt(1.0, "Sampling temperature (> 0).")
-    top_p: float = opt(1.0, "Nucleus sampling, in (0, 1].")
-    kl_coef: float = opt(0.04, "Weight of the KL to the reference (the base with adapters disabled), >= 0; 0 skips the reference pass.")
+    max_new_tokens: int = opt(32, "Longest sampled response.", min=1)
+    temperature: float = opt(1.0, "Sampling temperature.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling.", gt=0, max=1)
+    kl_coef: float = opt(0.04, "Weight of the KL to the reference (the base with adapters disabled); 0 skips the reference pass.", min=0)
     kl_in: Literal["loss", "reward"] = opt(
         "loss",
         "Where the KL goes: loss = a per-token penalty added to the policy loss (GRPO); reward = the response's "
         "summed KL subtracted from its reward before the advantages (RLOO).",
     )
     kl_estimator: Literal["k1", "k3"] = opt("k3", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) (>= 0).")
-    clip_range: float = opt(0.2, "Clip of the policy ratio below 1: [1 - clip_range, ...], in (0, 1).")
+    clip_range: float = opt(0.2, "Clip of the policy ratio below 1: [1 - clip_range, ...].", gt=0, lt=1)
     clip_range_high: float | None = opt(
-        None, "Clip of the policy ratio above 1: [..., 1 + clip_range_high], > 0 (DAPO's clip-higher: 0.28); null = clip_range."
+        None, "Clip of the policy ratio above 1: [..., 1 + clip_range_high] (DAPO's clip-higher: 0.28); null = clip_range.", gt=0
     )
     loss_aggregation: Literal[LOSS_AGGREGATIONS] = opt(  # type: ignore[valid-type]
         "sequence_mean",
@@ -140,31 +144,9 @@ class GroupOptions:
         "Divide advantages by the std of the rewards of their group (GRPO), of the whole batch, or not at all (none).",
     )
     missing_eos_penalty: float | None = opt(
-        None, "Subtracted from the reward of a response cut at max_new_tokens without EOS (>= 0; null: none)."
+        None, "Subtracted from the reward of a response cut at max_new_tokens without EOS (null: none).", min=0
     )
-    eval_prompts: int = opt(16, "Held-out prompts sampled (once each) for the held-out reward and KL (>= 0; 0 disables).")
-
-    def validate(self, key: str) -> None:
-        for name in ("prompts_per_step", "epochs", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ConfigError(f"{key}.group_size: must be at least 2 (the baseline comes from the other responses of a group), got {self.group_size}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{key}.temperature: must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
-        if self.kl_coef < 0:
-            raise ConfigError(f"{key}.kl_coef: must be at least 0, got {self.kl_coef}")
-        if not 0 < self.clip_range < 1:
-            raise ConfigError(f"{key}.clip_range: must be in (0, 1), got {self.clip_range}")
-        if self.clip_range_high is not None and self.clip_range_high <= 0:
-            raise ConfigError(f"{key}.clip_range_high: must be positive or null, got {self.clip_range_high}")
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            raise ConfigError(f"{key}.missing_eos_penalty: must be at least 0 or null, got {self.missing_eos_penalty}")
-        if self.eval_prompts < 0:
-            raise ConfigError(f"{key}.eval_prompts: must be at least 0, got {self.eval_prompts}")
-
+    eval_prompts: int = opt(16, "Held-out prompts sampled (once each) for the held-out reward and KL (0 disables).", min=0)
 
 @dataclass
 class OnlineStageConfig(ChildStageConfig):
@@ -174,6 +156,7 @@ class OnlineStageConfig(ChildStageConfig):
         [],
         "Reward sources, summed with their weights: a list of {judge: ...} or {reward_run: ...} entries, "
         "each with weight (default 1), args, normalize, default, name.",
+        any_value="at least one source; checked with the sources (the error shows an example)",
     )
 
     def validate(self) -> None:
@@ -190,7 +173,6 @@ class GroupStageConfig(OnlineStageConfig):
         if self.train.liger_kernel:
             raise ConfigError(f"train.liger_kernel: applies to the TRL trainers (sft, dpo, reward, online_dpo); {self.stage.upper()} runs its own loop")
         section = getattr(self, self.stage)
-        section.validate(self.stage)
         if not self.train.max_steps:
             raise ConfigError(f"train.max_steps: required for {self.stage.upper()} (the number of sample + update steps)")
         rollout = section.prompts_per_step * section.group_size

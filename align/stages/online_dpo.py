@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from align.core.config import opt
-from align.core.errors import ConfigError
 from align.core.pairing import STRATEGIES
 from align.dpo.options import DPOOptions
 from align.modeling.methods import LORA_FAMILY, resolve_method
@@ -29,38 +28,21 @@ log = logging.getLogger("align")
 
 @dataclass
 class OnlineOptions:
-    rounds: int = opt(3, "Rounds of sample -> score -> pair -> DPO (>= 1); round n samples from the policy round n-1 trained.")
+    rounds: int = opt(3, "Rounds of sample -> score -> pair -> DPO; round n samples from the policy round n-1 trained.", min=1)
     prompts_per_round: int | None = opt(
-        None, "Training prompts sampled per round (>= 1; a fresh seeded order per pass over them); null = all of them."
+        None, "Training prompts sampled per round (a fresh seeded order per pass over them); null = all of them.", min=1
     )
-    num_samples: int = opt(4, "Responses sampled per prompt and round, K (>= 2).")
-    max_new_tokens: int = opt(48, "Longest sampled response (>= 1).")
-    temperature: float = opt(1.0, "Sampling temperature (> 0).")
-    top_p: float = opt(1.0, "Nucleus sampling, in (0, 1].")
-    generation_batch_size: int = opt(16, "Prompts per generation batch, each with its K samples (>= 1).")
+    num_samples: int = opt(4, "Responses sampled per prompt and round, K (at least 2 to make a pair).", min=2)
+    max_new_tokens: int = opt(48, "Longest sampled response.", min=1)
+    temperature: float = opt(1.0, "Sampling temperature.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling.", gt=0, max=1)
+    generation_batch_size: int = opt(16, "Prompts per generation batch, each with its K samples.", min=1)
     pairing: Literal[STRATEGIES] = opt(  # type: ignore[valid-type]
         "best-vs-worst",
         "How a prompt's scored samples become pairs: best-vs-worst (one pair), best-vs-each, all-pairs; ties are never pairs.",
     )
-    min_margin: float = opt(0.0, "Smallest chosen - rejected total reward of a pair (>= 0; pairs need a strictly higher chosen anyway).")
-    eval_prompts: int = opt(16, "Held-out prompts sampled once each for the held-out reward and KL (>= 0; 0 disables).")
-
-    def validate(self) -> None:
-        for name in ("rounds", "max_new_tokens", "generation_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"online.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.num_samples < 2:
-            raise ConfigError(f"online.num_samples: at least 2 responses per prompt are needed to pair, got {self.num_samples}")
-        if self.prompts_per_round is not None and self.prompts_per_round < 1:
-            raise ConfigError(f"online.prompts_per_round: must be at least 1 or null, got {self.prompts_per_round}")
-        if self.temperature <= 0:
-            raise ConfigError(f"online.temperature: must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"online.top_p: must be in (0, 1], got {self.top_p}")
-        if self.min_margin < 0:
-            raise ConfigError(f"online.min_margin: must be at least 0, got {self.min_margin}")
-        if self.eval_prompts < 0:
-            raise ConfigError(f"online.eval_prompts: must be at least 0, got {self.eval_prompts}")
+    min_margin: float = opt(0.0, "Smallest chosen - rejected total reward of a pair (pairs need a strictly higher chosen anyway).", min=0)
+    eval_prompts: int = opt(16, "Held-out prompts sampled once each for the held-out reward and KL (0 disables).", min=0)
 
 
 @dataclass
@@ -75,11 +57,6 @@ class OnlineDPOConfig(OnlineStageConfig):
     dpo: DPOOptions = opt(DPOOptions, "DPO options of each round's training (as in the DPO stage).")
 
     stage = "online_dpo"
-
-    def validate(self) -> None:
-        super().validate()
-        self.online.validate()
-        self.dpo.validate()
 
 
 def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict], step_offset: int, interrupt, timer, callbacks) -> dict:

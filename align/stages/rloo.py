@@ -24,7 +24,7 @@ from align.stages.registry import Stage, fmt, prepare_config, register, training
 class RLOOOptions(GroupOptions):
     """GroupOptions with RLOO's defaults: the KL (k1, summed per response) in the reward, no std scaling."""
 
-    kl_coef: float = opt(0.05, "Weight of the KL to the reference (the base with adapters disabled), >= 0; 0 skips the reference pass.")
+    kl_coef: float = opt(0.05, "Weight of the KL to the reference (the base with adapters disabled); 0 skips the reference pass.", min=0)
     kl_in: Literal["loss", "reward"] = opt(
         "reward",
         "Where the KL goes: reward = the response's summed KL subtracted from its reward before the baseline (RLOO); "
