@@ -43,23 +43,27 @@ class FastPath:
         return "; ".join([f"DPO fast path: {', '.join(on) or 'none'}", *off])
 
 
+def sharing_off_reason(wanted: bool, method: str, model, section: str = "dpo") -> str | None:
+    """Why prefix sharing does not run for this config and model, or None when it does."""
+    if not wanted:
+        return f"{section}.shared_prefix is false"
+    if method in PROMPT_LEARNING:
+        return f"{method} prepends virtual tokens to every row"
+    return shared_prefix.unsupported_reason(model)
+
+
 def plan(options, method: str, model) -> FastPath:
     """Which fast-path parts run for this config and model, and why the others do not."""
     why_not = {}
-    share = options.shared_prefix
-    if not share:
-        why_not["shared_prefix"] = "dpo.shared_prefix is false"
-    elif method in PROMPT_LEARNING:
-        share, why_not["shared_prefix"] = False, f"{method} prepends virtual tokens to every row"
-    elif (reason := shared_prefix.unsupported_reason(model)) is not None:
-        share, why_not["shared_prefix"] = False, reason
+    if (reason := sharing_off_reason(options.shared_prefix, method, model)) is not None:
+        why_not["shared_prefix"] = reason
     cache = options.ref_cache
     if not cache:
         why_not["ref_cache"] = "dpo.ref_cache is false"
-    return FastPath(shared_prefix=share, ref_cache=cache, why_not=why_not)
+    return FastPath(shared_prefix=reason is None, ref_cache=cache, why_not=why_not)
 
 
-class _Collator:
+class Collator:
     """TRL's collator, plus the shared-prefix layout and the cache digests where used."""
 
     def __init__(self, trl_collator, pad_token_id: int, share: bool, digests: bool):
@@ -101,7 +105,7 @@ class AlignDPOTrainer(DPOTrainer):
             shared_prefix.patch_forward(policy, outputs)
             if self.ref_model is not None:
                 shared_prefix.patch_forward(self.ref_model, ("log_probs",))
-        self.data_collator = _Collator(
+        self.data_collator = Collator(
             self.data_collator,
             getattr(self.data_collator, "pad_token_id", None) or 0,
             fast_path.shared_prefix,

@@ -343,6 +343,60 @@ def train_adapter(
     return Trained(trainer, tokenizer, before, after, adapter_dir, summary)
 
 
+def train_and_finish(
+    cfg, splits: Splits, *, prepare, build_trainer, eval_keys: tuple[str, ...], before_label: str,
+    extra_summary=None, force: bool = False, callbacks=(),
+) -> RunDir:
+    """The run of a preference-training stage once its data is loaded: base, RunDir, train, summary.
+
+    `eval_keys`: held-out metrics reported before (step 0) and after training; `extra_summary(trainer)`
+    adds the stage's own figures. Returns the RunDir (skipped when a finished run matches).
+    """
+    base, parent = resolve_base(cfg)
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label=before_label, callbacks=callbacks)
+        summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in eval_keys}
+        summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in eval_keys})
+        summary.update(trained.summary)
+        if extra_summary is not None:
+            summary.update(extra_summary(trained.trainer))
+        saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
+        stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
+    return stage.run_dir
+
+
+REFERENCE_FREE_EVAL_KEYS = (
+    "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "nll_loss",
+)
+
+
+def reference_free_trainer(cfg, objective, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=(), *, shared_prefix: bool,
+                           sharing_blocked: str | None = None):
+    """The trainer of SimPO, CPO and ORPO (align/dpo/reference_free.py): no reference model, no reference forward.
+
+    `shared_prefix`: the stage's <section>.shared_prefix; `sharing_blocked`: why its objective cannot share
+    the prompt (then the two-row layout runs, and the log says why).
+    """
+    from align.dpo.reference_free import ReferenceFreeArguments, ReferenceFreeTrainer
+    from align.dpo.trainer import sharing_off_reason
+    from align.modeling.adapters import peft_config_for
+
+    device = str(next(model.parameters()).device)
+    args = ReferenceFreeArguments(**trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None))
+    why_not = sharing_blocked or sharing_off_reason(shared_prefix, cfg.peft.method, model, cfg.stage)
+    trainer = ReferenceFreeTrainer(
+        model, args, objective, train_ds, eval_ds, processing_class=tokenizer,
+        peft_config=peft_config_for(cfg, base_location=model.name_or_path), callbacks=callbacks,
+        shared_prefix_forward=why_not is None,
+    )
+    trainer.layout = "shared prefix" if why_not is None else f"two rows per pair ({why_not})"
+    log.info("%s: no reference model; batch layout: %s", cfg.stage, trainer.layout)
+    return trainer
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (forward, backward, update); evaluations fall outside it."""
 
@@ -440,6 +494,23 @@ def to_datasets(splits: Splits, convert, stage: str, max_length: int, drop_reaso
     if out["train"] is None:
         raise DataError(f"data.path '{splits.source}': no training row is left within max_length={max_length} ({drop_reason})")
     return out["train"], out["eval"], stats
+
+
+def preference_datasets(splits: Splits, tokenizer, max_length: int, stage: str):
+    """Preference rows as datasets, dropping (and counting) rows whose prompt alone fills max_length.
+
+    TRL would drop those silently; rows longer than max_length are kept and truncated
+    (responses cut at the end), and counted too.
+    """
+    from align.modeling.templates import chat_ids
+
+    def convert(row):
+        if len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)) >= max_length:
+            return None, False
+        longest = max(len(chat_ids(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, longest > max_length
+
+    return to_datasets(splits, convert, stage, max_length, "prompt alone fills max_length")
 
 
 def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:

@@ -13,9 +13,15 @@ no adapter: the reference is a frozen copy of the starting weights, one more cop
 the model in memory (no gradients or optimizer state for it). A full run writes the
 trained model to merged/ instead of adapter/.
 
+Losses: every loss option of TRL 1.16's DPOConfig (the 15 loss types, weighted mixtures, RPO,
+WPO, LD-DPO, f-divergences); align/dpo/options.py checks their ranges and combinations and maps
+them to TRL's arguments. The step-0 rewards are 0 for all of them; the step-0 loss is each
+formula's value at zero log-ratios (ln 2 for sigmoid).
+
 Speed (align/dpo/trainer.py): each pair's prompt is computed once for both responses, and
 reference log-probs are cached on disk and reused across epochs, runs and sweeps. Both are
-on by default and switch themselves off, with a log line, where they cannot run.
+on by default and switch themselves off, with a log line, where they cannot run. Every loss
+option runs on them (the shared-prefix forward returns TRL's per-token layout).
 """
 
 from __future__ import annotations
@@ -26,20 +32,53 @@ from pathlib import Path
 from typing import Literal
 
 from align.core.config import ChildStageConfig, opt
-from align.core.errors import ConfigError
+from align.dpo import options
 from align.modeling.methods import resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down")
+DPO_LOSS_TYPES = options.DPO_LOSS_TYPES
+LossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
 
 
 @dataclass
 class DPOOptions:
-    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).")
-    loss_type: Literal[DPO_LOSS_TYPES] = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), ...")  # type: ignore[valid-type]
-    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative/robust DPO), in [0, 0.5).")
+    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model), > 0. For ipo it is IPO's tau.")
+    loss_type: LossType | list[LossType] = opt(  # type: ignore[valid-type]
+        "sigmoid",
+        "DPO loss, or a list of them summed with loss_weights (e.g. MPO: [sigmoid, bco_pair, sft]): sigmoid (DPO), "
+        "hinge (SLiC), ipo, exo_pair, nca_pair, robust (rDPO), bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
+        "apo_down, discopop, sft (NLL of chosen), sigmoid_norm (length-normalized DPO). Each name once.",
+    )
+    loss_weights: list[float] | None = opt(
+        None, "One weight per loss_type, each >= 0 and one > 0; null = 1 each."
+    )
+    rpo_alpha: float | None = opt(
+        None, "RPO: add rpo_alpha * NLL of the chosen response (TRL's 'sft' loss) to the preference loss, > 0; "
+        "null = off. Not with 'sft' in loss_type (the same term).",
+    )
+    label_smoothing: float = opt(
+        0.0, "Assumed share of flipped labels, in [0, 0.5): robust (rDPO), exo_pair (epsilon, needs > 0), aot, "
+        "aot_unpaired; the other losses ignore it, so a value > 0 with them is refused.",
+    )
+    use_weighting: bool = opt(
+        False, "WPO: weight each pair by the policy's length-normalized probability of both responses. Not with aot/aot_unpaired."
+    )
+    ld_alpha: float | None = opt(
+        None, "LD-DPO, in [0, 1]: response tokens past the shorter response's length count with this weight "
+        "(1 = plain DPO, 0 = only the shared length); null = off.",
+    )
+    f_divergence_type: Literal[options.F_DIVERGENCES] = opt(  # type: ignore[valid-type]
+        "reverse_kl", "f-DPO regularizer: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence; a non-default "
+        "value only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
+    )
+    f_alpha_divergence_coef: float = opt(
+        options.DEFAULT_F_ALPHA, "alpha of f_divergence_type alpha_divergence, in (0, 1] (1 = reverse KL); only with it."
+    )
+    discopop_tau: float = opt(
+        options.DEFAULT_DISCOPOP_TAU, "Temperature of the discopop loss's log-ratio modulation, > 0; only with discopop."
+    )
     shared_prefix: bool = opt(
         True,
         "Compute each pair's prompt once for chosen and rejected (block attention mask); off, or where it "
@@ -59,34 +98,19 @@ class DPOOptions:
 class DPOConfig(ChildStageConfig):
     """Direct preference optimization on chosen/rejected pairs; the reference is the base with the adapter disabled."""
 
-    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options.")
+    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options: the loss (every TRL 1.16 DPO loss option) and the fast path.")
 
     stage = "dpo"
 
     def validate(self) -> None:
         super().validate()
-        if self.dpo.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be positive, got {self.dpo.beta}")
-        if not 0 <= self.dpo.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.dpo.label_smoothing}")
+        options.check(self.dpo)
 
 
 def prepare(splits, tokenizer, max_length: int):
-    """Preference rows as datasets, dropping (and counting) rows whose prompt alone fills max_length.
+    from align.stages.common import preference_datasets
 
-    TRL would drop those silently; rows longer than max_length are kept and truncated
-    (responses cut at the end), and counted too.
-    """
-    from align.modeling.templates import chat_ids
-    from align.stages.common import to_datasets
-
-    def convert(row):
-        if len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)) >= max_length:
-            return None, False
-        longest = max(len(chat_ids(tokenizer, row["prompt"] + row["chosen"])), len(chat_ids(tokenizer, row["prompt"] + row["rejected"])))
-        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, longest > max_length
-
-    return to_datasets(splits, convert, "dpo", max_length, "prompt alone fills max_length")
+    return preference_datasets(splits, tokenizer, max_length, "dpo")
 
 
 def reference_cache(cfg: DPOConfig, model, device: str):
@@ -104,6 +128,8 @@ def reference_cache(cfg: DPOConfig, model, device: str):
         "dtype": str(resolve_dtype(cfg.model.dtype, device)),
         "device": device.split(":")[0],
     }
+    if cfg.dpo.ld_alpha is not None:  # LD-DPO weights the reference's tail tokens: other values
+        key["ld_alpha"] = cfg.dpo.ld_alpha
     directory = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else default_cache_dir()
     return RefLogpCache(directory, key, rank=process_rank())
 
@@ -120,12 +146,11 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
     device = str(next(model.parameters()).device)
     args = TRLDPOConfig(
         **trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None),
-        beta=cfg.dpo.beta,
-        loss_type=[cfg.dpo.loss_type],
-        label_smoothing=cfg.dpo.label_smoothing,
+        **options.trl_loss_args(cfg.dpo),
         truncation_mode="keep_start",
         dataset_num_proc=None,
     )
+    log.info("dpo loss: %s", options.describe_loss(cfg.dpo))
     peft_config = peft_config_for(cfg, base_location=model.name_or_path)
     fast = plan(cfg.dpo, cfg.peft.method, model)
     cache = reference_cache(cfg, model, device) if fast.ref_cache else None
@@ -159,27 +184,20 @@ _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
 
 def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
     from align.core.data import load_splits
-    from align.stages.common import StageRun, resolve_base, train_adapter
+    from align.stages.common import train_and_finish
 
     cfg = prepare_config(cfg)
     splits = load_splits(cfg.data, "preference", cfg.train.seed)
-    base, parent = resolve_base(cfg)
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force)
-    if stage.skipped:
-        return stage.run_dir
-    with stage:
-        trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label="reference", callbacks=callbacks)
-        summary = {f"eval_{k}_before": trained.before.get(f"eval_{k}") for k in _EVAL_KEYS}
-        summary.update({f"eval_{k}_after": trained.after.get(f"eval_{k}") for k in _EVAL_KEYS})
-        summary.update(trained.summary)
-        summary.update(fast_path_summary(trained.trainer))
-        saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
-        stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
-    return stage.run_dir
+    return train_and_finish(
+        cfg, splits, prepare=prepare, build_trainer=build_trainer, eval_keys=_EVAL_KEYS, before_label="reference",
+        extra_summary=lambda trainer: {"dpo_loss": options.describe_loss(cfg.dpo), **fast_path_summary(trainer)},
+        force=force, callbacks=callbacks,
+    )
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [
+    loss = [f"  loss: {s['dpo_loss']}"] if s.get("dpo_loss") and s["dpo_loss"] != "1 sigmoid" else []
+    return loss + [
         "  held-out DPO reward accuracy: "
         f"{fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> {fmt(s.get('eval_rewards/accuracies_after'))}; "
         f"margin {fmt(s.get('eval_rewards/margins_before'))} -> {fmt(s.get('eval_rewards/margins_after'))}"
