@@ -189,3 +189,30 @@ def test_reference_free_loss_starts_from_the_start_models_own_margin(sft_parent,
     # By Jensen's inequality the loss at the mean margin is a lower bound.
     mean_margin = step0["eval/rewards/margins"]
     assert step0["eval/loss"] >= float(torch.nn.functional.softplus(torch.tensor(-(mean_margin - 0.5)))) - 1e-6
+
+
+def test_a_pipeline_names_the_new_stages(tmp_path, tiny_model_dir, tiny_data):
+    """`stage: simpo` (and cpo, orpo, kto) in a pipeline: each runs on the SFT stage's merged model."""
+    from test_pipeline import run_pipeline
+
+    common = "train:\n  max_steps: 1\n  batch_size: 4\n  max_length: 64\nsamples:\n  num_prompts: 0\ntracking: none\n"
+    (tmp_path / "sft.yaml").write_text(
+        f"output_dir: unused\nmodel:\n  name_or_path: {tiny_model_dir}\ndata:\n  path: {tiny_data['sft']}\n  eval_split: null\n" + common
+    )
+    for stage in ("simpo", "cpo", "orpo", "kto"):
+        (tmp_path / f"{stage}.yaml").write_text(
+            f"output_dir: unused\nparent_run: unused\ndata:\n  path: {tiny_data['prefs']}\n  eval_split: null\n" + common
+        )
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        f"name: offline\noutput_dir: {tmp_path / 'runs'}\nstages:\n  - {{name: sft, stage: sft, config: sft.yaml}}\n"
+        + "".join(f"  - {{name: {s}, stage: {s}, config: {s}.yaml, parent: sft}}\n" for s in ("simpo", "cpo", "orpo", "kto"))
+    )
+    proc = run_pipeline(path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, line in (("simpo", "SimPO reward accuracy"), ("cpo", "CPO reward accuracy"), ("orpo", "ORPO reward accuracy"),
+                       ("kto", "KTO reward margin")):
+        manifest = json.loads((tmp_path / "runs" / name / "manifest.json").read_text())
+        assert manifest["status"] == "finished" and manifest["stage"] == name
+        assert manifest["parent"]["path"].endswith("sft")
+        assert line in proc.stdout
