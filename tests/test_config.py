@@ -180,7 +180,10 @@ def test_every_key_is_typed_and_documented():
                 check(hints[f.name])
 
     from align.core.config import PipelineStage
+    from align.stages.registry import all_stages
 
-    for cls in (SFTConfig, DPOConfig, PipelineConfig, PipelineStage):
+    stages = [s.config for s in all_stages().values()]
+    assert {"dpo", "simpo", "cpo", "orpo", "kto"} <= {c.stage for c in stages}
+    for cls in (*stages, PipelineConfig, PipelineStage):
         check(cls)
     assert any("train.learning_rate" in line for line in describe(SFTConfig))

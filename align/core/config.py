@@ -545,6 +545,15 @@ def _convert(value: Any, tp: Any, path: str, src: _Source, root: type) -> Any:
             if type(None) in args:
                 return None
             raise bad()
+        # `choice | list[choice]`: a list can only be the list (its error names the item), a scalar only
+        # the choice (its error suggests the closest one).
+        lists = [a for a in args if typing.get_origin(a) is list]
+        others = [a for a in args if a is not type(None) and typing.get_origin(a) is not list]
+        if len(lists) == 1 and len(others) == 1:
+            if isinstance(value, list):
+                return _convert(value, lists[0], path, src, root)
+            if typing.get_origin(others[0]) is Literal:
+                return _convert(value, others[0], path, src, root)
         errors = []
         for arg in args:
             if arg is type(None):

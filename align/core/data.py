@@ -3,9 +3,12 @@
 Canonical rows are TRL's conversational formats:
   SFT         {"messages": [{"role": ..., "content": ...}, ...]}
   preference  {"prompt": [...], "chosen": [...], "rejected": [...]}
+  unpaired    {"prompt": [...], "completion": [...], "label": true|false}   (KTO's thumbs up/down)
 Also accepted and normalized: SFT `prompt`+`completion` and Alpaca `instruction`/
 `input`/`output` rows; preference rows in plain text, and rows without `prompt`
-whose chosen/rejected conversations share a prefix (the implicit prompt).
+whose chosen/rejected conversations share a prefix (the implicit prompt). Unpaired
+rows also come from preference pairs (chosen desirable, rejected undesirable) and from
+scores with a threshold (`normalize_unpaired`).
 
 Any malformed row stops loading with an error naming the file and line (or the
 split and row) and the field. Nothing is dropped silently.
@@ -280,6 +283,104 @@ def normalize_preference(row: Any, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _response(value: Any, where: str, name: str) -> list[dict]:
+    value = _maybe_json(value)
+    msgs = [{"role": "assistant", "content": value}] if isinstance(value, str) else _messages(value, where, name)
+    if msgs[0]["role"] != "assistant":
+        raise DataError(f"{where}: field '{name}[0].role': a response starts with an assistant turn, got {msgs[0]['role']!r}")
+    return msgs
+
+
+def _label(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):  # CSV and Parquet often store labels as 0/1
+        return bool(value)
+    raise DataError(f"{where}: field 'label': expected true/false (or 1/0), got {value!r}")
+
+
+def _score(row: dict, key: str, where: str, threshold: float) -> bool:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        missing = "missing" if value is None else f"expected a number, got {value!r}"
+        raise DataError(
+            f"{where}: field '{key}' {missing}; kto.score_threshold labels responses by their score "
+            "(leave it null to label pairs by side, chosen desirable and rejected undesirable)"
+        )
+    return float(value) >= threshold
+
+
+def normalize_unpaired(row: Any, where: str, score_threshold: float | None = None) -> list[dict]:
+    """Unpaired rows (prompt, completion, label) from one input row, in row order.
+
+    - `{"prompt", "completion", "label"}`: TRL's unpaired format, as is (text or messages);
+    - `{"prompt", "completion", "score"}`: label = score >= score_threshold (a rated response);
+    - a preference pair: two rows, chosen desirable and rejected undesirable; with score_threshold,
+      each response labelled by its own score_chosen / score_rejected >= score_threshold instead
+      (align-data writes those scores for rated sources).
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a row mapping, got {_kind(row)}")
+    if "chosen" in row or "rejected" in row:
+        pair = normalize_preference(row, where)
+        if score_threshold is None:
+            labels = (True, False)
+        else:
+            labels = (_score(row, "score_chosen", where, score_threshold), _score(row, "score_rejected", where, score_threshold))
+        return [
+            {"prompt": pair["prompt"], "completion": pair[side], "label": label}
+            for side, label in zip(("chosen", "rejected"), labels)
+        ]
+    if "completion" not in row or row["completion"] is None:
+        raise DataError(
+            f"{where}: field 'completion' missing (an unpaired row has 'prompt', 'completion' and 'label'; "
+            f"found: {', '.join(map(repr, row)) or 'nothing'})"
+        )
+    prompt = normalize_prompt({"prompt": row.get("prompt")}, where)["prompt"] if row.get("prompt") is not None else None
+    if prompt is None:
+        raise DataError(f"{where}: field 'prompt' missing (an unpaired row has 'prompt', 'completion' and 'label')")
+    if row.get("label") is not None:
+        label = _label(row["label"], where)
+    elif "score" in row and score_threshold is not None:
+        label = _score(row, "score", where, score_threshold)
+    else:
+        hint = " (a row with 'score' needs kto.score_threshold)" if "score" in row else ""
+        raise DataError(f"{where}: field 'label' missing{hint}")
+    return [{"prompt": prompt, "completion": _response(row["completion"], where, "completion"), "label": label}]
+
+
+def merge_unpaired(groups: list[list[dict]]) -> tuple[list[dict], list[str]]:
+    """Flatten the unpaired rows of each input row; a response several pairs share is kept once.
+
+    With several pairs per prompt (align-data's best-vs-each or all-pairs) a response recurs: its
+    copies are merged, and a response labelled both ways (chosen in one pair, rejected in another)
+    is dropped, having no single label. Rows given as unpaired rows (one per input row) are kept as
+    they are. Both counts go to the notes.
+    """
+    rows: list[dict] = []
+    labels: dict[str, list[bool]] = {}  # (prompt, completion) of a pair's response -> its labels
+    index: dict[str, int] = {}
+    for group in groups:
+        from_pair = len(group) == 2  # a pair gives two rows, an unpaired row one
+        for row in group:
+            if not from_pair:
+                rows.append(row)
+                continue
+            key = json.dumps([row["prompt"], row["completion"]], sort_keys=True, ensure_ascii=False)
+            if key not in labels:
+                labels[key], index[key] = [], len(rows)
+                rows.append(row)
+            labels[key].append(row["label"])
+    repeats = sum(len(v) - 1 for v in labels.values())
+    mixed = {index[k] for k, v in labels.items() if len(set(v)) > 1}
+    notes = []
+    if repeats:
+        notes.append(f"{repeats} repeated responses of pairs merged (a response in several pairs counts once)")
+    if mixed:
+        notes.append(f"{len(mixed)} responses dropped: desirable in one pair and undesirable in another (no single label)")
+    return [r for i, r in enumerate(rows) if i not in mixed], notes
+
+
 def normalize_prompt(row: Any, where: str) -> dict:
     """A prompt to sample from: `prompt` (messages or text) of any row, or an SFT conversation
     up to its last assistant turn; an optional `answer` (text or list) is kept as the reference
@@ -348,22 +449,35 @@ class _PreferenceChecks:
         return f"{split}: left out {sum(counts.values())} of {total} rows that align-data validate rejects ({reasons})"
 
 
-def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
-    """Read, validate and split a dataset; kind is 'sft', 'preference' or 'prompt'.
+KINDS = ("sft", "preference", "prompt", "unpaired")
+
+
+def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float | None = None) -> Splits:
+    """Read, validate and split a dataset; kind is one of KINDS.
 
     Preference rows that `align-data validate` rejects (turn order, empty turns, chosen identical to
     rejected, bad scores, exact duplicates) are left out and counted by reason in the notes.
+    `score_threshold` (unpaired only): label responses by score (see normalize_unpaired). An input
+    row that becomes several rows (a pair's two responses) stays on one side of a split.
     """
-    normalize = {"sft": normalize_sft, "preference": normalize_preference, "prompt": normalize_prompt}[kind]
+    if kind == "unpaired":
+        def normalize(row, where):
+            return normalize_unpaired(row, where, score_threshold)
+    else:
+        single = {"sft": normalize_sft, "preference": normalize_preference, "prompt": normalize_prompt}[kind]
+
+        def normalize(row, where):
+            return [single(row, where)]
     raw = read_splits(cfg.path)
     if cfg.train_split not in raw:
         raise DataError(f"data.path '{cfg.path}': no split '{cfg.train_split}' (available: {', '.join(sorted(raw))})")
     notes: list[str] = []
     checks = _PreferenceChecks() if kind == "preference" else None
 
-    def load(split: str) -> list[dict]:
+    def load(split: str) -> list[list[dict]]:
+        """The split's rows, grouped by the input row they came from."""
         if checks is not None:
-            return checks(raw[split], split)
+            return [[row] for row in checks(raw[split], split)]
         return [normalize(row, where) for where, row in raw[split]]
 
     train = load(cfg.train_split)
@@ -374,8 +488,8 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
         if checks is not None and (note := checks.note(cfg.eval_split, len(raw[cfg.eval_split]))):
             notes.append(note)
         if checks is not None:
-            train_prompts = {serial(r["prompt"]) for r in train}
-            shared = sum(serial(r["prompt"]) in train_prompts for r in held_out)
+            train_prompts = {serial(g[0]["prompt"]) for g in train}
+            shared = sum(serial(g[0]["prompt"]) in train_prompts for g in held_out)
             if shared:
                 notes.append(f"{cfg.eval_split}: {shared} held-out rows share their prompt with a training row "
                              "(align-data validate flags these; kept)")
@@ -391,6 +505,13 @@ def load_splits(cfg: DataConfig, kind: str, seed: int) -> Splits:
     else:
         held_out = []
         notes.append("no held-out data: evaluation is skipped")
+    if kind == "unpaired":
+        (train, train_notes), (held_out, eval_notes) = merge_unpaired(train), merge_unpaired(held_out)
+        notes += [f"train: {n}" for n in train_notes] + [f"held-out: {n}" for n in eval_notes]
+        good = sum(r["label"] for r in train)
+        notes.append(f"training rows: {good} desirable, {len(train) - good} undesirable")
+    else:
+        train, held_out = [r for g in train for r in g], [r for g in held_out for r in g]
     if not train:
         left_out = sum((checks.dropped.get(cfg.train_split) or {}).values()) if checks is not None else 0
         why = f" left after leaving out {left_out} that align-data validate rejects" if left_out else ""

@@ -66,7 +66,7 @@ def plan(options, method: str, model, max_length: int | None = None) -> FastPath
     """
     why_not = {}
     attention, padding_free = None, False
-    blocker = shared_prefix_blocker(options, method, model, max_length)
+    blocker = shared_prefix_blocker(options.shared_prefix, method, model, max_length)
     if blocker is None:
         attention, flex_why = shared_prefix.choose_attention(model, options.flex_attention)
         if attention is None:
@@ -85,10 +85,13 @@ def plan(options, method: str, model, max_length: int | None = None) -> FastPath
     return FastPath(blocker is None, cache, why_not, attention, padding_free)
 
 
-def shared_prefix_blocker(options, method: str, model, max_length: int | None = None) -> str | None:
-    """Why prefix sharing cannot run for this config and model (the first reason found), or None."""
-    if not options.shared_prefix:
-        return "dpo.shared_prefix is false"
+def shared_prefix_blocker(wanted: bool, method: str, model, max_length: int | None = None, section: str = "dpo") -> str | None:
+    """Why prefix sharing cannot run for this config and model (the first reason found), or None.
+
+    `wanted`: the stage's <section>.shared_prefix (DPO, and the reference-free SimPO/CPO/ORPO).
+    """
+    if not wanted:
+        return f"{section}.shared_prefix is false"
     if method in PROMPT_LEARNING:
         return f"{method} prepends virtual tokens to every row"
     return shared_prefix.unsupported_reason(model) or sliding_window_reason(model, max_length)
@@ -114,7 +117,7 @@ def sliding_window_reason(model, max_length: int | None) -> str | None:
     return f"sliding-window attention (window {window}) with {longest}: the shared-prefix block mask has no window"
 
 
-class _Collator:
+class Collator:
     """TRL's collator, plus the shared-prefix rows and the cache digests where used."""
 
     def __init__(self, trl_collator, pad_token_id: int, fast: FastPath, digests: bool):
@@ -155,7 +158,7 @@ class AlignDPOTrainer(DPOTrainer):
             shared_prefix.patch_forward(self._policy(), outputs)
             if self.ref_model is not None:
                 shared_prefix.patch_forward(self.ref_model, ("log_probs",))
-        self.data_collator = _Collator(
+        self.data_collator = Collator(
             self.data_collator,
             getattr(self.data_collator, "pad_token_id", None) or 0,
             fast_path,

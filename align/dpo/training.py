@@ -7,7 +7,10 @@ The HF/TRL arguments every stage shares (batch, schedule, logging, ...) come in 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger("align")
 
 
 def pair_converter(tokenizer, max_length: int):
@@ -51,6 +54,8 @@ def reference_cache(cfg, model, device: str, attention: str | None = None):
         "device": device.split(":")[0],
         "attention": attention or model.config._attn_implementation,
     }
+    if cfg.dpo.ld_alpha is not None:  # LD-DPO weights the reference's tail tokens: other values
+        key["ld_alpha"] = cfg.dpo.ld_alpha
     directory = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else default_cache_dir()
     return RefLogpCache(directory, key, rank=process_rank())
 
@@ -70,18 +75,18 @@ def dpo_trainer(cfg, model, tokenizer, train_ds, eval_ds, base_args: dict, callb
     from accelerate.utils import is_peft_model
     from trl import DPOConfig as TRLDPOConfig
 
+    from align.dpo.options import describe_loss, trl_loss_args
     from align.dpo.trainer import AlignDPOTrainer, plan
 
     plain = model.get_base_model() if is_peft_model(model) else model
     device = str(next(model.parameters()).device)
     args = TRLDPOConfig(
         **base_args,
-        beta=cfg.dpo.beta,
-        loss_type=[cfg.dpo.loss_type],
-        label_smoothing=cfg.dpo.label_smoothing,
+        **trl_loss_args(cfg.dpo),
         truncation_mode="keep_start",
         dataset_num_proc=None,
     )
+    log.info("%s loss: %s", cfg.stage, describe_loss(cfg.dpo))
     fast = plan(cfg.dpo, cfg.peft.method, plain, max_length=cfg.train.max_length)
     cache = reference_cache(cfg, plain, device, fast.attention) if fast.ref_cache else None
     ref_model = None  # the reference is this model with the adapter disabled

@@ -105,14 +105,17 @@ def resolve_base(cfg) -> tuple[ModelRef, RunDir | None]:
     return models.resolve(cfg.model.name_or_path, cfg.model.revision), None
 
 
-def open_stage(cfg: StageConfig, data_kind: str, force: bool, inputs: dict | None = None, head: str = "causal") -> "StageRun":
+def open_stage(
+    cfg: StageConfig, data_kind: str, force: bool, inputs: dict | None = None, head: str = "causal", **split_options
+) -> "StageRun":
     """A training stage's data, base model and StageRun: bad input fails here, before anything is written.
 
-    `head`: the model the stage trains ("score" for a reward model), for the check of target modules.
+    `head`: the model the stage trains ("score" for a reward model), for the check of target modules;
+    `split_options`: passed to load_splits (e.g. KTO's score_threshold).
     """
     from align.core.data import load_splits
 
-    splits = load_splits(cfg.data, data_kind, cfg.train.seed)
+    splits = load_splits(cfg.data, data_kind, cfg.train.seed, **split_options)
     base, parent = resolve_base(cfg)
     return StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=inputs, head=head)
 
@@ -431,6 +434,56 @@ def report_folded_system_messages(stage: StageRun, tokenizer) -> None:
             log.info("%s %s: %d rows start with a system message, folded into their first user turn", stage.stage, name, n)
 
 
+def train_and_finish(
+    stage: "StageRun", *, prepare, build_trainer, eval_keys: tuple[str, ...], before_label: str, extra_summary=None, callbacks=(),
+) -> RunDir:
+    """The run of a preference-training stage once open_stage has loaded its data: train, summary, outputs.
+
+    `eval_keys`: held-out metrics reported before (step 0) and after training; `extra_summary(trainer)`
+    adds the stage's own figures. Returns the RunDir (skipped when a finished run matches).
+    """
+    cfg = stage.cfg
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label=before_label, callbacks=callbacks)
+        summary = {**held_out_summary(trained, eval_keys), **trained.summary}
+        if extra_summary is not None:
+            summary.update(extra_summary(trained.trainer))
+        saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
+        stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
+    return stage.run_dir
+
+
+REFERENCE_FREE_EVAL_KEYS = (
+    "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "nll_loss",
+)
+
+
+def reference_free_trainer(cfg, objective, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=(), *, shared_prefix: bool,
+                           sharing_blocked: str | None = None):
+    """The trainer of SimPO, CPO and ORPO (align/dpo/reference_free.py): no reference model, no reference forward.
+
+    `shared_prefix`: the stage's <section>.shared_prefix; `sharing_blocked`: why its objective cannot share
+    the prompt (then the two-row layout runs, and the log says why).
+    """
+    from align.dpo.reference_free import ReferenceFreeArguments, ReferenceFreeTrainer
+    from align.dpo.trainer import shared_prefix_blocker
+    from align.modeling.adapters import peft_config_for
+
+    device = str(next(model.parameters()).device)
+    args = ReferenceFreeArguments(**trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=2))
+    why_not = sharing_blocked or shared_prefix_blocker(shared_prefix, cfg.peft.method, model, cfg.train.max_length, section=cfg.stage)
+    trainer = ReferenceFreeTrainer(
+        model, args, objective, train_ds, eval_ds, processing_class=tokenizer,
+        peft_config=peft_config_for(cfg, base_location=model.name_or_path), callbacks=callbacks,
+        shared_prefix_forward=why_not is None,
+    )
+    trainer.layout = "shared prefix" if why_not is None else f"two rows per pair ({why_not})"
+    log.info("%s: no reference model; batch layout: %s", cfg.stage, trainer.layout)
+    return trainer
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (forward, backward, update); evaluations fall outside it."""
 
@@ -591,6 +644,13 @@ def to_datasets(splits: Splits, convert, stage: str, max_length: int, drop_reaso
     if out["train"] is None:
         raise DataError(f"data.path '{splits.source}': no training row is left within max_length={max_length} ({drop_reason})")
     return out["train"], out["eval"], stats
+
+
+def preference_datasets(splits: Splits, tokenizer, max_length: int, stage: str):
+    """Preference rows as datasets; rows cut or dropped by max_length are counted (align.dpo.training)."""
+    from align.dpo.training import DROP_REASON, pair_converter
+
+    return to_datasets(splits, pair_converter(tokenizer, max_length), stage, max_length, DROP_REASON)
 
 
 def held_out_prompts(splits: Splits, n: int) -> list[list[dict]]:

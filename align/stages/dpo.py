@@ -13,10 +13,16 @@ no adapter: the reference is a frozen copy of the starting weights, one more cop
 the model in memory (no gradients or optimizer state for it). A full run writes the
 trained model to merged/ instead of adapter/.
 
+Losses: every loss option of TRL 1.16's DPOConfig (the 15 loss types, weighted mixtures, RPO,
+WPO, LD-DPO, f-divergences); align/dpo/options.py checks their combinations and maps them to
+TRL's arguments. The step-0 rewards are 0 for all of them; the step-0 loss is each formula's
+value at zero log-ratios (ln 2 for sigmoid).
+
 Speed (align/dpo/trainer.py): each pair's prompt is computed once for both responses (under
 FlexAttention on CUDA, all pairs of a micro-batch in one unpadded row), and reference log-probs
 are cached on disk and reused across epochs, runs and sweeps. All are on by default and switch
-themselves off, with a log line, where they cannot run.
+themselves off, with a log line, where they cannot run. Every loss option runs on them (the
+shared-prefix forward returns TRL's per-token layout).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
+from align.dpo import options
 from align.dpo.options import DPO_LOSS_TYPES, DPOOptions  # noqa: F401 - re-exported: callers import them from here too
 from align.modeling.methods import resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
@@ -36,18 +43,19 @@ log = logging.getLogger("align")
 class DPOConfig(ChildStageConfig):
     """Direct preference optimization on chosen/rejected pairs; the reference is the base with the adapter disabled."""
 
-    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options.")
+    dpo: DPOOptions = opt(DPOOptions, "DPO-specific options: the loss (every TRL 1.16 DPO loss option) and the fast path.")
 
     stage = "dpo"
 
+    def validate(self) -> None:
+        super().validate()
+        options.check(self.dpo)
 
 
 def prepare(splits, tokenizer, max_length: int):
-    """Preference rows as datasets; rows cut or dropped by max_length are counted (align.dpo.training)."""
-    from align.dpo.training import DROP_REASON, pair_converter
-    from align.stages.common import to_datasets
+    from align.stages.common import preference_datasets
 
-    return to_datasets(splits, pair_converter(tokenizer, max_length), "dpo", max_length, DROP_REASON)
+    return preference_datasets(splits, tokenizer, max_length, "dpo")
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
@@ -66,22 +74,20 @@ _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
 
 def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
     from align.dpo.training import fast_path_summary
-    from align.stages.common import held_out_summary, open_stage, train_adapter
+    from align.stages.common import open_stage, train_and_finish
 
     cfg = prepare_config(cfg)
     stage = open_stage(cfg, "preference", force)
-    if stage.skipped:
-        return stage.run_dir
-    with stage:
-        trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label="reference", callbacks=callbacks)
-        summary = {**held_out_summary(trained, _EVAL_KEYS), **trained.summary, **fast_path_summary(trained.trainer)}
-        saved = {"merged": "merged"} if cfg.peft.method == "full" else {"adapter": "adapter"}
-        stage.finish(summary=summary, outputs={**saved, "samples": "samples.jsonl"})
-    return stage.run_dir
+    return train_and_finish(
+        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=_EVAL_KEYS, before_label="reference",
+        extra_summary=lambda trainer: {"dpo_loss": options.describe_loss(cfg.dpo), **fast_path_summary(trainer)},
+        callbacks=callbacks,
+    )
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [
+    loss = [f"  loss: {s['dpo_loss']}"] if s.get("dpo_loss") and s["dpo_loss"] != "1 sigmoid" else []
+    return loss + [
         "  held-out DPO reward accuracy: "
         f"{fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> {fmt(s.get('eval_rewards/accuracies_after'))}; "
         f"margin {fmt(s.get('eval_rewards/margins_before'))} -> {fmt(s.get('eval_rewards/margins_after'))}"

@@ -18,6 +18,7 @@ from typing import Literal
 
 from align.core.config import opt
 from align.core.pairing import STRATEGIES
+from align.dpo import options
 from align.dpo.options import DPOOptions
 from align.modeling.methods import LORA_FAMILY, resolve_method
 from align.rlhf.options import OnlineStageConfig, check_sources
@@ -57,6 +58,10 @@ class OnlineDPOConfig(OnlineStageConfig):
     dpo: DPOOptions = opt(DPOOptions, "DPO options of each round's training (as in the DPO stage).")
 
     stage = "online_dpo"
+
+    def validate(self) -> None:
+        super().validate()
+        options.check(self.dpo)
 
 
 def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict], step_offset: int, interrupt, timer, callbacks) -> dict:

@@ -1,0 +1,93 @@
+"""CPO stage: contrastive preference optimization (Xu et al. 2024), reference-free.
+
+loss = mean(-log sigmoid(beta * (log p(chosen) - log p(rejected)))) + nll_weight * NLL(chosen):
+DPO's loss with the reference dropped, plus a behaviour-cloning term on the chosen responses.
+cpo.loss_type swaps the preference term for hinge or ipo (ipo on per-token means), cpo.alpha
+shapes the reward as AlphaPO. No reference model, no reference forward
+(align/dpo/reference_free.py): no step-0 invariant applies. SimPO has its own stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+
+
+@dataclass
+class CPOOptions:
+    beta: float = opt(0.1, "Scale of the log-prob margin, > 0 (for ipo, IPO's tau).")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = opt(
+        "sigmoid", "Preference term: sigmoid (CPO), hinge (SLiC), ipo (on per-token mean log-probs)."
+    )
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels, in [0, 0.5); sigmoid only.")
+    nll_weight: float = opt(1.0, "Weight of the NLL of the chosen responses (CPO's behaviour cloning; TRL's cpo_alpha), >= 0.")
+    alpha: float = opt(0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha, any real; 0 = log p.")
+    shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
+
+
+@dataclass
+class CPOConfig(ChildStageConfig):
+    """CPO: reference-free preference optimization, DPO's margin on the policy alone plus an NLL term on chosen."""
+
+    cpo: CPOOptions = opt(CPOOptions, "CPO options.")
+
+    stage = "cpo"
+
+    def validate(self) -> None:
+        super().validate()
+        o = self.cpo
+        if o.beta <= 0:
+            raise ConfigError(f"cpo.beta: must be positive, got {o.beta}")
+        if not 0 <= o.label_smoothing < 0.5:
+            raise ConfigError(f"cpo.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
+        if o.label_smoothing > 0 and o.loss_type != "sigmoid":
+            raise ConfigError(f"cpo.label_smoothing: used only by loss_type sigmoid (got {o.loss_type})")
+        if o.nll_weight < 0:
+            raise ConfigError(f"cpo.nll_weight: must be >= 0, got {o.nll_weight}")
+
+
+def build_trainer(cfg: CPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+    from align.dpo.reference_free import Objective
+    from align.stages.common import reference_free_trainer
+
+    o = cfg.cpo
+    objective = Objective(
+        "cpo", beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight
+    )
+    return reference_free_trainer(
+        cfg, objective, model, tokenizer, train_ds, eval_ds, run_dir, callbacks, shared_prefix=o.shared_prefix
+    )
+
+
+def prepare(splits, tokenizer, max_length: int):
+    from align.stages.common import preference_datasets
+
+    return preference_datasets(splits, tokenizer, max_length, "cpo")
+
+
+def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
+    from align.stages.common import REFERENCE_FREE_EVAL_KEYS, open_stage, train_and_finish
+
+    cfg = prepare_config(cfg)
+    stage = open_stage(cfg, "preference", force)
+    return train_and_finish(
+        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=REFERENCE_FREE_EVAL_KEYS,
+        before_label="start", extra_summary=lambda t: {"batch_layout": t.layout}, callbacks=callbacks,
+    )
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  held-out CPO reward accuracy: {fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> "
+        f"{fmt(s.get('eval_rewards/accuracies_after'))}; margin {fmt(s.get('eval_rewards/margins_before'))} -> "
+        f"{fmt(s.get('eval_rewards/margins_after'))}; chosen NLL {fmt(s.get('eval_nll_loss_before'))} -> "
+        f"{fmt(s.get('eval_nll_loss_after'))}"
+    ]
+
+
+register(Stage("cpo", CPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))

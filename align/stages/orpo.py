@@ -1,0 +1,89 @@
+"""ORPO stage: odds-ratio preference optimization (Hong et al. 2024), reference-free, SFT in the same loss.
+
+loss = NLL(chosen) + beta * mean(-log sigmoid(log odds(chosen) - log odds(rejected))), with
+odds = p / (1 - p) of the per-token mean probability. The paper's NLL is over the response
+tokens (the default); orpo.nll_on_prompt adds the prompt tokens, as ORPO's released code and
+TRL's experimental trainer do, and then runs on the two-row layout (prompt tokens must be
+scored, which the shared-prefix forward does not do). No reference model, no reference forward
+(align/dpo/reference_free.py): no step-0 invariant applies. ORPO is designed to start from a
+base model (it does SFT itself), so model.name_or_path is as natural here as parent_run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+
+
+@dataclass
+class ORPOOptions:
+    beta: float = opt(0.1, "Weight of the odds-ratio term against the NLL (the paper's lambda), > 0.")
+    nll_on_prompt: bool = opt(
+        False, "NLL over prompt + chosen response (ORPO's code, TRL's trainer) instead of the response alone "
+        "(the paper's formula); true runs the two-row layout.",
+    )
+    shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
+
+
+@dataclass
+class ORPOConfig(ChildStageConfig):
+    """ORPO: SFT and a reference-free odds-ratio preference term in one loss."""
+
+    orpo: ORPOOptions = opt(ORPOOptions, "ORPO options.")
+
+    stage = "orpo"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.orpo.beta <= 0:
+            raise ConfigError(f"orpo.beta: must be positive, got {self.orpo.beta}")
+
+
+def build_trainer(cfg: ORPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+    from align.dpo.reference_free import Objective
+    from align.stages.common import reference_free_trainer
+
+    o = cfg.orpo
+    blocked = "orpo.nll_on_prompt needs prompt-token log-probs, which the shared-prefix forward does not compute" if (
+        o.nll_on_prompt and o.shared_prefix
+    ) else None
+    return reference_free_trainer(
+        cfg, Objective("orpo", beta=o.beta, nll_on_prompt=o.nll_on_prompt), model, tokenizer, train_ds, eval_ds, run_dir,
+        callbacks, shared_prefix=o.shared_prefix, sharing_blocked=blocked,
+    )
+
+
+def prepare(splits, tokenizer, max_length: int):
+    from align.stages.common import preference_datasets
+
+    return preference_datasets(splits, tokenizer, max_length, "orpo")
+
+
+EVAL_KEYS = ("log_odds_ratio", "log_odds_chosen")
+
+
+def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
+    from align.stages.common import REFERENCE_FREE_EVAL_KEYS, open_stage, train_and_finish
+
+    cfg = prepare_config(cfg)
+    stage = open_stage(cfg, "preference", force)
+    return train_and_finish(
+        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=REFERENCE_FREE_EVAL_KEYS + EVAL_KEYS,
+        before_label="start", extra_summary=lambda t: {"batch_layout": t.layout}, callbacks=callbacks,
+    )
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  held-out ORPO reward accuracy: {fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> "
+        f"{fmt(s.get('eval_rewards/accuracies_after'))}; log odds ratio {fmt(s.get('eval_log_odds_chosen_before'))} -> "
+        f"{fmt(s.get('eval_log_odds_chosen_after'))}; chosen NLL {fmt(s.get('eval_nll_loss_before'))} -> "
+        f"{fmt(s.get('eval_nll_loss_after'))}"
+    ]
+
+
+register(Stage("orpo", ORPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))

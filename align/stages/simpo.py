@@ -1,0 +1,90 @@
+"""SimPO stage: length-normalized, reference-free preference optimization (Meng et al. 2024).
+
+loss = -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma), the means taken
+per response token. No reference model is loaded and no reference forward runs
+(align/dpo/reference_free.py), so there is no step-0 invariant to check: at step 0 the loss is
+-log sigmoid(beta * margin_0 - gamma) for the starting model's own margin, not ln 2. With
+simpo.nll_weight > 0 it is CPO-SimPO; with simpo.alpha != 0, AlphaPO. The pairs, tokenization and
+prefix sharing are DPO's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align.core.config import ChildStageConfig, opt
+from align.core.errors import ConfigError
+from align.modeling.methods import resolve_method
+from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+
+
+@dataclass
+class SimPOOptions:
+    beta: float = opt(2.0, "Scale of the length-normalized reward, > 0 (the paper uses 2.0-2.5).")
+    gamma: float = opt(1.0, "Target reward margin, >= 0 (the paper keeps gamma/beta near 0.5).")
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative loss), in [0, 0.5).")
+    alpha: float = opt(0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha of the per-token mean probability, any real; 0 = SimPO's log p.")
+    nll_weight: float = opt(0.0, "Weight of the NLL of the chosen responses, >= 0; > 0 is CPO-SimPO.")
+    shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
+
+
+@dataclass
+class SimPOConfig(ChildStageConfig):
+    """SimPO: reference-free preference optimization on length-normalized log-probs with a target margin."""
+
+    simpo: SimPOOptions = opt(SimPOOptions, "SimPO options.")
+
+    stage = "simpo"
+
+    def validate(self) -> None:
+        super().validate()
+        o = self.simpo
+        if o.beta <= 0:
+            raise ConfigError(f"simpo.beta: must be positive, got {o.beta}")
+        if o.gamma < 0:
+            raise ConfigError(f"simpo.gamma: must be >= 0, got {o.gamma}")
+        if not 0 <= o.label_smoothing < 0.5:
+            raise ConfigError(f"simpo.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
+        if o.nll_weight < 0:
+            raise ConfigError(f"simpo.nll_weight: must be >= 0, got {o.nll_weight}")
+
+
+def build_trainer(cfg: SimPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+    from align.dpo.reference_free import Objective
+    from align.stages.common import reference_free_trainer
+
+    o = cfg.simpo
+    objective = Objective(
+        "simpo", beta=o.beta, gamma=o.gamma, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight
+    )
+    return reference_free_trainer(
+        cfg, objective, model, tokenizer, train_ds, eval_ds, run_dir, callbacks, shared_prefix=o.shared_prefix
+    )
+
+
+def prepare(splits, tokenizer, max_length: int):
+    from align.stages.common import preference_datasets
+
+    return preference_datasets(splits, tokenizer, max_length, "simpo")
+
+
+def run(cfg: SimPOConfig, *, force: bool = False, callbacks=()):
+    from align.stages.common import REFERENCE_FREE_EVAL_KEYS, open_stage, train_and_finish
+
+    cfg = prepare_config(cfg)
+    stage = open_stage(cfg, "preference", force)
+    return train_and_finish(
+        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=REFERENCE_FREE_EVAL_KEYS,
+        before_label="start", extra_summary=lambda t: {"batch_layout": t.layout}, callbacks=callbacks,
+    )
+
+
+def summary_lines(s: dict) -> list[str]:
+    return [
+        f"  held-out SimPO reward accuracy: {fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> "
+        f"{fmt(s.get('eval_rewards/accuracies_after'))}; margin {fmt(s.get('eval_rewards/margins_before'))} -> "
+        f"{fmt(s.get('eval_rewards/margins_after'))}; loss {fmt(s.get('eval_loss_before'))} -> {fmt(s.get('eval_loss_after'))}"
+    ]
+
+
+register(Stage("simpo", SimPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
