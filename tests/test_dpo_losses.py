@@ -262,7 +262,7 @@ def test_every_option_runs_on_the_fast_path_with_trls_results(tiny_model_dir, to
 
 
 def test_ld_alpha_changes_the_reference_values_so_the_cache_key_names_it(tiny_model_dir, tmp_path):
-    from align.stages.dpo import reference_cache
+    from align.dpo.training import reference_cache
 
     def key(**extra):
         cfg = load_config(DPOConfig, None, {"model.name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
@@ -322,9 +322,9 @@ def test_valid_mixtures_map_to_trls_arguments():
 
 
 NEW_KEYS = {
-    "dpo.loss_type": "list", "dpo.loss_weights": ">= 0", "dpo.rpo_alpha": "> 0", "dpo.label_smoothing": "[0, 0.5)",
+    "dpo.loss_type": "list", "dpo.loss_weights": ">= 0", "dpo.rpo_alpha": "positive", "dpo.label_smoothing": "[0, 0.5)",
     "dpo.use_weighting": "WPO", "dpo.ld_alpha": "[0, 1]", "dpo.f_divergence_type": "alpha_divergence",
-    "dpo.f_alpha_divergence_coef": "(0, 1]", "dpo.discopop_tau": "> 0", "dpo.beta": "> 0",
+    "dpo.f_alpha_divergence_coef": "(0, 1]", "dpo.discopop_tau": "positive", "dpo.beta": "positive",
 }
 
 

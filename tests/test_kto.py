@@ -278,7 +278,7 @@ def test_keys_and_cli(tmp_path):
     from test_cli import run_recipe
 
     lines = {line.split(" (")[0].strip(): line for line in describe(KTOConfig)}
-    for key, needle in {"kto.beta": "> 0", "kto.desirable_weight": "> 0", "kto.undesirable_weight": "> 0",
+    for key, needle in {"kto.beta": "positive", "kto.desirable_weight": "positive", "kto.undesirable_weight": "positive",
                         "kto.loss_type": "apo_zero_unpaired", "kto.score_threshold": "score >= threshold"}.items():
         assert needle in lines[key], lines[key]
     cfg = tmp_path / "kto.yaml"

@@ -130,12 +130,12 @@ def test_full_fine_tuning_holds_one_model_without_reference(sft_parent, tiny_dat
     "stage, overrides, needle",
     [
         ("simpo", {"simpo.beta": 0.0}, "simpo.beta: must be positive"),
-        ("simpo", {"simpo.gamma": -0.1}, "simpo.gamma: must be >= 0"),
+        ("simpo", {"simpo.gamma": -0.1}, "simpo.gamma: must be at least 0"),
         ("simpo", {"simpo.label_smoothing": 0.5}, "simpo.label_smoothing: must be in [0, 0.5)"),
-        ("simpo", {"simpo.nll_weight": -1.0}, "simpo.nll_weight: must be >= 0"),
+        ("simpo", {"simpo.nll_weight": -1.0}, "simpo.nll_weight: must be at least 0"),
         ("cpo", {"cpo.loss_type": "hinge", "cpo.label_smoothing": 0.1}, "cpo.label_smoothing: used only by loss_type sigmoid"),
         ("cpo", {"cpo.loss_type": "simpo"}, "cpo.loss_type: expected one of"),
-        ("cpo", {"cpo.nll_weight": -0.5}, "cpo.nll_weight: must be >= 0"),
+        ("cpo", {"cpo.nll_weight": -0.5}, "cpo.nll_weight: must be at least 0"),
         ("orpo", {"orpo.beta": -1.0}, "orpo.beta: must be positive"),
     ],
 )
@@ -147,11 +147,11 @@ def test_bad_values_name_the_key(stage, overrides, needle):
 
 
 KEYS = {
-    "simpo": {"simpo.beta": "> 0", "simpo.gamma": ">= 0", "simpo.label_smoothing": "[0, 0.5)", "simpo.alpha": "any real",
-              "simpo.nll_weight": ">= 0", "simpo.shared_prefix": "prompt once"},
-    "cpo": {"cpo.beta": "> 0", "cpo.loss_type": "ipo", "cpo.label_smoothing": "[0, 0.5)", "cpo.nll_weight": ">= 0",
+    "simpo": {"simpo.beta": "positive", "simpo.gamma": "at least 0", "simpo.label_smoothing": "[0, 0.5)", "simpo.alpha": "any real",
+              "simpo.nll_weight": "at least 0", "simpo.shared_prefix": "prompt once"},
+    "cpo": {"cpo.beta": "positive", "cpo.loss_type": "ipo", "cpo.label_smoothing": "[0, 0.5)", "cpo.nll_weight": "at least 0",
             "cpo.alpha": "any real", "cpo.shared_prefix": "prompt once"},
-    "orpo": {"orpo.beta": "> 0", "orpo.nll_on_prompt": "two-row", "orpo.shared_prefix": "prompt once"},
+    "orpo": {"orpo.beta": "positive", "orpo.nll_on_prompt": "two-row", "orpo.shared_prefix": "prompt once"},
 }
 
 

@@ -20,13 +20,13 @@ from align.stages.registry import Stage, fmt, prepare_config, register, training
 
 @dataclass
 class CPOOptions:
-    beta: float = opt(0.1, "Scale of the log-prob margin, > 0 (for ipo, IPO's tau).")
+    beta: float = opt(0.1, "Scale of the log-prob margin (for ipo, IPO's tau).", gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = opt(
         "sigmoid", "Preference term: sigmoid (CPO), hinge (SLiC), ipo (on per-token mean log-probs)."
     )
-    label_smoothing: float = opt(0.0, "Assumed share of flipped labels, in [0, 0.5); sigmoid only.")
-    nll_weight: float = opt(1.0, "Weight of the NLL of the chosen responses (CPO's behaviour cloning; TRL's cpo_alpha), >= 0.")
-    alpha: float = opt(0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha, any real; 0 = log p.")
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels; sigmoid only.", min=0, lt=0.5)
+    nll_weight: float = opt(1.0, "Weight of the NLL of the chosen responses (CPO's behaviour cloning; TRL's cpo_alpha).", min=0)
+    alpha: float = opt(0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha, any real; 0 = log p.", any_value="any real number shapes the reward")
     shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
 
 
@@ -41,14 +41,8 @@ class CPOConfig(ChildStageConfig):
     def validate(self) -> None:
         super().validate()
         o = self.cpo
-        if o.beta <= 0:
-            raise ConfigError(f"cpo.beta: must be positive, got {o.beta}")
-        if not 0 <= o.label_smoothing < 0.5:
-            raise ConfigError(f"cpo.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
         if o.label_smoothing > 0 and o.loss_type != "sigmoid":
             raise ConfigError(f"cpo.label_smoothing: used only by loss_type sigmoid (got {o.loss_type})")
-        if o.nll_weight < 0:
-            raise ConfigError(f"cpo.nll_weight: must be >= 0, got {o.nll_weight}")
 
 
 def build_trainer(cfg: CPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):

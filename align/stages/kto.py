@@ -27,18 +27,20 @@ from align.stages.registry import Stage, fmt, prepare_config, register, training
 
 @dataclass
 class KTOOptions:
-    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model), > 0.")
+    beta: float = opt(0.1, "Strength of the pull towards the reference (the SFT model).", gt=0)
     loss_type: Literal["kto", "apo_zero_unpaired"] = opt(
         "kto", "kto (the paper's loss, with the batch KL estimate) or apo_zero_unpaired (APO-zero, no KL term)."
     )
     desirable_weight: float = opt(
-        1.0, "Weight of the desirable rows' losses, > 0; with unequal counts the paper keeps "
+        1.0, "Weight of the desirable rows' losses; with unequal counts the paper keeps "
         "desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].",
+        gt=0,
     )
-    undesirable_weight: float = opt(1.0, "Weight of the undesirable rows' losses, > 0.")
+    undesirable_weight: float = opt(1.0, "Weight of the undesirable rows' losses.", gt=0)
     score_threshold: float | None = opt(
         None, "Label each response by score >= threshold: rows with 'score', or pairs with score_chosen / score_rejected "
         "(align-data builds from rated sources); null = labels as given and pairs by side (chosen desirable).",
+        any_value="any score on the data's own scale",
     )
 
 
@@ -53,11 +55,6 @@ class KTOConfig(ChildStageConfig):
     def validate(self) -> None:
         super().validate()
         o = self.kto
-        if o.beta <= 0:
-            raise ConfigError(f"kto.beta: must be positive, got {o.beta}")
-        for key in ("desirable_weight", "undesirable_weight"):
-            if getattr(o, key) <= 0:
-                raise ConfigError(f"kto.{key}: must be positive, got {getattr(o, key)}")
         if o.loss_type == "kto" and self.train.batch_size < 2:
             raise ConfigError(
                 f"train.batch_size: kto estimates its KL term from the other rows of a batch, so it needs at least 2, "

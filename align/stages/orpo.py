@@ -14,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
-from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 
 @dataclass
 class ORPOOptions:
-    beta: float = opt(0.1, "Weight of the odds-ratio term against the NLL (the paper's lambda), > 0.")
+    beta: float = opt(0.1, "Weight of the odds-ratio term against the NLL (the paper's lambda).", gt=0)
     nll_on_prompt: bool = opt(
         False, "NLL over prompt + chosen response (ORPO's code, TRL's trainer) instead of the response alone "
         "(the paper's formula); true runs the two-row layout.",
@@ -36,11 +35,6 @@ class ORPOConfig(ChildStageConfig):
     orpo: ORPOOptions = opt(ORPOOptions, "ORPO options.")
 
     stage = "orpo"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.orpo.beta <= 0:
-            raise ConfigError(f"orpo.beta: must be positive, got {self.orpo.beta}")
 
 
 def build_trainer(cfg: ORPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):

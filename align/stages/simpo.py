@@ -13,18 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
-from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 
 @dataclass
 class SimPOOptions:
-    beta: float = opt(2.0, "Scale of the length-normalized reward, > 0 (the paper uses 2.0-2.5).")
-    gamma: float = opt(1.0, "Target reward margin, >= 0 (the paper keeps gamma/beta near 0.5).")
-    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative loss), in [0, 0.5).")
-    alpha: float = opt(0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha of the per-token mean probability, any real; 0 = SimPO's log p.")
-    nll_weight: float = opt(0.0, "Weight of the NLL of the chosen responses, >= 0; > 0 is CPO-SimPO.")
+    beta: float = opt(2.0, "Scale of the length-normalized reward (the paper uses 2.0-2.5).", gt=0)
+    gamma: float = opt(1.0, "Target reward margin (the paper keeps gamma/beta near 0.5).", min=0)
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative loss).", min=0, lt=0.5)
+    alpha: float = opt(
+        0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha of the per-token mean probability, any real; 0 = SimPO's log p.",
+        any_value="any real number shapes the reward",
+    )
+    nll_weight: float = opt(0.0, "Weight of the NLL of the chosen responses; > 0 is CPO-SimPO.", min=0)
     shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
 
 
@@ -35,18 +37,6 @@ class SimPOConfig(ChildStageConfig):
     simpo: SimPOOptions = opt(SimPOOptions, "SimPO options.")
 
     stage = "simpo"
-
-    def validate(self) -> None:
-        super().validate()
-        o = self.simpo
-        if o.beta <= 0:
-            raise ConfigError(f"simpo.beta: must be positive, got {o.beta}")
-        if o.gamma < 0:
-            raise ConfigError(f"simpo.gamma: must be >= 0, got {o.gamma}")
-        if not 0 <= o.label_smoothing < 0.5:
-            raise ConfigError(f"simpo.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
-        if o.nll_weight < 0:
-            raise ConfigError(f"simpo.nll_weight: must be >= 0, got {o.nll_weight}")
 
 
 def build_trainer(cfg: SimPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
