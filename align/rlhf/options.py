@@ -182,3 +182,11 @@ class GroupStageConfig(OnlineStageConfig):
                 f"train.batch_size: train.batch_size * train.gradient_accumulation_steps ({per_update} responses per "
                 f"optimizer update) must divide {self.stage}.prompts_per_step * {self.stage}.group_size ({rollout} responses per step)"
             )
+
+
+# Why the online stages take the LoRA family only (their registration's method check).
+ONLINE_WHY_LORA = (
+    "the policy and the reward models are adapters of one base model, and the reference is that base with "
+    "adapters disabled; PEFT holds adapters of a single type in one model and reward adapters are LoRA"
+)
+

@@ -455,14 +455,42 @@ def train_and_finish(
     return stage.run_dir
 
 
+def run_group_stage(cfg, force: bool) -> RunDir:
+    """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
+    from align.core.data import load_splits
+    from align.rlhf import grpo as G
+    from align.rlhf.loop import single_process
+    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
+
+    single_process(cfg.stage)
+    stage_data = load_splits(cfg.data, "prompt", cfg.train.seed)
+    check_answers(cfg.rewards, stage_data)
+    base, parent = resolve_base(cfg)
+    runs = reward_runs(cfg.rewards, base)
+    stage = StageRun(cfg, base=base, splits=stage_data, parent=parent, force=force, inputs=run_inputs(runs))
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        gp, summary = G.train(stage, cfg, cfg.stage, runs)
+        sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
+        summary["samples"] = sampled.get("rows", [])
+        if "judge" in sampled:
+            summary["judge"] = sampled["judge"]
+        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "samples": "samples.jsonl"})
+    return stage.run_dir
+
+
 REFERENCE_FREE_EVAL_KEYS = (
     "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "nll_loss",
 )
 
 
-def reference_free_trainer(cfg, objective, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=(), *, shared_prefix: bool,
-                           sharing_blocked: str | None = None):
-    """The trainer of SimPO, CPO and ORPO (align/dpo/reference_free.py): no reference model, no reference forward.
+def run_reference_free_stage(
+    cfg, objective, *, shared_prefix: bool, force: bool, callbacks=(), sharing_blocked: str | None = None,
+    extra_eval_keys: tuple[str, ...] = (),
+) -> RunDir:
+    """The run of SimPO, CPO and ORPO: preference data, then the reference-free trainer
+    (align/dpo/reference_free.py) on `objective`; no reference model, no reference forward.
 
     `shared_prefix`: the stage's <section>.shared_prefix; `sharing_blocked`: why its objective cannot share
     the prompt (then the two-row layout runs, and the log says why).
@@ -471,17 +499,27 @@ def reference_free_trainer(cfg, objective, model, tokenizer, train_ds, eval_ds, 
     from align.dpo.trainer import shared_prefix_blocker
     from align.modeling.adapters import peft_config_for
 
-    device = str(next(model.parameters()).device)
-    args = ReferenceFreeArguments(**trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=2))
-    why_not = sharing_blocked or shared_prefix_blocker(shared_prefix, cfg.peft.method, model, cfg.train.max_length, section=cfg.stage)
-    trainer = ReferenceFreeTrainer(
-        model, args, objective, train_ds, eval_ds, processing_class=tokenizer,
-        peft_config=peft_config_for(cfg, base_location=model.name_or_path), callbacks=callbacks,
-        shared_prefix_forward=why_not is None,
+    def prepare(splits, tokenizer, max_length: int):
+        return preference_datasets(splits, tokenizer, max_length, cfg.stage)
+
+    def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+        device = str(next(model.parameters()).device)
+        args = ReferenceFreeArguments(**trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=2))
+        why_not = sharing_blocked or shared_prefix_blocker(shared_prefix, cfg.peft.method, model, cfg.train.max_length, section=cfg.stage)
+        trainer = ReferenceFreeTrainer(
+            model, args, objective, train_ds, eval_ds, processing_class=tokenizer,
+            peft_config=peft_config_for(cfg, base_location=model.name_or_path), callbacks=callbacks,
+            shared_prefix_forward=why_not is None,
+        )
+        trainer.layout = "shared prefix" if why_not is None else f"two rows per pair ({why_not})"
+        log.info("%s: no reference model; batch layout: %s", cfg.stage, trainer.layout)
+        return trainer
+
+    stage = open_stage(cfg, "preference", force)
+    return train_and_finish(
+        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=REFERENCE_FREE_EVAL_KEYS + extra_eval_keys,
+        before_label="start", extra_summary=lambda t: {"batch_layout": t.layout}, callbacks=callbacks,
     )
-    trainer.layout = "shared prefix" if why_not is None else f"two rows per pair ({why_not})"
-    log.info("%s: no reference model; batch layout: %s", cfg.stage, trainer.layout)
-    return trainer
 
 
 class StepTimer(TrainerCallback):

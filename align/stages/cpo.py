@@ -45,34 +45,16 @@ class CPOConfig(ChildStageConfig):
             raise ConfigError(f"cpo.label_smoothing: used only by loss_type sigmoid (got {o.loss_type})")
 
 
-def build_trainer(cfg: CPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
+    cfg = prepare_config(cfg)
     from align.dpo.reference_free import Objective
-    from align.stages.common import reference_free_trainer
+    from align.stages.common import run_reference_free_stage
 
     o = cfg.cpo
     objective = Objective(
         "cpo", beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight
     )
-    return reference_free_trainer(
-        cfg, objective, model, tokenizer, train_ds, eval_ds, run_dir, callbacks, shared_prefix=o.shared_prefix
-    )
-
-
-def prepare(splits, tokenizer, max_length: int):
-    from align.stages.common import preference_datasets
-
-    return preference_datasets(splits, tokenizer, max_length, "cpo")
-
-
-def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
-    from align.stages.common import REFERENCE_FREE_EVAL_KEYS, open_stage, train_and_finish
-
-    cfg = prepare_config(cfg)
-    stage = open_stage(cfg, "preference", force)
-    return train_and_finish(
-        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=REFERENCE_FREE_EVAL_KEYS,
-        before_label="start", extra_summary=lambda t: {"batch_layout": t.layout}, callbacks=callbacks,
-    )
+    return run_reference_free_stage(cfg, objective, shared_prefix=o.shared_prefix, force=force, callbacks=callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:

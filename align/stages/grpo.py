@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from align.core.config import opt
 from align.modeling.methods import LORA_FAMILY, resolve_method
-from align.rlhf.options import GroupOptions, GroupStageConfig, check_sources
+from align.rlhf.options import ONLINE_WHY_LORA, GroupOptions, GroupStageConfig, check_sources
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 
@@ -28,31 +28,11 @@ class GRPOConfig(GroupStageConfig):
     stage = "grpo"
 
 
-def run(cfg: GRPOConfig, *, force: bool = False, callbacks=()):
+def run(cfg, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.core.artifacts import ADAPTER
-    from align.core.data import load_splits
-    from align.rlhf import grpo as G
-    from align.rlhf.loop import single_process
-    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
-    from align.stages.common import StageRun, log_sample_table, resolve_base
+    from align.stages.common import run_group_stage
 
-    single_process("grpo")
-    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
-    check_answers(cfg.rewards, splits)
-    base, parent = resolve_base(cfg)
-    runs = reward_runs(cfg.rewards, base)
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
-    if stage.skipped:
-        return stage.run_dir
-    with stage:
-        gp, summary = G.train(stage, cfg, "grpo", runs)
-        sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
-        summary["samples"] = sampled.get("rows", [])
-        if "judge" in sampled:
-            summary["judge"] = sampled["judge"]
-        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "samples": "samples.jsonl"})
-    return stage.run_dir
+    return run_group_stage(cfg, force)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -62,11 +42,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-WHY_LORA = (
-    "the policy and the reward models are adapters of one base model; PEFT holds adapters of a single type "
-    "in one model and reward adapters are LoRA"
-)
 register(Stage(
     "grpo", GRPOConfig, run, summary_lines,
-    checks=(*training_checks(LORA_FAMILY, WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+    checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
 ))

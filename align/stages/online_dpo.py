@@ -21,7 +21,7 @@ from align.core.pairing import STRATEGIES
 from align.dpo import options
 from align.dpo.options import DPOOptions
 from align.modeling.methods import LORA_FAMILY, resolve_method
-from align.rlhf.options import OnlineStageConfig, check_sources
+from align.rlhf.options import ONLINE_WHY_LORA, OnlineStageConfig, check_sources
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
@@ -241,11 +241,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-WHY_LORA = (
-    "the policy and the reward models are adapters of one base model, and the reference is that base with "
-    "adapters disabled; PEFT holds adapters of a single type in one model and reward adapters are LoRA"
-)
 register(Stage(
     "online_dpo", OnlineDPOConfig, run, summary_lines,
-    checks=(*training_checks(LORA_FAMILY, WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+    checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
 ))

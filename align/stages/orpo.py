@@ -37,37 +37,21 @@ class ORPOConfig(ChildStageConfig):
     stage = "orpo"
 
 
-def build_trainer(cfg: ORPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
+EVAL_KEYS = ("log_odds_ratio", "log_odds_chosen")
+
+
+def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
+    cfg = prepare_config(cfg)
     from align.dpo.reference_free import Objective
-    from align.stages.common import reference_free_trainer
+    from align.stages.common import run_reference_free_stage
 
     o = cfg.orpo
     blocked = "orpo.nll_on_prompt needs prompt-token log-probs, which the shared-prefix forward does not compute" if (
         o.nll_on_prompt and o.shared_prefix
     ) else None
-    return reference_free_trainer(
-        cfg, Objective("orpo", beta=o.beta, nll_on_prompt=o.nll_on_prompt), model, tokenizer, train_ds, eval_ds, run_dir,
-        callbacks, shared_prefix=o.shared_prefix, sharing_blocked=blocked,
-    )
-
-
-def prepare(splits, tokenizer, max_length: int):
-    from align.stages.common import preference_datasets
-
-    return preference_datasets(splits, tokenizer, max_length, "orpo")
-
-
-EVAL_KEYS = ("log_odds_ratio", "log_odds_chosen")
-
-
-def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
-    from align.stages.common import REFERENCE_FREE_EVAL_KEYS, open_stage, train_and_finish
-
-    cfg = prepare_config(cfg)
-    stage = open_stage(cfg, "preference", force)
-    return train_and_finish(
-        stage, prepare=prepare, build_trainer=build_trainer, eval_keys=REFERENCE_FREE_EVAL_KEYS + EVAL_KEYS,
-        before_label="start", extra_summary=lambda t: {"batch_layout": t.layout}, callbacks=callbacks,
+    return run_reference_free_stage(
+        cfg, Objective("orpo", beta=o.beta, nll_on_prompt=o.nll_on_prompt), shared_prefix=o.shared_prefix, force=force,
+        callbacks=callbacks, sharing_blocked=blocked, extra_eval_keys=EVAL_KEYS,
     )
 
 
