@@ -10,6 +10,14 @@ Lengths are tokens of `--tokenizer` (message contents, without chat-template mar
 whitespace-separated words without one. Decontamination drops pairs any of whose texts contain
 a word n-gram (`--decontam-ngram`, default 13) of an evaluation prompt; evaluation prompts of
 5 to n-1 words are matched whole.
+
+Unpaired builds (`--kind unpaired`, KTO rows) check each response on its own by the same rules
+(UNPAIRED_REASONS): a pair whose chosen is identical to its rejected gives no rows, the length
+limits apply to the one response, and instead of exact duplicates a response (same prompt and
+completion) is kept once: a later copy with the same label is merged into the first, and a
+response labelled both desirable and undesirable is dropped, every copy of it (as align's
+`merge_unpaired` does with the responses several pairs share). That last rule needs the whole
+input, so the builder applies it after the stream (`Cleaner.conflicted`).
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import numpy as np
 from align.core.errors import DataError
 from align.core.pairing import STRUCTURAL_REASONS, structural_problem
 from align.core.rows import ROLES, empty_problem, pair_serial, role_problem, same_response, serial  # noqa: F401 (re-exported)
+from align.core.rows import response_serial, unpaired_problems
 from data_tools.dedup import PromptClusters, U64Map, digest64, words
-from data_tools.sources.base import Messages, Pair, json_cell
+from data_tools.sources.base import Labeled, Messages, Pair, json_cell
 
 REASONS = {
     **STRUCTURAL_REASONS,
@@ -35,6 +44,19 @@ REASONS = {
     "exact_duplicate": "exact duplicate of an earlier pair",
     "near_duplicate_prompt": "near-duplicate prompt (--near-dup)",
 }
+UNPAIRED_REASONS = {
+    "malformed_roles": REASONS["malformed_roles"],
+    "empty_turn": REASONS["empty_turn"],
+    "identical": "from a pair whose chosen is identical to its rejected (both responses)",
+    "prompt_too_long": REASONS["prompt_too_long"],
+    "response_too_long": "response over --max-response-tokens",
+    "total_too_long": "prompt + response over --max-total-tokens",
+    "contaminated": REASONS["contaminated"],
+    "repeated_response": "repeated response (same prompt and response, same label): kept once",
+    "conflicting_label": "response labelled both desirable and undesirable (every copy)",
+    "near_duplicate_prompt": REASONS["near_duplicate_prompt"],
+}
+DESIRABLE, UNDESIRABLE = 1, 2  # label bits of a response in the ledger
 SHORT_EVAL_MIN_WORDS = 5
 
 
@@ -84,6 +106,16 @@ class Lengths:
                 row.append((len(texts), len(texts) + len(msgs)))
                 texts.extend(m["content"] for m in msgs)
             spans.append(row)
+        lens = self.of(texts)
+        return [tuple(sum(lens[a:b]) for a, b in row) for row in spans]
+
+    def responses(self, rows: list[Labeled]) -> list[tuple[int, int]]:
+        """(prompt, completion) lengths of unpaired rows."""
+        texts: list[str] = []
+        spans = []
+        for r in rows:
+            spans.append([(len(texts), len(texts) + len(r.prompt)), (len(texts) + len(r.prompt), len(texts) + len(r.prompt) + len(r.completion))])
+            texts.extend(m["content"] for m in r.prompt + r.completion)
         lens = self.of(texts)
         return [tuple(sum(lens[a:b]) for a, b in row) for row in spans]
 
@@ -187,12 +219,25 @@ class Kept:
     cluster: int  # near-duplicate cluster id (-1 with --near-dup off)
 
 
-class Cleaner:
-    """Applies the rules to batches of pairs, in input order; counts drops in `self.dropped`."""
+@dataclass
+class KeptResponse:
+    row: Labeled
+    lengths: tuple[int, int]  # prompt, completion
+    key: int  # digest of (prompt, completion): the response, labels aside
+    prompt_digest: int
+    prompt_key: str
+    cluster: int
 
-    def __init__(self, opts: CleanOptions) -> None:
+
+class Cleaner:
+    """Applies the rules to batches of pairs (or of unpaired rows), in input order; counts drops in
+    `self.dropped`."""
+
+    def __init__(self, opts: CleanOptions, unpaired: bool = False) -> None:
         self.opts = opts
-        self.dropped: Counter = Counter({k: 0 for k in REASONS})
+        self.reasons = UNPAIRED_REASONS if unpaired else REASONS
+        self.dropped: Counter = Counter({k: 0 for k in self.reasons})
+        self.labels = U64Map()  # unpaired: response digest -> DESIRABLE | UNDESIRABLE bits seen
         self.lengths = Lengths(opts.tokenizer)
         self.overlap = EvalOverlap(opts.decontaminate, opts.decontam_ngram) if opts.decontaminate else None
         self.seen_pairs = U64Map()
@@ -256,3 +301,68 @@ class Cleaner:
         self.seen_pairs.maybe_merge()
         self.clusters.end_batch()
         return out
+
+    # ------------------------------------------------------------------ unpaired rows
+
+    def _label_bits(self, keys: list[int]) -> list[int]:
+        """The label bits seen so far for each response digest (0 when new)."""
+        known = self.labels.bulk_get(np.asarray(keys, dtype=np.uint64))
+        return [max(self.labels.recent.get(key, int(k)), 0) for key, k in zip(keys, known)]
+
+    def _set_bits(self, key: int, bits: int, was: int) -> None:
+        if was and key not in self.labels.recent:  # already folded into the sorted arrays: update in place
+            pos = int(np.searchsorted(self.labels.keys, np.uint64(key)))
+            self.labels.vals[pos] = bits
+        else:
+            self.labels.put(key, bits)
+
+    def process_unpaired(self, rows: list[Labeled]) -> list[KeptResponse]:
+        survivors = []
+        for r in rows:
+            problems = unpaired_problems({"prompt": r.prompt, "completion": r.completion})
+            if problems:
+                self.dropped[problems[0][0]] += 1
+            else:
+                survivors.append(r)
+        stage2 = []
+        for r, ln in zip(survivors, self.lengths.responses(survivors)):
+            reason = self._length((ln[0], ln[1], 0)) or (
+                "contaminated" if self.overlap and any(self.overlap.hits(m["content"]) for m in r.prompt + r.completion) else None)
+            if reason:
+                self.dropped[reason] += 1
+            else:
+                stage2.append((r, ln))
+        if not stage2:
+            return []
+        keys = [digest64(response_serial(r.prompt, r.completion)) for r, _ in stage2]
+        kept_pre = []
+        for (r, ln), key in zip(stage2, keys):
+            # One at a time: a batch may hold several copies of a response.
+            was = self._label_bits([key])[0]
+            bit = DESIRABLE if r.label else UNDESIRABLE
+            if was & bit:
+                self.dropped["repeated_response"] += 1
+                continue
+            self._set_bits(key, was | bit, was)
+            if was:  # the other label seen before: this copy goes now, the earlier ones after the stream
+                self.dropped["conflicting_label"] += 1
+                continue
+            kept_pre.append((r, ln, key))
+        texts = [prompt_text(r.prompt) for r, _, _ in kept_pre]
+        word_lists = [words(t) for t in texts]
+        digests = [prompt_digest(r.prompt) for r, _, _ in kept_pre]
+        assigned = self.clusters.assign(digests, word_lists, texts)
+        out = []
+        for (r, ln, key), ws, d, (cid, near, _) in zip(kept_pre, word_lists, digests, assigned):
+            if near:
+                self.dropped["near_duplicate_prompt"] += 1
+                self.clusters.count_row(cid)
+                continue
+            out.append(KeptResponse(r, ln, key, d, " ".join(ws), cid))
+        self.labels.maybe_merge()
+        self.clusters.end_batch()
+        return out
+
+    def conflicted(self, keys: list[int]) -> list[bool]:
+        """Whether each response was labelled both ways anywhere in the input (call after the stream)."""
+        return [bits == DESIRABLE | UNDESIRABLE for bits in self._label_bits(keys)]
