@@ -17,7 +17,7 @@ limits apply to the one response, and instead of exact duplicates a response (sa
 completion) is kept once: a later copy with the same label is merged into the first, and a
 response labelled both desirable and undesirable is dropped, every copy of it (as align's
 `merge_unpaired` does with the responses several pairs share). That last rule needs the whole
-input, so the builder applies it after the stream (`Cleaner.conflicted`).
+input, so the builder applies it after the stream (`Cleaner.settle`).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ UNPAIRED_REASONS = {
     "response_too_long": "response over --max-response-tokens",
     "total_too_long": "prompt + response over --max-total-tokens",
     "contaminated": REASONS["contaminated"],
+    "near_duplicate_prompt": REASONS["near_duplicate_prompt"],
     "repeated_response": "repeated response (same prompt and response, same label): kept once",
     "conflicting_label": "response labelled both desirable and undesirable (every copy)",
-    "near_duplicate_prompt": REASONS["near_duplicate_prompt"],
 }
 DESIRABLE, UNDESIRABLE = 1, 2  # label bits of a response in the ledger
 SHORT_EVAL_MIN_WORDS = 5
@@ -304,19 +304,21 @@ class Cleaner:
 
     # ------------------------------------------------------------------ unpaired rows
 
-    def _label_bits(self, keys: list[int]) -> list[int]:
-        """The label bits seen so far for each response digest (0 when new)."""
+    def _ledger(self, keys: list[int]) -> list[int]:
+        """Each response digest's ledger value (0 when new): label bits | copies << 2."""
         known = self.labels.bulk_get(np.asarray(keys, dtype=np.uint64))
         return [max(self.labels.recent.get(key, int(k)), 0) for key, k in zip(keys, known)]
 
-    def _set_bits(self, key: int, bits: int, was: int) -> None:
+    def _record(self, key: int, value: int, was: int) -> None:
         if was and key not in self.labels.recent:  # already folded into the sorted arrays: update in place
             pos = int(np.searchsorted(self.labels.keys, np.uint64(key)))
-            self.labels.vals[pos] = bits
+            self.labels.vals[pos] = value
         else:
-            self.labels.put(key, bits)
+            self.labels.put(key, value)
 
     def process_unpaired(self, rows: list[Labeled]) -> list[KeptResponse]:
+        """The first copy of each response that passes every rule; later copies are only counted in the
+        ledger, and `settle` decides at the end whether the first copy is written."""
         survivors = []
         for r in rows:
             problems = unpaired_problems({"prompt": r.prompt, "completion": r.completion})
@@ -334,35 +336,36 @@ class Cleaner:
                 stage2.append((r, ln))
         if not stage2:
             return []
-        keys = [digest64(response_serial(r.prompt, r.completion)) for r, _ in stage2]
-        kept_pre = []
-        for (r, ln), key in zip(stage2, keys):
-            # One at a time: a batch may hold several copies of a response.
-            was = self._label_bits([key])[0]
-            bit = DESIRABLE if r.label else UNDESIRABLE
-            if was & bit:
-                self.dropped["repeated_response"] += 1
-                continue
-            self._set_bits(key, was | bit, was)
-            if was:  # the other label seen before: this copy goes now, the earlier ones after the stream
-                self.dropped["conflicting_label"] += 1
-                continue
-            kept_pre.append((r, ln, key))
-        texts = [prompt_text(r.prompt) for r, _, _ in kept_pre]
+        texts = [prompt_text(r.prompt) for r, _ in stage2]
         word_lists = [words(t) for t in texts]
-        digests = [prompt_digest(r.prompt) for r, _, _ in kept_pre]
+        digests = [prompt_digest(r.prompt) for r, _ in stage2]
         assigned = self.clusters.assign(digests, word_lists, texts)
         out = []
-        for (r, ln, key), ws, d, (cid, near, _) in zip(kept_pre, word_lists, digests, assigned):
+        for (r, ln), ws, d, (cid, near, _) in zip(stage2, word_lists, digests, assigned):
             if near:
                 self.dropped["near_duplicate_prompt"] += 1
                 self.clusters.count_row(cid)
                 continue
-            out.append(KeptResponse(r, ln, key, d, " ".join(ws), cid))
+            key = digest64(response_serial(r.prompt, r.completion))
+            was = self._ledger([key])[0]  # one at a time: a batch may hold several copies of a response
+            self._record(key, (was | (DESIRABLE if r.label else UNDESIRABLE)) + (1 << 2), was)
+            if not was:
+                out.append(KeptResponse(r, ln, key, d, " ".join(ws), cid))
         self.labels.maybe_merge()
         self.clusters.end_batch()
         return out
 
-    def conflicted(self, keys: list[int]) -> list[bool]:
-        """Whether each response was labelled both ways anywhere in the input (call after the stream)."""
-        return [bits == DESIRABLE | UNDESIRABLE for bits in self._label_bits(keys)]
+    def settle(self, keys: list[int]) -> list[bool]:
+        """After the stream: whether each first copy is written. A response labelled both ways is
+        dropped, every copy counted under conflicting_label; otherwise its later copies count as
+        repeated_response."""
+        keep = []
+        for value in self._ledger(keys):
+            copies = value >> 2
+            if value & 3 == DESIRABLE | UNDESIRABLE:
+                self.dropped["conflicting_label"] += copies
+                keep.append(False)
+            else:
+                self.dropped["repeated_response"] += copies - 1
+                keep.append(True)
+        return keep

@@ -152,10 +152,9 @@ def write_unpaired(stream: Iterable[Item], cfg, cleaner: Cleaner, counts: Counts
         chunk = [rec for _, rec in zip(range(BATCH), records)]
         if not chunk:
             break
-        for rec, conflicted in zip(chunk, cleaner.conflicted([rec[8] for rec in chunk])):
+        for rec, keep in zip(chunk, cleaner.settle([rec[8] for rec in chunk])):
             split, prompt, completion, label, score, rid, where, lengths, _, pdigest, cluster = rec
-            if conflicted:
-                cleaner.dropped["conflicting_label"] += 1
+            if not keep:
                 continue
             row = {"prompt": prompt, "completion": completion, "label": label, "score": score,
                    "source": cfg.format, "id": rid}
