@@ -349,3 +349,29 @@ def test_kto_loads_the_built_rows_as_they_are_and_its_recipe_config_accepts_them
                                              "kto.undesirable_weight": b["undesirable_weight"], "tracking": "none"})
     assert cfg.data.path == str(out) and cfg.data.eval_split == "test"
     assert (cfg.kto.desirable_weight, cfg.kto.undesirable_weight) == (b["desirable_weight"], b["undesirable_weight"])
+
+
+def test_validate_checks_unpaired_rows_and_passes_a_build(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "t.jsonl", [
+        {"prompt": "q", "completion": "a", "label": True},
+        {"prompt": "q", "completion": "a", "label": True},
+        {"prompt": "q", "completion": "a", "label": False},
+        {"prompt": "q", "completion": " ", "label": False},
+        {"prompt": [a("hi"), u("q")], "completion": "b", "label": True},
+        {"prompt": "q", "completion": "c", "label": "x"},
+        {"prompt": "q", "completion": "d", "label": 0},
+    ])
+    assert main(["validate", str(src)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{src}:2: exact duplicate of {src}:1",
+        f"{src}:3: the same response as {src}:1 with the other label (desirable and undesirable)",
+        f"{src}:4: 'completion[0].content' is empty or whitespace",
+        f"{src}:5: 'prompt[0]' is a assistant turn where a user turn belongs (turns alternate from user)",
+        f"{src}:6: field 'label': expected true/false (or 1/0), got 'x'",
+    ]
+    out = tmp_path / "built"
+    assert main(["build", "--format", "thumbs", "--kind", "unpaired", "--input", str(src), "--output", str(out),
+                 "--skip-invalid", "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("no problems")

@@ -5,7 +5,8 @@ unfit to train on: turns out of order, an empty turn, chosen identical to reject
 are not numbers or rank rejected above chosen. `align-data validate` reports these rows; the
 recipes' data loading (`load_splits`) drops them and counts them by reason, so a recipe never
 trains on a row the validator rejects. `data_tools` imports these functions; align never imports
-data_tools.
+data_tools. `unpaired_problems` applies the structural rules to an unpaired (KTO) row; `align-data
+validate` and `build --kind unpaired` use it (the unpaired loader does not drop by it yet).
 """
 
 from __future__ import annotations
