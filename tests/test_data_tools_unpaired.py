@@ -375,3 +375,34 @@ def test_validate_checks_unpaired_rows_and_passes_a_build(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith("no problems")
+
+
+def test_ratings_lists_per_prompt(tmp_path):
+    src = write_jsonl(tmp_path / "lists.jsonl", [
+        {"q": "Name a color.", "outs": ["Blue.", "Banana.", "Red."], "stars": [5, 1, 4]}])
+    rows, _ = build(tmp_path, "ratings", src, "--prompt-col", "q", "--responses-col", "outs", "--scores-col", "stars",
+                    "--label-threshold", "4")
+    assert labels(rows) == [("Name a color.", "Blue.", True), ("Name a color.", "Banana.", False), ("Name a color.", "Red.", True)]
+
+
+def test_generate_labels_on_policy_samples_by_the_judge_score(tmp_path, tiny_model_dir):
+    (tmp_path / "my_len.py").write_text("def chars(prompt, response):\n    return float(len(response))\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say hi."}, {"prompt": "Name a fruit."}])
+        out = tmp_path / "gen"
+        assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--num-samples", "3",
+                     "--max-new-tokens", "8", "--judge", "my_len:chars", "--kind", "unpaired", "--label-threshold", "20",
+                     "--output", str(out), "--test-fraction", "0", "--no-plots", "--jsonl", "--device", "cpu"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    expected = []
+    for s in samples:  # every sample once (a repeated sample is merged), labelled len >= 20; empty ones dropped
+        for r in dict.fromkeys(s["responses"]):
+            if r.strip():
+                expected.append((s["prompt"][-1]["content"], r, len(r) >= 20))
+    rows = [json.loads(x) for x in (out / "jsonl" / "train.jsonl").read_text().splitlines()]
+    assert labels(rows) == expected and all(r["score"] == len(r["completion"][0]["content"]) for r in rows)
