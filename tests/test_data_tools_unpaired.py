@@ -406,3 +406,18 @@ def test_generate_labels_on_policy_samples_by_the_judge_score(tmp_path, tiny_mod
                 expected.append((s["prompt"][-1]["content"], r, len(r) >= 20))
     rows = [json.loads(x) for x in (out / "jsonl" / "train.jsonl").read_text().splitlines()]
     assert labels(rows) == expected and all(r["score"] == len(r["completion"][0]["content"]) for r in rows)
+
+
+def test_stats_of_unpaired_rows_report_lengths_by_label_and_the_balance(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "completion": "yes " * (i % 3 + 1), "label": i < 3}
+                                             for i in range(12)])
+    assert main(["stats", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "12 rows." in out and "| t | 3 | 9 | 25.0% |" in out  # a lone file's split is its name
+    assert "Desirable : undesirable in the rows = 3 : 9" in out
+    assert f"`kto.desirable_weight: {kto_weights(3, 9)[0]}`" in out
+    assert "| desirable | 3 | 1 | 2 | 2.0 | 3 | 3 |" in out  # i = 0, 1, 2: 1, 2, 3 words
+    mixed = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "q", "completion": "a", "label": True},
+                                              {"prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert main(["stats", str(mixed)]) == 2
+    assert f"{mixed}:2: a preference row among rows of the other kind" in capsys.readouterr().err
