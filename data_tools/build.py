@@ -1,5 +1,8 @@
 """`align-data build`: input rows -> format items -> pairs -> cleaning -> split -> outputs.
 
+With `--kind unpaired` the items become labelled responses (KTO rows) instead of pairs, cleaned
+response by response and reported with their label balance (data_tools.unpaired).
+
 One pass over the input, in batches; the only state that grows is the compact dedup/cluster
 index (see data_tools.dedup) and, for formats whose responses span rows, the shard files on
 disk (data_tools.grouping). Everything is written into a temporary folder beside `--output`,
@@ -13,6 +16,7 @@ the same prompt never lands on both sides and the same seed always gives the sam
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from array import array
@@ -30,12 +34,14 @@ from data_tools.dedup import NEAR_DUP_METHODS, digest64, shorten
 from data_tools.grouping import Spill, shard_count
 from align.core.pairing import STRATEGIES, pair_group
 from data_tools.readers import input_size, iter_splits
-from data_tools.report import Counts, Stats, counts_markdown, stats_markdown, write_plots
+from data_tools.report import Counts, Stats, counts_markdown, kto_balance, stats_markdown, write_plots
 from data_tools.sources import make_format
 from data_tools.sources.base import Drop, Format, Group, Item, Pair, RowError, SourceOptions
+from data_tools.unpaired import check_format, write_unpaired
 
 BATCH = 2048
 BUILD_JSON = "build.json"
+KINDS = ("pairs", "unpaired")
 
 
 @dataclass
@@ -59,8 +65,17 @@ class BuildConfig:
     push_to_hub: str | None = None
     private: bool = False
     command: str = ""
+    kind: str = "pairs"  # or "unpaired": KTO rows {prompt, completion, label}
+    label_threshold: float | None = None  # unpaired: a rated response is desirable when its score >= this
 
     def check(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"--kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.label_threshold is not None:
+            if self.kind != "unpaired":
+                raise ConfigError("--label-threshold: labels responses for --kind unpaired (KTO rows); add --kind unpaired")
+            if not math.isfinite(self.label_threshold):
+                raise ConfigError(f"--label-threshold: must be a finite number, got {self.label_threshold}")
         if self.pairing not in STRATEGIES:
             raise ConfigError(f"--pairing: {self.pairing!r} is not one of {', '.join(STRATEGIES)}")
         if self.min_margin < 0:
@@ -190,16 +205,19 @@ def build(cfg: BuildConfig, items: Iterable[Item] | None = None, provenance: dic
     out = Path(cfg.output).expanduser()
     check_output(out, cfg.overwrite)
     fmt = make_format(cfg.format, cfg.source) if items is None else None
+    unpaired = cfg.kind == "unpaired"
+    check_format(fmt, cfg.kind, cfg.label_threshold, cfg.format)
     rows = open_inputs(cfg) if items is None else None
-    cleaner = Cleaner(cfg.clean)  # loads the tokenizer and the evaluation set up front: errors come first
+    cleaner = Cleaner(cfg.clean, unpaired=unpaired)  # loads the tokenizer and the evaluation set up front: errors come first
     counts = counts or Counts()
-    stats = Stats(unit=cleaner.lengths.unit, seed=cfg.seed)
+    counts.kind = cfg.kind
+    stats = Stats(unit=cleaner.lengths.unit, seed=cfg.seed, unpaired=unpaired)
     stats.near_dup_method = cfg.clean.near_dup
     distinct: dict[str, int] = {}
     rep_rows = array("q")  # cluster id -> (split number << 40) | row index of its representative
     split_names: list[str] = []
     with atomic_dir(out) as tmp:
-        writer = output.SplitWriter(tmp, cfg.jsonl)
+        writer = output.SplitWriter(tmp, cfg.jsonl, output.UNPAIRED_SCHEMA if unpaired else output.SCHEMA)
         stream = items if items is not None else source_items(fmt, cfg, counts, tmp, rows)
         batch: list[Pair] = []
 
@@ -224,24 +242,29 @@ def build(cfg: BuildConfig, items: Iterable[Item] | None = None, provenance: dic
                 stats.add(split, p.prompt, kept.lengths, p.score_chosen, p.score_rejected)
             batch.clear()
 
-        for item in stream:
-            if isinstance(item, Drop):
-                counts.left_out[item.reason] += item.count
-                continue
-            pairs = pair_group(item, cfg.pairing, cfg.min_margin, counts.pairing) if isinstance(item, Group) else (item,)
-            for pair in pairs:
-                counts.pairs_formed += 1
-                batch.append(pair)
-            if len(batch) >= BATCH:
-                flush()
-        flush()
+        if unpaired:
+            distinct, rep_rows, split_names = write_unpaired(
+                stream, cfg, cleaner, counts, stats, writer, tmp, lambda key: split_of(key, cfg.seed, cfg.test_fraction))
+        else:
+            for item in stream:
+                if isinstance(item, Drop):
+                    counts.left_out[item.reason] += item.count
+                    continue
+                pairs = pair_group(item, cfg.pairing, cfg.min_margin, counts.pairing) if isinstance(item, Group) else (item,)
+                for pair in pairs:
+                    counts.pairs_formed += 1
+                    batch.append(pair)
+                if len(batch) >= BATCH:
+                    flush()
+            flush()
         counts.dropped = cleaner.dropped
         splits = writer.close()
         stats.prompts_per_split = distinct
         if not splits:
             report = "\n".join(counts_markdown(counts))
             print(report, file=sys.stderr)
-            raise DataError(f"no pairs left to write from {', '.join(cfg.inputs) or 'the input'} (the counts above say where they went)")
+            what = "rows" if unpaired else "pairs"
+            raise DataError(f"no {what} left to write from {', '.join(cfg.inputs) or 'the input'} (the counts above say where they went)")
         stats.clusters = _top_clusters(cleaner, rep_rows, split_names, tmp)
         plots = write_plots(stats, tmp / "plots") if cfg.plots else {}
         report_lines = [f"# Build report: {out.name}", "", *counts_markdown(counts), *stats_markdown(stats, plots)]
@@ -252,17 +275,19 @@ def build(cfg: BuildConfig, items: Iterable[Item] | None = None, provenance: dic
             "created": now(),
             "command": cfg.command,
             "format": cfg.format,
+            "kind": cfg.kind,
             "inputs": cfg.inputs,
             "options": _options(cfg),
             "length_unit": stats.unit,
             "counts": counts.to_json(),
             "distinct_prompts": distinct,
+            **({"kto_balance": kto_balance(counts)} if unpaired else {}),
             **(provenance or {}),
         })
         atomic_write_text(tmp / BUILD_JSON, json.dumps(meta, indent=2, default=str) + "\n")
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
-        card = output.card(out.name, {s: counts.written[s] for s in splits}, _provenance_lines(meta), report_lines[2:])
+        card = output.card(out.name, {s: counts.written[s] for s in splits}, _provenance_lines(meta), report_lines[2:], cfg.kind)
         atomic_write_text(tmp / "README.md", card)
         check_output(out, cfg.overwrite)  # again: a folder may have appeared there while the build ran
     seconds = time.time() - started
@@ -278,12 +303,17 @@ def _top_clusters(cleaner: Cleaner, rep_rows: array, split_names: list[str], roo
     """The ten largest near-duplicate clusters, with their representatives' texts."""
     top = cleaner.clusters.top(10)
     wanted: dict[str, list[int]] = {}
+    # -1 (or no entry): every row of the cluster was dropped after it formed (unpaired: conflicting labels)
+    codes = {c.cid: rep_rows[c.cid] if c.cid < len(rep_rows) else -1 for c in top}
     for cluster in top:
-        code = rep_rows[cluster.cid]
-        wanted.setdefault(split_names[code >> 40], []).append(code & ((1 << 40) - 1))
+        code = codes[cluster.cid]
+        if code >= 0:
+            wanted.setdefault(split_names[code >> 40], []).append(code & ((1 << 40) - 1))
     prompts = output.read_prompts_at(root, wanted)
     for cluster in top:
-        code = rep_rows[cluster.cid]
+        code = codes[cluster.cid]
+        if code < 0:
+            continue
         prompt = prompts[(split_names[code >> 40], code & ((1 << 40) - 1))]
         cluster.rep_text = shorten("\n".join(m["content"] for m in prompt))
     return top
@@ -294,6 +324,14 @@ def summary_line(out: Path, counts: Counts, seconds: float) -> str:
     parts = ", ".join(f"{s} {n}" for s, n in sorted(counts.written.items(), key=lambda x: (x[0] != "train", x[0])))
     dropped = sum(counts.dropped.values())
     invalid = sum(counts.invalid.values())
+    if counts.kind == "unpaired":
+        b = kto_balance(counts)
+        weights = (f"kto.desirable_weight {float(b['desirable_weight'])}, kto.undesirable_weight {float(b['undesirable_weight'])}"
+                   if b.get("desirable_weight") is not None else "no KTO weights (one label is missing)")
+        return (f"built {out}: {written} unpaired rows ({parts}) from {counts.rows_read} rows; {b['split']}: "
+                f"{b['desirable']} desirable, {b['undesirable']} undesirable -> {weights}; "
+                f"{counts.responses_formed} responses labelled, {dropped} dropped by cleaning, "
+                f"{invalid} invalid rows skipped; {seconds:.1f} s")
     return (f"built {out}: {written} pairs ({parts}) from {counts.rows_read} rows; {counts.pairs_formed} pairs formed, "
             f"{dropped} dropped by cleaning, {invalid} invalid rows skipped; {seconds:.1f} s")
 

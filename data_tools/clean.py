@@ -10,6 +10,14 @@ Lengths are tokens of `--tokenizer` (message contents, without chat-template mar
 whitespace-separated words without one. Decontamination drops pairs any of whose texts contain
 a word n-gram (`--decontam-ngram`, default 13) of an evaluation prompt; evaluation prompts of
 5 to n-1 words are matched whole.
+
+Unpaired builds (`--kind unpaired`, KTO rows) check each response on its own by the same rules
+(UNPAIRED_REASONS): a pair whose chosen is identical to its rejected gives no rows, the length
+limits apply to the one response, and instead of exact duplicates a response (same prompt and
+completion) is kept once: a later copy with the same label is merged into the first, and a
+response labelled both desirable and undesirable is dropped, every copy of it (as align's
+`merge_unpaired` does with the responses several pairs share). That last rule needs the whole
+input, so the builder applies it after the stream (`Cleaner.settle`).
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import numpy as np
 from align.core.errors import DataError
 from align.core.pairing import STRUCTURAL_REASONS, structural_problem
 from align.core.rows import ROLES, empty_problem, pair_serial, role_problem, same_response, serial  # noqa: F401 (re-exported)
+from align.core.rows import response_serial, unpaired_problems
 from data_tools.dedup import PromptClusters, U64Map, digest64, words
-from data_tools.sources.base import Messages, Pair, json_cell
+from data_tools.sources.base import Labeled, Messages, Pair, json_cell
 
 REASONS = {
     **STRUCTURAL_REASONS,
@@ -35,6 +44,19 @@ REASONS = {
     "exact_duplicate": "exact duplicate of an earlier pair",
     "near_duplicate_prompt": "near-duplicate prompt (--near-dup)",
 }
+UNPAIRED_REASONS = {
+    "malformed_roles": REASONS["malformed_roles"],
+    "empty_turn": REASONS["empty_turn"],
+    "identical": "from a pair whose chosen is identical to its rejected (both responses)",
+    "prompt_too_long": REASONS["prompt_too_long"],
+    "response_too_long": "response over --max-response-tokens",
+    "total_too_long": "prompt + response over --max-total-tokens",
+    "contaminated": REASONS["contaminated"],
+    "near_duplicate_prompt": REASONS["near_duplicate_prompt"],
+    "repeated_response": "repeated response (same prompt and response, same label): kept once",
+    "conflicting_label": "response labelled both desirable and undesirable (every copy)",
+}
+DESIRABLE, UNDESIRABLE = 1, 2  # label bits of a response in the ledger
 SHORT_EVAL_MIN_WORDS = 5
 
 
@@ -84,6 +106,16 @@ class Lengths:
                 row.append((len(texts), len(texts) + len(msgs)))
                 texts.extend(m["content"] for m in msgs)
             spans.append(row)
+        lens = self.of(texts)
+        return [tuple(sum(lens[a:b]) for a, b in row) for row in spans]
+
+    def responses(self, rows: list[Labeled]) -> list[tuple[int, int]]:
+        """(prompt, completion) lengths of unpaired rows."""
+        texts: list[str] = []
+        spans = []
+        for r in rows:
+            spans.append([(len(texts), len(texts) + len(r.prompt)), (len(texts) + len(r.prompt), len(texts) + len(r.prompt) + len(r.completion))])
+            texts.extend(m["content"] for m in r.prompt + r.completion)
         lens = self.of(texts)
         return [tuple(sum(lens[a:b]) for a, b in row) for row in spans]
 
@@ -187,12 +219,25 @@ class Kept:
     cluster: int  # near-duplicate cluster id (-1 with --near-dup off)
 
 
-class Cleaner:
-    """Applies the rules to batches of pairs, in input order; counts drops in `self.dropped`."""
+@dataclass
+class KeptResponse:
+    row: Labeled
+    lengths: tuple[int, int]  # prompt, completion
+    key: int  # digest of (prompt, completion): the response, labels aside
+    prompt_digest: int
+    prompt_key: str
+    cluster: int
 
-    def __init__(self, opts: CleanOptions) -> None:
+
+class Cleaner:
+    """Applies the rules to batches of pairs (or of unpaired rows), in input order; counts drops in
+    `self.dropped`."""
+
+    def __init__(self, opts: CleanOptions, unpaired: bool = False) -> None:
         self.opts = opts
-        self.dropped: Counter = Counter({k: 0 for k in REASONS})
+        self.reasons = UNPAIRED_REASONS if unpaired else REASONS
+        self.dropped: Counter = Counter({k: 0 for k in self.reasons})
+        self.labels = U64Map()  # unpaired: response digest -> DESIRABLE | UNDESIRABLE bits seen
         self.lengths = Lengths(opts.tokenizer)
         self.overlap = EvalOverlap(opts.decontaminate, opts.decontam_ngram) if opts.decontaminate else None
         self.seen_pairs = U64Map()
@@ -256,3 +301,71 @@ class Cleaner:
         self.seen_pairs.maybe_merge()
         self.clusters.end_batch()
         return out
+
+    # ------------------------------------------------------------------ unpaired rows
+
+    def _ledger(self, keys: list[int]) -> list[int]:
+        """Each response digest's ledger value (0 when new): label bits | copies << 2."""
+        known = self.labels.bulk_get(np.asarray(keys, dtype=np.uint64))
+        return [max(self.labels.recent.get(key, int(k)), 0) for key, k in zip(keys, known)]
+
+    def _record(self, key: int, value: int, was: int) -> None:
+        if was and key not in self.labels.recent:  # already folded into the sorted arrays: update in place
+            pos = int(np.searchsorted(self.labels.keys, np.uint64(key)))
+            self.labels.vals[pos] = value
+        else:
+            self.labels.put(key, value)
+
+    def process_unpaired(self, rows: list[Labeled]) -> list[KeptResponse]:
+        """The first copy of each response that passes every rule; later copies are only counted in the
+        ledger, and `settle` decides at the end whether the first copy is written."""
+        survivors = []
+        for r in rows:
+            problems = unpaired_problems({"prompt": r.prompt, "completion": r.completion})
+            if problems:
+                self.dropped[problems[0][0]] += 1
+            else:
+                survivors.append(r)
+        stage2 = []
+        for r, ln in zip(survivors, self.lengths.responses(survivors)):
+            reason = self._length((ln[0], ln[1], 0)) or (
+                "contaminated" if self.overlap and any(self.overlap.hits(m["content"]) for m in r.prompt + r.completion) else None)
+            if reason:
+                self.dropped[reason] += 1
+            else:
+                stage2.append((r, ln))
+        if not stage2:
+            return []
+        texts = [prompt_text(r.prompt) for r, _ in stage2]
+        word_lists = [words(t) for t in texts]
+        digests = [prompt_digest(r.prompt) for r, _ in stage2]
+        assigned = self.clusters.assign(digests, word_lists, texts)
+        out = []
+        for (r, ln), ws, d, (cid, near, _) in zip(stage2, word_lists, digests, assigned):
+            if near:
+                self.dropped["near_duplicate_prompt"] += 1
+                self.clusters.count_row(cid)
+                continue
+            key = digest64(response_serial(r.prompt, r.completion))
+            was = self._ledger([key])[0]  # one at a time: a batch may hold several copies of a response
+            self._record(key, (was | (DESIRABLE if r.label else UNDESIRABLE)) + (1 << 2), was)
+            if not was:
+                out.append(KeptResponse(r, ln, key, d, " ".join(ws), cid))
+        self.labels.maybe_merge()
+        self.clusters.end_batch()
+        return out
+
+    def settle(self, keys: list[int]) -> list[bool]:
+        """After the stream: whether each first copy is written. A response labelled both ways is
+        dropped, every copy counted under conflicting_label; otherwise its later copies count as
+        repeated_response."""
+        keep = []
+        for value in self._ledger(keys):
+            copies = value >> 2
+            if value & 3 == DESIRABLE | UNDESIRABLE:
+                self.dropped["conflicting_label"] += copies
+                keep.append(False)
+            else:
+                self.dropped["repeated_response"] += copies - 1
+                keep.append(True)
+        return keep

@@ -1,7 +1,8 @@
 """`align-data` (also `python -m data_tools`): build, check and describe preference datasets.
 
 Subcommands:
-  build     turn a public or generic dataset into clean pairs (TRL conversational format)
+  build     turn a public or generic dataset into clean pairs (TRL conversational format), or with
+            --kind unpaired into KTO rows {prompt, completion, label}
   generate  on-policy pairs: sample K responses per prompt from a model, score them with a judge
   validate  list every problem of a canonical preference dataset, with its row
   stats     the stats report of a canonical preference dataset
@@ -54,6 +55,13 @@ def _add_build_options(p: argparse.ArgumentParser, with_format: bool = True) -> 
     p.add_argument("--output", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier align-data build at --output")
 
+    k = p.add_argument_group("unpaired rows (KTO)")
+    k.add_argument("--kind", default="pairs", choices=("pairs", "unpaired"),
+                   help="pairs (default) or unpaired: one row per response, {prompt, completion, label}, for KTO")
+    k.add_argument("--label-threshold", type=float, metavar="T",
+                   help="unpaired: a rated response is desirable when its score >= T (on the source's scale); "
+                        "without it, pairs are labelled by side (chosen desirable, rejected undesirable)")
+
     g = p.add_argument_group("pairing (rated and ranked sources)")
     g.add_argument("--pairing", default="best-vs-worst", choices=STRATEGIES, help="default best-vs-worst")
     g.add_argument("--min-margin", type=float, default=0.0, help="smallest score difference of a pair (ties never pair)")
@@ -61,17 +69,19 @@ def _add_build_options(p: argparse.ArgumentParser, with_format: bool = True) -> 
     if with_format:
         f = p.add_argument_group("format options")
         for col, help_ in (
-            ("prompt", "prompt column (pairs, ratings, ranked; default prompt)"),
+            ("prompt", "prompt column (pairs, ratings, ranked, thumbs; default prompt)"),
             ("chosen", "chosen column (pairs; default chosen)"),
             ("rejected", "rejected column (pairs; default rejected)"),
-            ("response", "response column, one row per response (ratings, ranked; default response)"),
+            ("response", "response column, one row per response (ratings, ranked; default response; "
+                         "thumbs: default completion, else response)"),
+            ("label", "thumbs-up/down label column (thumbs; default label, else thumbs_up, or thumbs_down inverted)"),
             ("score", "score column, higher is better (ratings; default score)"),
             ("rank", "rank column, 1 is best (ranked; default rank)"),
             ("responses", "column with a list of responses, one row per prompt (ratings, ranked)"),
             ("scores", "column with the list of scores for --responses-col (ratings; default scores)"),
             ("ranks", "column with the list of ranks for --responses-col (ranked; default ranks)"),
-            ("system", "column with a system message (pairs, ratings, ranked)"),
-            ("id", "id column (pairs, ratings, ranked)"),
+            ("system", "column with a system message (pairs, ratings, ranked, thumbs)"),
+            ("id", "id column (pairs, ratings, ranked, thumbs)"),
             ("chosen-score", "chosen score column (pairs)"),
             ("rejected-score", "rejected score column (pairs)"),
         ):
@@ -126,6 +136,7 @@ def _build_config(args, fmt: str, inputs: list[str], command: str):
         source=source, pairing=args.pairing, min_margin=args.min_margin, clean=clean,
         test_fraction=args.test_fraction, seed=args.seed, jsonl=args.jsonl, plots=args.plots,
         push_to_hub=args.push_to_hub, private=args.private, command=command,
+        kind=args.kind, label_threshold=args.label_threshold,
     )
 
 
@@ -133,8 +144,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align-data", description="Build preference datasets for align.")
     commands = p.add_subparsers(dest="command", required=True)
 
-    b = commands.add_parser("build", help="build clean preference pairs from a dataset",
-                            description="Build clean preference pairs (TRL conversational format) from a dataset.")
+    b = commands.add_parser("build", help="build clean preference pairs (or KTO's unpaired rows) from a dataset",
+                            description="Build clean preference pairs (TRL conversational format) from a dataset, "
+                                        "or with --kind unpaired unpaired rows {prompt, completion, label} for KTO.")
     _add_build_options(b)
 
     g = commands.add_parser("generate", help="on-policy pairs: sample K responses per prompt, judge, pair",

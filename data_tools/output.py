@@ -26,14 +26,25 @@ SCHEMA = pa.schema(
         ("id", pa.string()),
     ]
 )
+# --kind unpaired: KTO rows (TRL's unpaired format), the score a label came from when there was one.
+UNPAIRED_SCHEMA = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
+        ("label", pa.bool_()),
+        ("score", pa.float64()),
+        ("source", pa.string()),
+        ("id", pa.string()),
+    ]
+)
 BATCH_ROWS = 8192
 ARROW_FILE = "data-00000-of-00001.arrow"
 
 
-def _features():
+def _features(schema: pa.Schema = SCHEMA):
     import datasets
 
-    return datasets.Features.from_arrow_schema(SCHEMA)
+    return datasets.Features.from_arrow_schema(schema)
 
 
 class SplitWriter:
@@ -43,13 +54,13 @@ class SplitWriter:
     `jsonl/<split>.jsonl`. Each batch is one Parquet row group and one Arrow record batch:
     nothing is re-read, so memory stays at one batch. `write` returns the row's index."""
 
-    def __init__(self, root: Path, jsonl: bool) -> None:
-        self.root, self.jsonl = root, jsonl
+    def __init__(self, root: Path, jsonl: bool, schema: pa.Schema = SCHEMA) -> None:
+        self.root, self.jsonl, self.schema = root, jsonl, schema
         (root / "data").mkdir(parents=True, exist_ok=True)
         if jsonl:
             (root / "jsonl").mkdir(parents=True, exist_ok=True)
         # datasets reads a saved split's features from this schema metadata.
-        self.arrow_schema = SCHEMA.with_metadata({"huggingface": json.dumps({"info": {"features": _features().to_dict()}})})
+        self.arrow_schema = schema.with_metadata({"huggingface": json.dumps({"info": {"features": _features(schema).to_dict()}})})
         self.parquet: dict[str, pq.ParquetWriter] = {}
         self.arrow: dict[str, pa.RecordBatchStreamWriter] = {}
         self.jsonl_files: dict[str, Any] = {}
@@ -59,7 +70,7 @@ class SplitWriter:
 
     def write(self, split: str, row: dict) -> int:
         if split not in self.parquet:
-            self.parquet[split] = pq.ParquetWriter(self.root / "data" / f"{split}.parquet", SCHEMA)
+            self.parquet[split] = pq.ParquetWriter(self.root / "data" / f"{split}.parquet", self.schema)
             (self.root / split).mkdir()
             self.arrow[split] = pa.ipc.new_stream(str(self.root / split / ARROW_FILE), self.arrow_schema)
             self.pending[split], self.rows[split], self.bytes[split] = [], 0, 0
@@ -77,7 +88,7 @@ class SplitWriter:
 
     def _flush(self, split: str) -> None:
         if self.pending[split]:
-            table = pa.Table.from_pylist(self.pending[split], SCHEMA)
+            table = pa.Table.from_pylist(self.pending[split], self.schema)
             self.parquet[split].write_table(table)
             self.arrow[split].write_table(table.replace_schema_metadata(self.arrow_schema.metadata))
             self.bytes[split] += table.nbytes
@@ -94,7 +105,7 @@ class SplitWriter:
             self.arrow[split].close()
             split_info = datasets.SplitDict()
             split_info.add(datasets.SplitInfo(name=split, num_bytes=self.bytes[split], num_examples=self.rows[split]))
-            info = datasets.DatasetInfo(features=_features(), splits=split_info)
+            info = datasets.DatasetInfo(features=_features(self.schema), splits=split_info)
             info.write_to_directory(str(self.root / split), pretty_print=True)
             state = {
                 "_data_files": [{"filename": ARROW_FILE}],
@@ -129,18 +140,25 @@ def read_prompts_at(root: Path, locations: dict[str, list[int]]) -> dict[tuple[s
     return found
 
 
-def card(name: str, splits: dict[str, int], provenance: list[str], report: list[str]) -> str:
+def card(name: str, splits: dict[str, int], provenance: list[str], report: list[str], kind: str = "pairs") -> str:
     """The dataset card: hub metadata (so `load_dataset(<dir>)` finds the Parquet files),
     provenance, how to load it, and the stats report."""
     head = ["---", "configs:", "- config_name: default", "  data_files:"]
     for split in splits:
         head += [f"  - split: {split}", f"    path: data/{split}.parquet"]
-    head += ["tags:", "- preference", "- dpo", "- align-data", "---", ""]
+    if kind == "unpaired":
+        head += ["tags:", "- unpaired-preference", "- kto", "- align-data", "---", ""]
+        what = ("Unpaired preference rows in TRL's conversational format (`prompt` and `completion` message lists, "
+                "`label`: true for a desirable response, false for an undesirable one; plus `score`, the rating a "
+                "label came from if any, `source`, `id`), built by `align-data` for KTO.")
+    else:
+        head += ["tags:", "- preference", "- dpo", "- align-data", "---", ""]
+        what = ("Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected` message lists, "
+                "plus `score_chosen`, `score_rejected`, `source`, `id`), built by `align-data`.")
     body = [
         f"# {name}",
         "",
-        "Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected` message lists, "
-        "plus `score_chosen`, `score_rejected`, `source`, `id`), built by `align-data`.",
+        what,
         "",
         "## Provenance",
         "",

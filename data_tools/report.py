@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.clean import REASONS
+from align.core.data import KTO_WEIGHT_RATIO, kto_weights
+from data_tools.clean import REASONS, UNPAIRED_REASONS
 from data_tools.dedup import Cluster
 from align.core.pairing import OUTCOMES
 from data_tools.sources.base import INVALID_REASONS
@@ -24,17 +25,32 @@ RESERVOIR = 100_000
 
 @dataclass
 class Counts:
-    """Where every input row and every pair went."""
+    """Where every input row and every pair (or, with kind "unpaired", every response) went."""
 
+    kind: str = "pairs"  # or "unpaired": then dropped / written count responses
     rows_read: int = 0
     invalid: Counter = field(default_factory=Counter)  # reason -> rows skipped (--skip-invalid)
     left_out: Counter = field(default_factory=Counter)  # format-level reason -> count
     pairing: Counter = field(default_factory=Counter)  # pairing.OUTCOMES key -> count
     pairs_formed: int = 0
     dropped: Counter = field(default_factory=lambda: Counter({k: 0 for k in REASONS}))
-    written: Counter = field(default_factory=Counter)  # split -> pairs
+    written: Counter = field(default_factory=Counter)  # split -> pairs (or unpaired rows)
+    responses_formed: int = 0  # unpaired: responses labelled, before cleaning
+    labels: dict[str, Counter] = field(default_factory=dict)  # unpaired: split -> desirable / undesirable rows written
 
     def to_json(self) -> dict:
+        if self.kind == "unpaired":
+            return {
+                "rows_read": self.rows_read,
+                "invalid_rows": dict(self.invalid),
+                "left_out_by_format": dict(self.left_out),
+                "pairing": dict(self.pairing),
+                "pairs_formed": self.pairs_formed,
+                "responses_formed": self.responses_formed,
+                "responses_dropped": dict(self.dropped),
+                "responses_written": dict(self.written),
+                "labels": {split: {k: c[k] for k in ("desirable", "undesirable")} for split, c in self.labels.items()},
+            }
         return {
             "rows_read": self.rows_read,
             "invalid_rows": dict(self.invalid),
@@ -49,9 +65,12 @@ class Counts:
 class Stats:
     """Accumulates the per-pair figures of the report."""
 
-    def __init__(self, unit: str = "words", seed: int = 0) -> None:
+    def __init__(self, unit: str = "words", seed: int = 0, unpaired: bool = False) -> None:
         self.unit = unit
-        self.lengths = {k: np.zeros(LEN_BINS, dtype=np.int64) for k in ("prompt", "chosen", "rejected")}
+        self.unpaired = unpaired  # rows are single labelled responses: lengths by label, no margins
+        self.noun = "rows" if unpaired else "pairs"
+        fields = ("prompt", "desirable", "undesirable") if unpaired else ("prompt", "chosen", "rejected")
+        self.lengths = {k: np.zeros(LEN_BINS, dtype=np.int64) for k in fields}
         self.turns: Counter = Counter()
         self.splits: Counter = Counter()
         self.prompts_per_split: dict[str, int] = {}
@@ -82,6 +101,12 @@ class Stats:
                 if j < RESERVOIR:
                     self.margins[j] = m
 
+    def add_response(self, split: str, prompt, lengths: tuple[int, int], label: bool) -> None:
+        self.splits[split] += 1
+        self.lengths["prompt"][min(lengths[0], LEN_BINS - 1)] += 1
+        self.lengths["desirable" if label else "undesirable"][min(lengths[1], LEN_BINS - 1)] += 1
+        self.turns[sum(1 for m in prompt if m["role"] == "user")] += 1
+
     @property
     def total(self) -> int:
         return sum(self.splits.values())
@@ -109,13 +134,17 @@ def _length_row(name: str, hist: np.ndarray) -> str:
 
 
 def counts_markdown(c: Counts) -> list[str]:
-    lines = ["## Rows and pairs", "", "| | count |", "| --- | ---: |", f"| input rows read | {c.rows_read} |"]
+    unit = "responses" if c.kind == "unpaired" else "pairs"
+    lines = ["## Rows and pairs" if unit == "pairs" else "## Rows, pairs and responses", "", "| | count |",
+             "| --- | ---: |", f"| input rows read | {c.rows_read} |"]
     invalid = sum(c.invalid.values())
     lines.append(f"| invalid rows skipped (--skip-invalid) | {invalid} |")
     lines.append(f"| pairs formed | {c.pairs_formed} |")
-    lines.append(f"| pairs dropped by cleaning | {sum(c.dropped.values())} |")
+    if unit == "responses":
+        lines.append(f"| responses labelled | {c.responses_formed} |")
+    lines.append(f"| {unit} dropped by cleaning | {sum(c.dropped.values())} |")
     for split in sorted(c.written, key=lambda s: (s != "train", s)):
-        lines.append(f"| pairs written: {split} | {c.written[split]} |")
+        lines.append(f"| {unit} written: {split} | {c.written[split]} |")
     lines += ["", "### Drops by reason", "", "| stage | reason | count |", "| --- | --- | ---: |"]
     for key, n in sorted(c.invalid.items()):
         lines.append(f"| invalid input | {INVALID_REASONS.get(key, key)} | {n} |")
@@ -124,18 +153,65 @@ def counts_markdown(c: Counts) -> list[str]:
     for key in OUTCOMES:
         if c.pairing.get(key):
             lines.append(f"| pairing | {OUTCOMES[key]} | {c.pairing[key]} |")
-    for key, label in REASONS.items():
+    for key, label in (UNPAIRED_REASONS if unit == "responses" else REASONS).items():
         lines.append(f"| cleaning | {label} | {c.dropped.get(key, 0)} |")
-    return lines + [""]
+    lines.append("")
+    if unit == "responses":
+        lines += balance_markdown(c)
+    return lines
+
+
+def kto_balance(c: Counts) -> dict:
+    """Desirable and undesirable rows of the training split (all splits without one), and the KTO
+    loss weights that correct an imbalance (align.core.data.kto_weights)."""
+    split = "train" if "train" in c.labels else "all"
+    counter = c.labels.get("train") or sum(c.labels.values(), Counter())
+    good, bad = counter["desirable"], counter["undesirable"]
+    weights = kto_weights(good, bad)
+    out = {"split": split, "desirable": good, "undesirable": bad, "ratio": good / bad if bad else None,
+           "target_range": list(KTO_WEIGHT_RATIO)}
+    if weights:
+        out.update(desirable_weight=weights[0], undesirable_weight=weights[1],
+                   weighted_ratio=weights[0] * good / (weights[1] * bad))
+    return out
+
+
+def balance_markdown(c: Counts) -> list[str]:
+    lines = ["## Label balance (KTO)", "", "| split | desirable | undesirable | desirable share |",
+             "| --- | ---: | ---: | ---: |"]
+    for split in sorted(c.labels, key=lambda s: (s != "train", s)):
+        good, bad = c.labels[split]["desirable"], c.labels[split]["undesirable"]
+        lines.append(f"| {split} | {good} | {bad} | {100 * good / max(good + bad, 1):.1f}% |")
+    lines += ["", *balance_lines(kto_balance(c)), ""]
+    return lines
+
+
+def balance_lines(b: dict) -> list[str]:
+    """What the balance means for KTO's loss weights, in words (the report and the printed summary)."""
+    low, high = b["target_range"]
+    where = "the training split" if b["split"] == "train" else "the rows"
+    if b.get("desirable_weight") is None:
+        missing = "undesirable" if b["desirable"] else "desirable"
+        return [f"**{where.capitalize()} has no {missing} rows**: KTO learns from both kinds, and no loss "
+                f"weights can make up for a missing one."]
+    ratio = b["ratio"]
+    inside = low <= ratio <= high
+    lines = [f"Desirable : undesirable in {where} = {b['desirable']} : {b['undesirable']} (ratio {ratio:.3g}). "
+             f"The KTO paper keeps desirable_weight x n_desirable / (undesirable_weight x n_undesirable) in "
+             f"[1, 4/3]; with equal weights it is {ratio:.3g}, " + ("inside: no correction needed." if inside else "outside.")]
+    lines.append(f"Suggested: `kto.desirable_weight: {float(b['desirable_weight'])}`, "
+                 f"`kto.undesirable_weight: {float(b['undesirable_weight'])}` (weighted ratio {b['weighted_ratio']:.3g}).")
+    return lines
 
 
 def stats_markdown(s: Stats, plots: dict[str, str] | None = None) -> list[str]:
     plots = plots or {}
-    lines = ["## Pairs per split", "", "| split | pairs | distinct prompts |", "| --- | ---: | ---: |"]
+    noun = s.noun
+    lines = [f"## {noun.capitalize()} per split", "", f"| split | {noun} | distinct prompts |", "| --- | ---: | ---: |"]
     for split in sorted(s.splits, key=lambda x: (x != "train", x)):
         prompts = s.prompts_per_split.get(split)
         lines.append(f"| {split} | {s.splits[split]} | {prompts if prompts is not None else '-'} |")
-    lines += ["", f"## Lengths ({s.unit})", "", "| field | pairs | min | median | mean | p95 | max |",
+    lines += ["", f"## Lengths ({s.unit})", "", f"| field | {noun} | min | median | mean | p95 | max |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, hist in s.lengths.items():
         lines.append(_length_row(name, hist))
@@ -143,7 +219,17 @@ def stats_markdown(s: Stats, plots: dict[str, str] | None = None) -> list[str]:
         lines += ["", f"![length histograms]({plots['lengths']})"]
     total = s.total
     lines += ["", "## Length bias", ""]
-    if total:
+    if s.unpaired:
+        means = {}
+        for name in ("desirable", "undesirable"):
+            hist = s.lengths[name]
+            means[name] = float((hist * np.arange(LEN_BINS)).sum() / hist.sum()) if hist.sum() else None
+        if None in means.values():
+            lines.append("only one label: nothing to compare.")
+        else:
+            lines.append(f"desirable responses average **{means['desirable']:.1f}** {s.unit.split(' ')[0]}, "
+                         f"undesirable ones {means['undesirable']:.1f}.")
+    elif total:
         lines.append(
             f"chosen longer than rejected in **{100 * s.longer['longer'] / total:.1f}%** of pairs "
             f"({s.longer['longer']} of {total}); shorter in {100 * s.longer['shorter'] / total:.1f}%, "
@@ -151,8 +237,10 @@ def stats_markdown(s: Stats, plots: dict[str, str] | None = None) -> list[str]:
         )
     else:
         lines.append("no pairs.")
-    lines += ["", "## Score margin (score_chosen - score_rejected)", ""]
-    if s.margin_n:
+    if s.unpaired:
+        pass  # single responses: no margins (the label balance is in the counts section)
+    elif s.margin_n:
+        lines += ["", "## Score margin (score_chosen - score_rejected)", ""]
         arr = np.asarray(s.margins)
         lines += [
             f"{s.margin_n} pairs with scores: min {s.margin_min:g}, median {float(np.median(arr)):g}, "
@@ -162,8 +250,9 @@ def stats_markdown(s: Stats, plots: dict[str, str] | None = None) -> list[str]:
         if "margins" in plots:
             lines += ["", f"![score margin histogram]({plots['margins']})"]
     else:
-        lines.append("no pair carries both scores (ranked or binary sources have none).")
-    lines += ["", "## Turns (user turns in the prompt)", "", "| turns | pairs |", "| ---: | ---: |"]
+        lines += ["", "## Score margin (score_chosen - score_rejected)", "",
+                  "no pair carries both scores (ranked or binary sources have none)."]
+    lines += ["", "## Turns (user turns in the prompt)", "", f"| turns | {noun} |", "| ---: | ---: |"]
     lines += [f"| {t} | {n} |" for t, n in sorted(s.turns.items())]
     if "turns" in plots:
         lines += ["", f"![turns]({plots['turns']})"]
@@ -204,7 +293,7 @@ def write_plots(s: Stats, folder: Path) -> dict[str, str]:
             ax.bar(edges[:-1], values, width=width, align="edge")
         ax.set_title(f"{name} length")
         ax.set_xlabel(s.unit)
-        ax.set_ylabel("pairs")
+        ax.set_ylabel(s.noun)
     fig.tight_layout()
     fig.savefig(folder / "lengths.png", dpi=80)
     plt.close(fig)
@@ -225,7 +314,7 @@ def write_plots(s: Stats, folder: Path) -> dict[str, str]:
         ax.bar([str(k) for k in keys], [s.turns[k] for k in keys])
         ax.set_title("user turns in the prompt")
         ax.set_xlabel("turns")
-        ax.set_ylabel("pairs")
+        ax.set_ylabel(s.noun)
         fig.tight_layout()
         fig.savefig(folder / "turns.png", dpi=80)
         plt.close(fig)

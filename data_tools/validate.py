@@ -7,6 +7,11 @@ roles), then align.core.rows.preference_problems (turn order, empty turns, chose
 rejected, scores that are not numbers or rank rejected above chosen): the same code align's
 recipes run on the rows they load, dropping and counting what it rejects. Across rows: exact
 duplicates and prompts that appear in more than one split. An empty dataset is a problem too.
+
+Unpaired rows (KTO's `{prompt, completion, label}`, as `align-data build --kind unpaired` writes)
+are checked by align.core.data.normalize_unpaired and align.core.rows.unpaired_problems (roles,
+empty turns); across rows, a response (prompt and completion) that repeats is an exact duplicate
+when its label is the same, and a contradiction when it is not.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import sys
 
 import numpy as np
 
-from align.core.data import normalize_preference
+from align.core.data import normalize_preference, normalize_unpaired
 from align.core.errors import DataError
-from align.core.rows import preference_problems
+from align.core.rows import preference_problems, response_serial, unpaired_problems
 from data_tools.clean import pair_digest, prompt_digest
+from data_tools.dedup import digest64
 from data_tools.dedup import U64Map
 from data_tools.readers import iter_splits
 from data_tools.sources.base import RowError
@@ -37,20 +43,28 @@ def problems(path: str, splits: list[str] | None = None):
             if isinstance(raw, RowError):
                 yield where, str(raw).removeprefix(f"{where}: ")
                 continue
+            unpaired = isinstance(raw, dict) and "completion" in raw and "chosen" not in raw and "rejected" not in raw
             try:
-                row = normalize_preference(raw, where)
+                row = normalize_unpaired(raw, where)[0] if unpaired else normalize_preference(raw, where)
             except DataError as exc:
                 yield where, str(exc).removeprefix(f"{where}: ")
                 continue
-            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-            for _, message in preference_problems(row, raw):  # the same checks align's recipes apply
+            prompt = row["prompt"]
+            found = unpaired_problems(row) if unpaired else preference_problems(row, raw)  # align's own checks
+            for _, message in found:
                 yield where, message
-            key = pair_digest(prompt, chosen, rejected)
-            first = seen_pairs.get(key, int(seen_pairs.bulk_get(np.array([key], dtype=np.uint64))[0]))
-            if first >= 0:
-                yield where, f"exact duplicate of {wheres[first]}"
+            if unpaired:  # the label is kept in the low bit of the stored row number
+                key = digest64(response_serial(prompt, row["completion"]))
+                value = len(wheres) << 1 | row["label"]
             else:
-                seen_pairs.put(key, len(wheres))
+                key, value = pair_digest(prompt, row["chosen"], row["rejected"]), len(wheres) << 1
+            first = seen_pairs.get(key, int(seen_pairs.bulk_get(np.array([key], dtype=np.uint64))[0]))
+            if first >= 0 and (first ^ value) & 1:
+                yield where, f"the same response as {wheres[first >> 1]} with the other label (desirable and undesirable)"
+            elif first >= 0:
+                yield where, f"exact duplicate of {wheres[first >> 1]}"
+            else:
+                seen_pairs.put(key, value)
                 wheres.append(where)
             pkey = prompt_digest(prompt)
             other = seen_prompts.get(pkey, int(seen_prompts.bulk_get(np.array([pkey], dtype=np.uint64))[0]))

@@ -381,6 +381,28 @@ def merge_unpaired(groups: list[list[dict]]) -> tuple[list[dict], list[str]]:
     return [r for i, r in enumerate(rows) if i not in mixed], notes
 
 
+# The KTO paper (Ethayarajh et al. 2024, sec. 4.2) keeps
+# desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in this range.
+KTO_WEIGHT_RATIO = (1.0, 4 / 3)
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float] | None:
+    """(desirable_weight, undesirable_weight) that bring the weighted ratio of desirable to undesirable
+    rows into KTO_WEIGHT_RATIO: (1, 1) when it already is; otherwise the minority side is weighted up
+    and the majority kept at 1, as in the paper's example (1:10 -> desirable_weight 10 to 13.33), aiming
+    at the middle of the range (7/6) so the 2-decimal rounding stays inside it. None without both labels."""
+    if n_desirable <= 0 or n_undesirable <= 0:
+        return None
+    ratio = n_desirable / n_undesirable
+    low, high = KTO_WEIGHT_RATIO
+    if low <= ratio <= high:
+        return 1.0, 1.0
+    middle = (low + high) / 2
+    if ratio < low:
+        return round(middle / ratio, 2), 1.0
+    return 1.0, round(ratio / middle, 2)
+
+
 def normalize_prompt(row: Any, where: str) -> dict:
     """A prompt to sample from: `prompt` (messages or text) of any row, or an SFT conversation
     up to its last assistant turn; an optional `answer` (text or list) is kept as the reference

@@ -5,7 +5,8 @@ unfit to train on: turns out of order, an empty turn, chosen identical to reject
 are not numbers or rank rejected above chosen. `align-data validate` reports these rows; the
 recipes' data loading (`load_splits`) drops them and counts them by reason, so a recipe never
 trains on a row the validator rejects. `data_tools` imports these functions; align never imports
-data_tools.
+data_tools. `unpaired_problems` applies the structural rules to an unpaired (KTO) row; `align-data
+validate` and `build --kind unpaired` use it (the unpaired loader does not drop by it yet).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ REASONS = {
 
 def role_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
     """Why the roles or turn order are malformed, or None."""
-    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+    return _roles_problem(prompt, (("chosen", chosen), ("rejected", rejected)))
+
+
+def _roles_problem(prompt: Messages, responses: tuple[tuple[str, Messages], ...]) -> str | None:
+    for name, msgs in (("prompt", prompt), *responses):
         if not msgs:
             return f"'{name}' has no messages"
         for i, m in enumerate(msgs):
@@ -46,7 +51,7 @@ def role_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str 
         expected = "assistant" if expected == "user" else "user"
     if prompt[-1]["role"] != "user":
         return "'prompt' ends with an assistant turn (the prompt's last turn is the user's)"
-    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+    for name, msgs in responses:
         expected = "assistant"
         for i, m in enumerate(msgs):
             if m["role"] != expected:
@@ -59,7 +64,11 @@ def role_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str 
 
 
 def empty_problem(prompt: Messages, chosen: Messages, rejected: Messages) -> str | None:
-    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+    return _empty_problem((("prompt", prompt), ("chosen", chosen), ("rejected", rejected)))
+
+
+def _empty_problem(named: tuple[tuple[str, Messages], ...]) -> str | None:
+    for name, msgs in named:
         for i, m in enumerate(msgs):
             if not m["content"].strip():
                 return f"'{name}[{i}].content' is empty or whitespace"
@@ -105,6 +114,19 @@ def preference_problems(row: dict, raw: Any = None) -> list[tuple[str, str]]:
     return out
 
 
+def unpaired_problems(row: dict) -> list[tuple[str, str]]:
+    """Every problem of one normalized unpaired row ({prompt, completion, label}): the structural
+    rules of a pair (roles and turn order, empty turns) applied to its one response."""
+    out: list[tuple[str, str]] = []
+    found = _roles_problem(row["prompt"], (("completion", row["completion"]),))
+    if found:
+        out.append(("malformed_roles", found))
+    found = _empty_problem((("prompt", row["prompt"]), ("completion", row["completion"])))
+    if found:
+        out.append(("empty_turn", found))
+    return out
+
+
 def serial(msgs: Messages) -> str:
     """An exact, unambiguous text form of a message list (length-prefixed: no content imitates a boundary)."""
     return "".join(f"{m['role']}:{len(m['content'])}:{m['content']}" for m in msgs)
@@ -113,3 +135,8 @@ def serial(msgs: Messages) -> str:
 def pair_serial(prompt: Messages, chosen: Messages, rejected: Messages) -> str:
     """What makes two pairs exact duplicates: the same prompt, chosen and rejected, message by message."""
     return f"{serial(prompt)}|{len(chosen)}|{serial(chosen)}|{serial(rejected)}"
+
+
+def response_serial(prompt: Messages, completion: Messages) -> str:
+    """What makes two unpaired rows the same response: the same prompt and completion (labels aside)."""
+    return f"{serial(prompt)}|{serial(completion)}"

@@ -12,16 +12,17 @@ from data_tools.sources.oasst import OASST
 from data_tools.sources.pku_saferlhf import PKUSafeRLHF
 from data_tools.sources.preference_rows import Pairs, PreferenceRows, UltraFeedbackBinarized
 from data_tools.sources.shp import SHP
+from data_tools.sources.thumbs import Thumbs
 from data_tools.sources.ultrafeedback import UltraFeedback
 
 FORMATS: dict[str, type[Format]] = {
     cls.name: cls
     for cls in (
         HHRLHF, UltraFeedback, UltraFeedbackBinarized, PreferenceRows, SHP, HelpSteer,
-        Nectar, PKUSafeRLHF, OASST, Pairs, Ratings, Ranked,
+        Nectar, PKUSafeRLHF, OASST, Pairs, Ratings, Ranked, Thumbs,
     )
 }
-ALIASES = {"helpsteer2": "helpsteer", "oasst1": "oasst", "oasst2": "oasst", "shp-2": "shp"}
+ALIASES = {"helpsteer2": "helpsteer", "oasst1": "oasst", "oasst2": "oasst", "shp-2": "shp", "unpaired": "thumbs"}
 
 
 def make_format(name: str, opts: SourceOptions | None = None) -> Format:

@@ -5,6 +5,8 @@ A format turns raw rows into *items*:
 * `Pair`  - one prompt with a chosen and a rejected response (hh-rlhf, SHP, PKU, TRL rows);
 * `Group` - one prompt with several scored or ranked responses, paired later by the chosen
   strategy (UltraFeedback, HelpSteer, Nectar, OpenAssistant, ratings, ranked, generate);
+* `Labeled` - one prompt with one response marked desirable or undesirable (thumbs data; only
+  `--kind unpaired` builds take it);
 * `Drop`  - a row or response the format leaves out on purpose, with its reason (counted).
 
 A row that cannot be read (missing field, wrong type, duplicate ranks, ...) raises `RowError`,
@@ -56,7 +58,19 @@ class Drop:
     count: int = 1
 
 
-Item = Pair | Group | Drop
+@dataclass
+class Labeled:
+    """One response with a desirable (True) / undesirable (False) label: a KTO row."""
+
+    prompt: Messages
+    completion: Messages
+    label: bool
+    id: str
+    where: str
+    score: float | None = None
+
+
+Item = Pair | Group | Labeled | Drop
 
 
 # --------------------------------------------------------------------------- options
@@ -85,6 +99,7 @@ class SourceOptions:
     pku_preference: str | None = None
     pku_require_safe_chosen: bool | None = None
     oasst_lang: list[str] | None = None
+    label_col: str | None = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -104,6 +119,9 @@ class Format:
     summary: ClassVar[str]
     option_names: ClassVar[frozenset[str]] = frozenset()
     grouped: ClassVar[bool] = False
+    # What its items carry: "scores" (ratings, or pairs that may have scores), "ranks" (an order
+    # only: no score to hold against --label-threshold), "labels" (thumbs: unpaired rows only).
+    yields: ClassVar[str] = "scores"
 
     def __init__(self, opts: SourceOptions) -> None:
         extra = sorted(set(opts.given()) - self.option_names)

@@ -147,5 +147,6 @@ def make_generic(cls: type[Format], opts) -> Format:
         raise ConfigError(f"{flag}: only with {'--responses-col' if not per_prompt else 'one row per response (no --responses-col)'}")
     base = _PerPrompt if per_prompt else _PerResponse
     variant = type(cls.__name__, (base,), {"name": cls.name, "summary": cls.summary,
-                                            "option_names": cls.option_names, "ranked": ranked})
+                                            "option_names": cls.option_names, "ranked": ranked,
+                                            "yields": "ranks" if ranked else "scores"})
     return variant(opts)

@@ -27,6 +27,7 @@ from data_tools.sources.base import (
 class Nectar(Format):
     name = "nectar"
     summary = "berkeley-nest/Nectar rows (transcript prompt + answers with rank)"
+    yields = "ranks"
 
     def items(self, row: dict, where: str) -> Iterable[Item]:
         prompt_text = text(row, "prompt", where)

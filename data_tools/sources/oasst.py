@@ -31,6 +31,7 @@ ROLES = {"prompter": "user", "assistant": "assistant"}
 class OASST(Format):
     name = "oasst"
     summary = "OpenAssistant message trees (flat rows with message_id, parent_id, role, rank)"
+    yields = "ranks"
     option_names = frozenset({"oasst_lang"})
     grouped = True
 
