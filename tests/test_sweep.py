@@ -132,7 +132,20 @@ def test_an_output_dir_that_is_a_run_dir_is_refused(tmp_path, capsys):
 # --------------------------------------------------------------------------- a real sweep
 
 
-def test_two_dpo_runs_share_the_reference_cache_then_eval_and_a_rerun_skips(tmp_path, sft_parent, tiny_data, caplog, capsys):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def test_two_dpo_runs_share_the_reference_cache_then_eval_and_a_rerun_skips(tmp_path, sft_parent, tiny_data, capsys):
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({
         "output_dir": "unused", "parent_run": str(sft_parent), "tracking": "none",
         "data": {"path": str(tiny_data["prefs"]), "eval_split": None, "eval_fraction": 0.25},
@@ -147,11 +160,22 @@ def test_two_dpo_runs_share_the_reference_cache_then_eval_and_a_rerun_skips(tmp_
     root = tmp_path / "sweep"
     argv = ["--config", str(tmp_path / "dpo.yaml"), "--values", "beta=0.1", "--values", "lr=5e-3,2e-2",
             "--eval", str(tmp_path / "eval.yaml"), f"output_dir={root}", "name=tiny-sweep"]
-    with caplog.at_level(logging.INFO, logger="align"):
-        logging.getLogger("align").propagate = True
+    caplog = _Lines()
+    align_log = logging.getLogger("align")
+    level = align_log.level
+    align_log.addHandler(caplog)
+    align_log.setLevel(logging.INFO)
+    try:
         assert S.main(argv) == 0, capsys.readouterr().err[-3000:]
+        first_log = caplog.text
+        record = json.loads((root / "sweep.json").read_text())
+        caplog.lines.clear()
+        capsys.readouterr()
+        assert S.main(argv) == 0  # the same command again
+    finally:
+        align_log.removeHandler(caplog)
+        align_log.setLevel(level)
     names = ["beta=0.1_lr=0.005", "beta=0.1_lr=0.02"]
-    record = json.loads((root / "sweep.json").read_text())
     assert [r["name"] for r in record["runs"]] == names and record["stage"] == "dpo"
     for r in record["runs"]:
         cfg = yaml.safe_load((root / r["name"] / "config.yaml").read_text())
@@ -162,7 +186,7 @@ def test_two_dpo_runs_share_the_reference_cache_then_eval_and_a_rerun_skips(tmp_
     # The second run asked the cache for the same pairs and got every one of them from it.
     assert first["ref_cache_misses"] > 0
     assert second["ref_cache_misses"] == 0 and second["ref_cache_hits"] == first["ref_cache_hits"] + first["ref_cache_misses"]
-    assert "sweep: reference cache: 1 of 1 runs after the first reused it" in caplog.text
+    assert "sweep: reference cache: 1 of 1 runs after the first reused it" in first_log
     summary = json.loads((root / names[1] / "manifest.json").read_text())["summary"]
     assert summary["ref_cache_hits"] == second["ref_cache_hits"]
 
@@ -178,10 +202,6 @@ def test_two_dpo_runs_share_the_reference_cache_then_eval_and_a_rerun_skips(tmp_
     assert "## Frontier" in md and "distinct-2" in md and all(n in md for n in names)
 
     # The same command again: every run and the eval are finished and match, so nothing reruns.
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="align"):
-        assert S.main(argv) == 0
-    logging.getLogger("align").propagate = False
     again = json.loads((root / "sweep.json").read_text())
     assert [r["run_id"] for r in again["runs"]] == [r["run_id"] for r in record["runs"]]
     assert all(r["skipped"] for r in again["runs"])
