@@ -28,7 +28,7 @@ import itertools
 import logging
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,6 @@ class Sweep:
     points: list[Point]
     eval_cfg: RunConfig | None = None
     source: str = "command line"
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- keys, values, names
@@ -280,7 +279,6 @@ def plan(cfg: SweepConfig, stage_overrides: dict[str, Any], base_dir: Path, sour
 
     points, seen = [], {}
     for combo in grid(axes):
-        name = None
         overrides = {**stage_overrides, **{a.key: v for a, v in combo}}
         at = {**where, **{a.key: a.where for a, _ in combo}}
         # The folder name comes from the typed values the config holds (1e-4 and 0.0001 are one value).
