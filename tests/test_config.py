@@ -48,6 +48,11 @@ def test_every_shipped_yaml_loads_and_names_its_command(path):
                 for alias, name in names.items():
                     got = value[alias] if alias else value
                     assert got == pipeline.stage_configs[name][1].output_dir
+    elif path.stem.startswith("sweep"):
+        from align.cli.sweep import load_sweep
+
+        sweep = load_sweep(str(path), [], None, None, {})  # every grid point's config (and the eval's) is valid
+        assert sweep.points and all(p.cfg.stage == sweep.stage and p.cfg.wandb.group == sweep.group for p in sweep.points)
     elif path.stem == "compare_methods":
         from align.evaluation.compare import stage_configs
         from align.evaluation.compare import CompareConfig
@@ -179,11 +184,12 @@ def test_every_key_is_typed_and_documented():
             if dataclasses.is_dataclass(hints[f.name]):
                 check(hints[f.name])
 
+    from align.cli.sweep import SweepConfig
     from align.core.config import PipelineStage
     from align.stages.registry import all_stages
 
     stages = [s.config for s in all_stages().values()]
     assert {"dpo", "simpo", "cpo", "orpo", "kto"} <= {c.stage for c in stages}
-    for cls in (*stages, PipelineConfig, PipelineStage):
+    for cls in (*stages, PipelineConfig, PipelineStage, SweepConfig):
         check(cls)
     assert any("train.learning_rate" in line for line in describe(SFTConfig))

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from align.cli.sweep import SweepConfig
 from align.core.config import Check, PipelineConfig, describe, field_check, load_config
 from align.core.errors import ConfigError
 from align.evaluation.compare import CompareConfig
@@ -68,6 +69,7 @@ def schema_classes() -> dict[str, type]:
     out = {name: stage.config for name, stage in all_stages().items()}
     out["pipeline"] = PipelineConfig
     out["compare"] = CompareConfig
+    out["sweep"] = SweepConfig
     return out
 
 
@@ -125,7 +127,8 @@ def test_there_are_many_cases_and_every_stage_has_a_shipped_config():
 
 
 def _base_config(name: str) -> Path:
-    return SHIPPED / ("pipeline.yaml" if name == "pipeline" else "compare_methods.yaml" if name == "compare" else f"{name}.yaml")
+    special = {"pipeline": "pipeline.yaml", "compare": "compare_methods.yaml", "sweep": "sweep-dpo.yaml"}
+    return SHIPPED / special.get(name, f"{name}.yaml")
 
 
 def _main(name: str, argv: list[str]) -> int:
@@ -135,6 +138,10 @@ def _main(name: str, argv: list[str]) -> int:
         return pipeline_main(argv)
     if name == "compare":
         from align.evaluation.compare import main
+
+        return main(argv)
+    if name == "sweep":
+        from align.cli.sweep import main
 
         return main(argv)
     from align.cli.recipes import recipe_main

@@ -43,14 +43,14 @@ class Policies:
 
     model: Any  # a PeftModel, or the plain base when no policy has an adapter and there is no reward model
     tokenizer: Any
-    has_adapter: dict[str, bool]  # policy name -> whether it is an adapter (False: the base itself)
+    adapters: dict[str, str | None]  # policy name -> its adapter's name in the model (None: the base itself)
     score_head: Any | None  # the reward model's head; its adapter is named "reward"
 
     def policy(self, name: str):
         """A context in which `name`'s policy is active: its adapter on, or every adapter off for the base."""
-        if not self.has_adapter[name]:
+        if self.adapters[name] is None:
             return self.reference()
-        self.model.set_adapter(name)
+        self.model.set_adapter(self.adapters[name])
         return contextlib.nullcontext()
 
     def reference(self):
@@ -82,6 +82,9 @@ def load_policies(runs: dict[str, RunDir], reward: RunDir | None, model_cfg) -> 
     tokenizer = models.load_tokenizer(base_ref, model_cfg)
     model = models.load_model(base_ref, model_cfg)
     adapters = {name: path for name, (_, path) in sources.items() if path is not None}
+    # Adapter names of their own: PEFT refuses dots in them, and a policy may be called "reward" or
+    # "beta=0.1_lr=0.0003" (a sweep run).
+    adapter_names = {name: f"policy_{i}" for i, name in enumerate(adapters)}
     kinds = {name: peft_type(path) for name, path in adapters.items()}
     if reward is not None:
         kinds["reward_run"] = peft_type(reward.adapter_dir)
@@ -90,15 +93,15 @@ def load_policies(runs: dict[str, RunDir], reward: RunDir | None, model_cfg) -> 
         raise ConfigError(f"runs: {listing}: one shared base holds adapters of a single PEFT type; evaluate each type separately")
     for name, path in adapters.items():
         if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=name)
+            model.load_adapter(str(path), adapter_name=adapter_names[name])
         else:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_names[name])
     head = None
     if reward is not None:
         model, head = load_frozen_adapter(model, reward.adapter_dir, "reward")
         head = head.to(next(model.parameters()).device)
     model.eval()
-    return Policies(model, tokenizer, {name: path is not None for name, (_, path) in sources.items()}, head)
+    return Policies(model, tokenizer, {name: adapter_names.get(name) for name in sources}, head)
 
 
 def run_beta(run: RunDir) -> float | None:

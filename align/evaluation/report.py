@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from align.core.artifacts import RunDir, atomic_write_text
+from align.evaluation.degeneration import describe_warning
 
 
 def _metrics(run: RunDir) -> list[dict]:
@@ -31,30 +32,46 @@ def _fmt(x, digits: int = 3) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _plot_reward_vs_kl(results: dict, runs: dict[str, RunDir], path: Path, y_key: str) -> None:
+def _plot_reward_vs_kl(results: dict, runs: dict[str, RunDir], path: Path, y_key: str, frontier: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    on_frontier = set((frontier or {}).get("frontier") or [])
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for name, r in results["policies"].items():
         y = r["scores"].get(y_key, {}).get("mean")
         if y is None:
             continue
-        ax.scatter([r["kl_mean"]], [y], s=60, zorder=3)
-        ax.annotate(name, (r["kl_mean"], y), textcoords="offset points", xytext=(6, 4))
-        run = runs[name]
-        if (run.manifest() or {}).get("stage") == "ppo" and y_key == "reward_model":
+        if name in on_frontier:  # a frontier run: a star with a dark edge
+            ax.scatter([r["kl_mean"]], [y], s=140, marker="*", edgecolors="black", linewidths=0.8, zorder=4)
+        else:
+            ax.scatter([r["kl_mean"]], [y], s=50, alpha=0.75, zorder=3)
+        flagged = name in (results.get("overoptimization") or {})
+        ax.annotate(name + (" (over-optimized?)" if flagged else ""), (r["kl_mean"], y), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8, color="#a00" if flagged else "black")
+        run = runs.get(name)
+        if run is not None and (run.manifest() or {}).get("stage") == "ppo" and y_key == "reward_model":
             curve = [(row["eval/kl"], row["eval/reward"], row["_step"]) for row in _metrics(run) if "eval/kl" in row]
             if len(curve) > 1:
                 ax.plot([c[0] for c in curve], [c[1] for c in curve], "--", alpha=0.6, label=f"{name} during training")
-    ax.set_xlabel("KL(policy || reference), nats per response")
+    if frontier and len(frontier.get("frontier") or []) > 0:
+        pts = [(frontier["runs"][n]["kl"], frontier["runs"][n]["score"]) for n in frontier["frontier"]]
+        # The frontier as a step: up to the next frontier run's KL the best reachable score is the last one's.
+        xs, ys = [pts[0][0]], [pts[0][1]]
+        for kl, score in pts[1:]:
+            xs += [kl, kl]
+            ys += [ys[-1], score]
+        ax.plot(xs, ys, "-", color="black", linewidth=1.2, alpha=0.7, zorder=2, label="Pareto frontier (stars)")
+        for b in frontier.get("budgets") or []:
+            ax.axvline(b["kl_budget"], color="grey", linestyle=":", linewidth=0.8, zorder=1)
+    ax.set_xlabel("KL(policy || reference), nats per response (dotted: KL budgets)")
     ax.set_ylabel("reward-model score" if y_key == "reward_model" else f"{y_key} judge score")
     ax.set_title("Reward vs KL on held-out prompts")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -137,7 +154,8 @@ def _policy_table(results: dict) -> tuple[list[str], list[list[str]]]:
     baseline = results["baseline"]
     judges = sorted({j for r in results["policies"].values() for j in r["scores"]})
     header = ["policy", *[f"{j} score" for j in judges], *[f"win rate vs {baseline} ({j})" for j in judges],
-              "KL to reference", "response tokens", "SFT perplexity", "implicit-reward acc."]
+              "KL to reference", "response tokens", "distinct-2", "responses with a loop", "SFT perplexity",
+              "implicit-reward acc.", "over-optimization"]
     rows = []
     for name, r in results["policies"].items():
         wins = r.get(f"win_rate_vs_{baseline}") or {}
@@ -146,9 +164,25 @@ def _policy_table(results: dict) -> tuple[list[str], list[list[str]]]:
         for j in judges:
             w = wins.get(j)
             cells.append(f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['wins']}/{w['ties']}/{w['losses']})" if w else "-")
-        cells += [_fmt(r["kl_mean"]), _fmt(r["response_tokens_mean"], 1), _fmt(r["perplexity"]), _fmt(r["implicit_reward_accuracy"])]
+        flagged = (results.get("overoptimization") or {}).get(name)
+        cells += [_fmt(r["kl_mean"]), _fmt(r["response_tokens_mean"], 1), _fmt(r.get("distinct_2")), _fmt(r.get("loop_share"), 2),
+                  _fmt(r["perplexity"]), _fmt(r["implicit_reward_accuracy"]),
+                  f"WARNING: perplexity +{flagged['perplexity_rise']:.0%}" if flagged else "-"]
         rows.append(cells)
     return header, rows
+
+
+def _frontier_rows(frontier: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """The runs on the plane (frontier or dominated by whom) and the pick at each KL budget."""
+    score = frontier["score"]
+    plane_header = ["run", "KL to reference", f"{score} score", "on the frontier"]
+    ordered = sorted(frontier["runs"].items(), key=lambda kv: (kv[1]["kl"], -kv[1]["score"], kv[0]))
+    plane_rows = [[name, _fmt(p["kl"]), _fmt(p["score"]), "yes" if p["on_frontier"] else f"no (dominated by {p['dominated_by']})"]
+                  for name, p in ordered]
+    budget_header = ["KL budget", "chosen as", "pick (best score with KL <= budget)", f"{score} score", "its KL"]
+    budget_rows = [[_fmt(b["kl_budget"]), b["basis"], b["pick"] or "none within the budget", _fmt(b["score"]), _fmt(b["kl"])]
+                   for b in frontier["budgets"]]
+    return plane_header, plane_rows, budget_header, budget_rows
 
 
 def _compute_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -206,11 +240,15 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
     out_dir = Path(out_dir)
     plots_dir = out_dir / "report_plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    y_key = "reward_model" if results.get("reward_model_accuracy") is not None else next(
-        iter(next(iter(results["policies"].values()))["scores"]), "reward_model"
-    )
+    frontier = results.get("frontier")
+    if frontier is None and "frontier" not in results:  # an eval.json from before the frontier existed
+        from align.evaluation.frontier import frontier_summary, plane_points, score_key
+
+        key = score_key(results["policies"], results.get("reward_model_accuracy") is not None)
+        frontier = frontier_summary(plane_points(results["policies"], key), key) if key else None
+    y_key = frontier["score"] if frontier else "reward_model"
     plots = {}
-    _plot_reward_vs_kl(results, runs, plots_dir / "reward_vs_kl.png", y_key)
+    _plot_reward_vs_kl(results, runs, plots_dir / "reward_vs_kl.png", y_key, frontier)
     plots["Reward vs KL"] = plots_dir / "reward_vs_kl.png"
     if _plot_win_rates(results, plots_dir / "win_rates.png"):
         plots["Win rates"] = plots_dir / "win_rates.png"
@@ -233,6 +271,23 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
         "judge (ties count 1/2; wins/ties/losses in brackets), with 95% bootstrap intervals over prompts. KL is "
         "estimated from each policy's own samples against the reference (the SFT model)."
     )
+    frontier_text = plane_header = plane_rows = budget_header = budget_rows = None
+    if frontier:
+        plane_header, plane_rows, budget_header, budget_rows = _frontier_rows(frontier)
+        left_out = sorted(set(names) - set(frontier["runs"]))
+        frontier_text = (
+            f"Every policy on the plane of its **{frontier['score']}** score against its KL to the reference. A run is on the "
+            "Pareto frontier when no other run scores at least as high with at most its KL (and is better in one). "
+            "At each KL budget the pick is the highest-scoring run whose KL is within the budget. KL is a sample-based "
+            "estimate: values slightly below 0 are noise around a policy that stays at the reference."
+            + (f" Not placed (no {frontier['score']} score): {', '.join(left_out)}." if left_out else "")
+        )
+    warnings = results.get("overoptimization") or {}
+    warning_lines = [describe_warning(name, w) for name, w in warnings.items()]
+    warning_intro = (
+        f"Over-optimization warnings (held-out perplexity more than {results.get('perplexity_rise', 0.2):.0%} above "
+        f"{results['baseline']}'s while a score rose; read the samples below):"
+    )
     rm = results.get("reward_model_accuracy")
     rm_line = f"Reward model pairwise accuracy on {results['num_pairs']} held-out pairs: **{rm:.3f}**." if rm is not None else ""
 
@@ -240,18 +295,30 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
           _md_table(policy_header, policy_rows), ""]
     for title, path in plots.items():
         md += [f"## {title}", "", f"![{title}]({path.relative_to(out_dir)})", ""]
-    md += ["## Compute", "", _md_table(compute_header, compute_rows), "", "## Samples", "", _md_table(sample_header, sample_rows), ""]
+    if frontier:
+        md += ["## Frontier", "", frontier_text, "", _md_table(plane_header, plane_rows), "", _md_table(budget_header, budget_rows), ""]
+    md += ["## Compute", "", _md_table(compute_header, compute_rows), "", "## Samples", ""]
+    if warning_lines:
+        md += [f"**{warning_intro}**", "", *[f"- {line}" for line in warning_lines], ""]
+    md += [_md_table(sample_header, sample_rows), ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "vertical-align:top;font-size:14px}th{background:#f3f3f3}img{max-width:100%}")
+             "vertical-align:top;font-size:14px}th{background:#f3f3f3}img{max-width:100%}.warning{color:#a00}")
     body = [f"<h1>Comparison report: {html.escape(', '.join(names))}</h1>",
             f"<p>{html.escape(intro).replace('**', '')}</p>", f"<p>{html.escape(rm_line).replace('**', '')}</p>",
             "<h2>Policies</h2>", _html_table(policy_header, policy_rows)]
     for title, path in plots.items():
         body += [f"<h2>{html.escape(title)}</h2>", f'<img src="{path.relative_to(out_dir)}" alt="{html.escape(title)}">']
-    body += ["<h2>Compute</h2>", _html_table(compute_header, compute_rows), "<h2>Samples</h2>", _html_table(sample_header, sample_rows)]
+    if frontier:
+        body += ["<h2>Frontier</h2>", f"<p>{html.escape(frontier_text).replace('**', '')}</p>",
+                 _html_table(plane_header, plane_rows), _html_table(budget_header, budget_rows)]
+    body += ["<h2>Compute</h2>", _html_table(compute_header, compute_rows), "<h2>Samples</h2>"]
+    if warning_lines:
+        body += [f"<p class='warning'><b>{html.escape(warning_intro)}</b></p><ul class='warning'>"
+                 + "".join(f"<li>{html.escape(line)}</li>" for line in warning_lines) + "</ul>"]
+    body += [_html_table(sample_header, sample_rows)]
     atomic_write_text(out_dir / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>align report</title>"
                       f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
@@ -262,6 +329,7 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
             "report/policies": wandb.Table(columns=policy_header, data=policy_rows),
             "report/compute": wandb.Table(columns=compute_header, data=compute_rows),
             "report/samples": wandb.Table(columns=sample_header, data=sample_rows),
+            **({"report/frontier": wandb.Table(columns=budget_header, data=budget_rows)} if frontier else {}),
             **{f"report/{title}": wandb.Image(str(path)) for title, path in plots.items()},
         })
     return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "plots": list(plots.values())}

@@ -5,7 +5,11 @@ with the same sampling seed:
   - responses to the held-out prompts, scored by the reward model and the programmatic judges;
   - win rate against the baseline under each judge (ties count half) with a bootstrap 95% interval;
   - KL(policy || reference) from its own samples; response length;
-  - perplexity on held-out SFT data (forgetting), implicit-reward accuracy on held-out pairs.
+  - perplexity on held-out SFT data (forgetting), implicit-reward accuracy on held-out pairs;
+  - degeneration of its responses (distinct-2, share with a repetition loop).
+Then every policy is placed on the reward-vs-KL plane: the Pareto frontier and the run to pick at
+each KL budget (align/evaluation/frontier.py), and policies whose perplexity rose while a judge
+score rose are flagged as over-optimized (align/evaluation/degeneration.py).
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ class EvalConfig(RunConfig):
     model: ModelConfig = opt(ModelConfig, "dtype / attention / quantization of the shared base.")
     report_dir: str | None = opt(None, "Where report.md/.html and plots go; default: the folder above output_dir.")
     samples_in_report: int = opt(6, "Prompts shown side by side in the report.", min=0)
+    kl_budgets: list[float] | None = opt(
+        None, "KL budgets (nats per response) at which the report names the best run (highest score with KL <= "
+        "budget); null = the 25/50/75/100% quantiles of the observed KLs.", nonempty=True,
+    )
+    perplexity_rise: float = opt(
+        0.2, "Over-optimization warning: a policy whose held-out perplexity is more than this fraction above the "
+        "baseline's (0.2 = 20%) while a judge or reward-model score rose.", gt=0,
+    )
 
     stage = "eval"
 
@@ -125,6 +137,7 @@ def implicit_reward_margins(policies, name: str, pairs, batch_size: int) -> list
 
 def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, cfg: EvalConfig):
     """Everything measured for one policy: (results, per-prompt scores by judge, responses)."""
+    from align.evaluation.degeneration import degeneration
     from align.evaluation.metrics import bootstrap_interval, perplexity
     from align.evaluation.policies import run_beta
 
@@ -142,6 +155,7 @@ def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, 
         "kl_mean": sum(kls) / len(kls),
         "kl_ci95": list(bootstrap_interval(kls, cfg.bootstrap, cfg.sampling.seed)),
         "response_tokens_mean": sum(lengths) / len(lengths),
+        **degeneration(texts),
         "perplexity": ppl,
         "implicit_reward_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
         "implicit_reward_margin": beta * sum(margins) / len(margins) if margins else None,
@@ -171,6 +185,9 @@ def write_outputs(stage, cfg: EvalConfig, runs, reward, prompts, results, per_pr
     flat = {}
     for name, r in results.items():
         flat[f"{name}/kl"] = r["kl_mean"]
+        for key in ("distinct_2", "loop_share"):
+            if r.get(key) is not None:
+                flat[f"{name}/{key}"] = r[key]
         for judge, s in r["scores"].items():
             flat[f"{name}/{judge}"] = s["mean"]
         for judge, w in r.get("win_rate_vs_" + cfg.baseline, {}).items():
@@ -183,6 +200,17 @@ def write_outputs(stage, cfg: EvalConfig, runs, reward, prompts, results, per_pr
     written = write_report(stage.run_dir.path, runs, reward, report_dir, cfg.samples_in_report, tracker=stage.tracker)
     log.info("eval: report written to %s", written["markdown"])
     return Path(written["markdown"]).resolve()
+
+
+def plane(cfg: EvalConfig, results: dict, has_reward_model: bool) -> dict:
+    """The reward-vs-KL frontier with the pick at each KL budget, and the over-optimization warnings."""
+    from align.evaluation.degeneration import overoptimization
+    from align.evaluation.frontier import frontier_summary, plane_points, score_key
+
+    key = score_key(results, has_reward_model)
+    frontier = frontier_summary(plane_points(results, key), key, cfg.kl_budgets) if key else None
+    return {"frontier": frontier, "perplexity_rise": cfg.perplexity_rise,
+            "overoptimization": overoptimization(results, cfg.baseline, cfg.perplexity_rise)}
 
 
 def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
@@ -228,6 +256,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
             rejected = policies.reward_scores([p["prompt"] + p["rejected"] for p in pairs], cfg.batch_size)
             reward_accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
         report = {
+            **plane(cfg, results, policies.score_head is not None),
             "baseline": cfg.baseline,
             "num_prompts": len(prompts),
             "num_pairs": len(pairs),
@@ -239,7 +268,10 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
         outputs = {"results": RESULTS, "generations": GENERATIONS}
         if is_main_process():
             outputs["report"] = str(write_outputs(stage, cfg, runs, reward, prompts, results, per_prompt, generations, report))
-        stage.finish(summary={"reward_model_accuracy": reward_accuracy, "policies": results}, outputs=outputs)
+        stage.finish(summary={
+            "reward_model_accuracy": reward_accuracy, "policies": results,
+            "frontier": report["frontier"], "overoptimization": report["overoptimization"],
+        }, outputs=outputs)
     return stage.run_dir
 
 
@@ -249,6 +281,15 @@ def summary_lines(s: dict) -> list[str]:
         wins = {j: w for key, v in r.items() if key.startswith("win_rate_vs_") for j, w in v.items() if w}
         shown = "; ".join(f"{j} {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" for j, w in wins.items())
         lines.append(f"  {name}: KL {r['kl_mean']:.3f}" + (f"; win rate {shown}" if shown else " (baseline)"))
+    frontier = s.get("frontier")
+    if frontier and frontier.get("frontier"):
+        lines.append(f"  frontier ({frontier['score']} vs KL): {', '.join(frontier['frontier'])}")
+        picks = [f"KL <= {b['kl_budget']:.3g}: {b['pick'] or 'none'}" for b in frontier.get("budgets", [])]
+        if picks:
+            lines.append("  best run at " + "; ".join(picks))
+    for name, w in (s.get("overoptimization") or {}).items():
+        lines.append(f"  over-optimization warning: {name}: perplexity +{w['perplexity_rise']:.0%} while "
+                     f"{', '.join(w['scores_rose'])} rose")
     if s.get("reward_model_accuracy") is not None:
         lines.append(f"  reward model accuracy on held-out pairs: {s['reward_model_accuracy']:.3f}")
     return lines
