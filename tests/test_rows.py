@@ -47,6 +47,26 @@ def test_load_splits_leaves_out_exactly_the_rows_validate_rejects(tmp_path):
     assert splits.info()["dropped"] == splits.dropped
 
 
+def test_kto_loading_leaves_out_the_responses_validate_rejects(tmp_path):
+    """Unpaired rows (and pairs split into rows) get the same structural checks; each bad response is counted."""
+    from data_tools.validate import problems
+
+    good = [{"prompt": msgs("user", f"q{i}?"), "completion": msgs("assistant", f"a{i}"), "label": i % 2 == 0} for i in range(6)]
+    bad = [
+        {"prompt": msgs("user", "q?"), "completion": msgs("assistant", "  "), "label": True},  # empty turn
+        {"prompt": msgs("assistant", "hi") + msgs("user", "q?"), "completion": msgs("assistant", "a"), "label": False},  # turn order
+    ]
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, good + bad)
+    flagged = {where for where, _ in _all(problems(str(path)))}
+    splits = load_splits(DataConfig(path=str(path), eval_split=None, eval_fraction=0.0), "unpaired", seed=0)
+
+    assert flagged == {f"{path}:7", f"{path}:8"}, "the validator flags the two bad rows"
+    assert splits.train == good, "the recipe keeps every row the validator accepts and no other"
+    assert splits.dropped == {"train": {"empty_turn": 1, "malformed_roles": 1}}
+    assert any("left out 2 of 8 responses that align-data validate rejects" in n for n in splits.notes), splits.notes
+
+
 def _all(gen):
     out = []
     while True:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from align.core.artifacts import hash_json
 from align.core.config import DataConfig
 from align.core.errors import DataError
-from align.core.rows import REASONS, pair_serial, preference_problems, serial
+from align.core.rows import REASONS, pair_serial, preference_problems, serial, unpaired_problems
 from align.modeling.templates import instruction_user_content
 
 BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
@@ -435,40 +435,62 @@ def normalize_prompt(row: Any, where: str) -> dict:
 # --------------------------------------------------------------------------- splits
 
 
-class _PreferenceChecks:
-    """align-data validate's row checks on the rows a recipe loads (align.core.rows: the same code),
-    plus exact duplicates across both splits; rejected rows are left out and counted by reason."""
+class _RowChecks:
+    """align-data validate's row checks on the rows a recipe loads (align.core.rows: the same code);
+    rejected rows are left out and counted by reason.
 
-    def __init__(self):
+    Preference rows: preference_problems, plus exact duplicates across both splits. Unpaired rows
+    (KTO): unpaired_problems on each response an input row gives (duplicates and conflicting labels
+    are merge_unpaired's business, counted there).
+    """
+
+    def __init__(self, kind: str, normalize):
+        self.kind, self.normalize = kind, normalize
         self.seen: set[str] = set()
         self.dropped: dict[str, dict[str, int]] = {}
+        self.formed: dict[str, int] = {}
 
-    def __call__(self, rows: list[Row], split: str) -> list[dict]:
-        kept = []
+    def __call__(self, rows: list[Row], split: str) -> list[list[dict]]:
+        """The split's kept rows, grouped by the input row they came from."""
+        groups: list[list[dict]] = []
         counts: dict[str, int] = {}
+        formed = 0
         for where, raw in rows:
-            row = normalize_preference(raw, where)
-            problems = preference_problems(row, raw)
-            reason = problems[0][0] if problems else None
-            if reason is None:
-                key = pair_serial(row["prompt"], row["chosen"], row["rejected"])
-                if key in self.seen:
-                    reason = "exact_duplicate"
-                else:
-                    self.seen.add(key)
+            kept = []
+            for row in self.normalize(raw, where):
+                formed += 1
+                reason = self._problem(row, raw)
+                if reason is None:
                     kept.append(row)
-                    continue
-            counts[reason] = counts.get(reason, 0) + 1
+                else:
+                    counts[reason] = counts.get(reason, 0) + 1
+            if kept:
+                groups.append(kept)
+        self.formed[split] = formed
         if counts:
             self.dropped[split] = counts
-        return kept
+        return groups
 
-    def note(self, split: str, total: int) -> str | None:
+    def _problem(self, row: dict, raw: Any) -> str | None:
+        if self.kind == "unpaired":
+            problems = unpaired_problems(row)
+            return problems[0][0] if problems else None
+        problems = preference_problems(row, raw)
+        if problems:
+            return problems[0][0]
+        key = pair_serial(row["prompt"], row["chosen"], row["rejected"])
+        if key in self.seen:
+            return "exact_duplicate"
+        self.seen.add(key)
+        return None
+
+    def note(self, split: str) -> str | None:
         counts = self.dropped.get(split)
         if not counts:
             return None
+        what = "responses" if self.kind == "unpaired" else "rows"
         reasons = ", ".join(f"{REASONS[r]}: {n}" for r, n in counts.items())
-        return f"{split}: left out {sum(counts.values())} of {total} rows that align-data validate rejects ({reasons})"
+        return f"{split}: left out {sum(counts.values())} of {self.formed[split]} {what} that align-data validate rejects ({reasons})"
 
 
 KINDS = ("sft", "preference", "prompt", "unpaired")
@@ -477,8 +499,8 @@ KINDS = ("sft", "preference", "prompt", "unpaired")
 def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float | None = None) -> Splits:
     """Read, validate and split a dataset; kind is one of KINDS.
 
-    Preference rows that `align-data validate` rejects (turn order, empty turns, chosen identical to
-    rejected, bad scores, exact duplicates) are left out and counted by reason in the notes.
+    Preference and unpaired rows that `align-data validate` rejects (turn order, empty turns, chosen
+    identical to rejected, bad scores, exact duplicates) are left out and counted by reason in the notes.
     `score_threshold` (unpaired only): label responses by score (see normalize_unpaired). An input
     row that becomes several rows (a pair's two responses) stays on one side of a split.
     """
@@ -494,22 +516,22 @@ def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float
     if cfg.train_split not in raw:
         raise DataError(f"data.path '{cfg.path}': no split '{cfg.train_split}' (available: {', '.join(sorted(raw))})")
     notes: list[str] = []
-    checks = _PreferenceChecks() if kind == "preference" else None
+    checks = _RowChecks(kind, normalize) if kind in ("preference", "unpaired") else None
 
     def load(split: str) -> list[list[dict]]:
         """The split's rows, grouped by the input row they came from."""
         if checks is not None:
-            return [[row] for row in checks(raw[split], split)]
+            return checks(raw[split], split)
         return [normalize(row, where) for where, row in raw[split]]
 
     train = load(cfg.train_split)
-    if checks is not None and (note := checks.note(cfg.train_split, len(raw[cfg.train_split]))):
+    if checks is not None and (note := checks.note(cfg.train_split)):
         notes.append(note)
     if cfg.eval_split and cfg.eval_split in raw:
         held_out = load(cfg.eval_split)
-        if checks is not None and (note := checks.note(cfg.eval_split, len(raw[cfg.eval_split]))):
+        if checks is not None and (note := checks.note(cfg.eval_split)):
             notes.append(note)
-        if checks is not None:
+        if kind == "preference":
             train_prompts = {serial(g[0]["prompt"]) for g in train}
             shared = sum(serial(g[0]["prompt"]) in train_prompts for g in held_out)
             if shared:

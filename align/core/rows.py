@@ -6,7 +6,7 @@ are not numbers or rank rejected above chosen. `align-data validate` reports the
 recipes' data loading (`load_splits`) drops them and counts them by reason, so a recipe never
 trains on a row the validator rejects. `data_tools` imports these functions; align never imports
 data_tools. `unpaired_problems` applies the structural rules to an unpaired (KTO) row; `align-data
-validate` and `build --kind unpaired` use it (the unpaired loader does not drop by it yet).
+validate`, `build --kind unpaired` and the KTO recipe's loading (`load_splits(kind="unpaired")`) use it.
 """
 
 from __future__ import annotations
