@@ -88,3 +88,35 @@ def test_liger_kernel_in_sft_and_dpo_on_cuda(tmp_path, tiny_model_dir, tiny_data
     assert sft["eval_loss_after"] == pytest.approx(sft["eval_loss_before"], rel=2e-2)
     assert dpo["eval_loss_after"] == pytest.approx(LN2, abs=1e-2)
     assert dpo["dpo_fast_path"].startswith("DPO fast path: shared_prefix (flex_attention, padding-free), ref_cache")
+
+
+def test_reference_free_and_group_methods_on_cuda(tmp_path, tiny_model_dir, tiny_data):
+    """SimPO's reference-free trainer (shared prefix under a dense mask) and GRPO's sample -> score -> update
+    loop run on CUDA in the GPU dtype: finite losses, the shared-prefix layout kept, GRPO's fresh policy at KL 0
+    to the reference and its adapter moved."""
+    from safetensors.torch import load_file
+
+    from align.stages import grpo, simpo, sft
+    from align.stages.grpo import GRPOConfig
+    from align.stages.simpo import SimPOConfig
+
+    common = {"train.max_steps": 2, "tracking": "none", "samples.num_prompts": 1}
+    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **common)))
+    parent = str(tmp_path / "sft")
+
+    run = simpo.run(load_config(SimPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "simpo", parent_run=parent, **common)))
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["batch_layout"] == "shared prefix"
+    assert math.isfinite(summary["eval_loss_after"])
+
+    overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / "grpo", parent_run=parent, **common,
+                               rewards=[{"judge": "length", "args": {"max_words": 3}}],
+                               **{"train.batch_size": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4,
+                                  "grpo.max_new_tokens": 6, "grpo.eval_prompts": 3})
+    run = grpo.run(load_config(GRPOConfig, None, overrides))
+    step0 = next(r for r in read_metrics(run.path) if r["_step"] == 0 and "eval/kl" in r)
+    assert step0["eval/kl"] == 0.0, "the fresh adapter is the reference exactly"
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert math.isfinite(summary["eval_kl_after"])
+    weights = load_file(str(run.path / "adapter" / "adapter_model.safetensors"))
+    assert any(v.float().abs().max() > 0 for k, v in weights.items() if "lora_B" in k), "the policy adapter moved"
