@@ -269,6 +269,11 @@ def test_rloo_stage_puts_the_kl_in_the_reward(runs, tiny_data):
     steps = [r for r in read_metrics(run.path) if "rloo/loss" in r]
     assert len(steps) == 2 and all("rloo/kl" in r and "rloo/reward/rm1" in r and "rloo/kl_loss_term" not in r for r in steps)
     assert steps[0]["rloo/kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the fresh adapter
+    from align.core.artifacts import RunDir
+    from align.evaluation.metrics import compute_table
+
+    tokens = compute_table({"rloo": RunDir(run.path)}, None)["rloo"]["tokens"]
+    assert tokens == sum(r["rloo/rollout_tokens"] for r in steps) > 0, "the compute table counts the rollouts' tokens"
 
 
 # --------------------------------------------------------------------------- online DPO

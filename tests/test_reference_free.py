@@ -101,6 +101,13 @@ def test_stage_trains_the_adapter_with_no_reference_forward(sft_parent, tiny_dat
     lines = spec.summary(summary)
     assert lines and "(step 0) ->" in lines[0] and "n/a" not in lines[0]
     assert any("train/loss" in r for r in read_metrics(run.path))
+    # Tokens trained on reach the evaluation's compute table: a running count, as TRL's trainers log it.
+    from align.core.artifacts import RunDir
+    from align.evaluation.metrics import compute_table
+
+    counts = [r["train/num_tokens"] for r in read_metrics(run.path) if "train/num_tokens" in r]
+    assert counts and counts == sorted(counts) and counts[-1] > 0
+    assert compute_table({stage: RunDir(run.path)}, None)[stage]["tokens"] == counts[-1]
 
 
 def test_the_counter_sees_dpo_reference_forwards(sft_parent, tiny_data, tmp_path, monkeypatch):

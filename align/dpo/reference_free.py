@@ -138,6 +138,7 @@ class ReferenceFreeTrainer(Trainer):
             eval_dataset=tokenize_pairs(eval_dataset, tokenizer), processing_class=tokenizer, callbacks=list(callbacks),
         )
         self.objective = objective
+        self.tokens_seen = 0  # prompt + response tokens of the two-row layout, as TRL's DPO counts them
         self.shared_prefix_forward = shared_prefix_forward
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
@@ -164,6 +165,8 @@ class ReferenceFreeTrainer(Trainer):
         result = self.objective(logps["chosen"], logps["rejected"], logps["nll"])
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
+        if mode == "train":
+            self.tokens_seen += int(gather(inputs["attention_mask"].sum().reshape(1)).sum().item())
         chosen_r, rejected_r = gather(result.chosen_rewards), gather(result.rejected_rewards)
         metrics["rewards/chosen"].append(chosen_r.mean().item())
         metrics["rewards/rejected"].append(rejected_r.mean().item())
@@ -186,6 +189,8 @@ class ReferenceFreeTrainer(Trainer):
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        else:
+            metrics["num_tokens"] = self.tokens_seen  # a running count, as TRL logs it
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics[mode].clear()

@@ -76,7 +76,8 @@ def compute_table(runs: dict[str, RunDir], reward: RunDir | None) -> dict[str, d
                 row = json.loads(line)
                 if "train/num_tokens" in row:  # TRL's running count
                     tokens = row["train/num_tokens"]
-                rollout_tokens += row.get("ppo/rollout_tokens", 0)  # PPO logs each rollout's count
+                # PPO, GRPO and RLOO log each rollout's count as <stage>/rollout_tokens
+                rollout_tokens += sum(v for k, v in row.items() if k.endswith("/rollout_tokens"))
         tokens = tokens if tokens is not None else rollout_tokens or None
         params = s.get("parameters") or {}
         table[name] = {
