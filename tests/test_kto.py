@@ -288,3 +288,26 @@ def test_keys_and_cli(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "train.batch_size" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kto_balance_outside_the_papers_range_is_named_with_the_weights_that_fix_it():
+    from align.core.data import kto_balance_note
+
+    assert kto_balance_note(10, 10, 1.0, 1.0) is None  # ratio 1: inside [1, 4/3]
+    assert kto_balance_note(12, 10, 1.0, 1.0) is None  # 1.2: inside
+    note = kto_balance_note(10, 100, 1.0, 1.0)
+    assert "weighted ratio 0.10" in note and "kto.desirable_weight=11.67 kto.undesirable_weight=1" in note
+    assert kto_balance_note(10, 100, 11.67, 1.0) is None, "the suggested weights bring it in"
+    note = kto_balance_note(30, 10, 1.0, 1.0)
+    assert "weighted ratio 3.00" in note and "kto.undesirable_weight=2.57" in note
+    assert kto_balance_note(10, 0, 1.0, 1.0) is None  # one label only: nothing to balance
+
+
+def test_the_kto_stage_names_an_unbalanced_weighting_in_its_data_notes(sft_parent, tiny_data, tmp_path):
+    from align.stages import kto
+
+    overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / "kto-weights", parent_run=str(sft_parent),
+                               **{"tracking": "none", "samples.num_prompts": 0, "train.max_steps": 1, "kto.desirable_weight": 3.0})
+    run = kto.run(load_config(KTOConfig, None, overrides))
+    manifest = (run.path / "manifest.json").read_text()
+    assert "weighted ratio 3.00" in manifest and "kto.desirable_weight=1 kto.undesirable_weight=1 would bring it in" in manifest

@@ -403,6 +403,22 @@ def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float] | N
     return 1.0, round(ratio / middle, 2)
 
 
+def kto_balance_note(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """A line for a KTO run whose weighted balance falls outside KTO_WEIGHT_RATIO, with the weights
+    that would bring it in (kto_weights); None when it is inside, or when a label is missing."""
+    suggested = kto_weights(n_desirable, n_undesirable)
+    if suggested is None:
+        return None
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    low, high = KTO_WEIGHT_RATIO
+    if low <= ratio <= high:
+        return None
+    return (
+        f"{n_desirable} desirable and {n_undesirable} undesirable training rows: weighted ratio {ratio:.2f}, outside the "
+        f"paper's [{low:g}, {high:.3g}]; kto.desirable_weight={suggested[0]:g} kto.undesirable_weight={suggested[1]:g} would bring it in"
+    )
+
+
 def normalize_prompt(row: Any, where: str) -> dict:
     """A prompt to sample from: `prompt` (messages or text) of any row, or an SFT conversation
     up to its last assistant turn; an optional `answer` (text or list) is kept as the reference

@@ -115,10 +115,15 @@ _EVAL_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margi
 
 
 def run(cfg: KTOConfig, *, force: bool = False, callbacks=()):
+    cfg = prepare_config(cfg)
+    from align.core.data import kto_balance_note
     from align.stages.common import open_stage, train_and_finish
 
-    cfg = prepare_config(cfg)
     stage = open_stage(cfg, "unpaired", force, score_threshold=cfg.kto.score_threshold)
+    good = sum(row["label"] for row in stage.splits.train)
+    note = kto_balance_note(good, len(stage.splits.train) - good, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
+    if note:  # logged with the data notes when the stage starts
+        stage.splits.notes.append(note)
     return train_and_finish(
         stage, prepare=lambda s, tok, n: prepare(s, tok, n, cfg.train.seed), build_trainer=build_trainer,
         eval_keys=_EVAL_KEYS, before_label="reference", callbacks=callbacks,
