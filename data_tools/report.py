@@ -39,27 +39,22 @@ class Counts:
     labels: dict[str, Counter] = field(default_factory=dict)  # unpaired: split -> desirable / undesirable rows written
 
     def to_json(self) -> dict:
-        if self.kind == "unpaired":
-            return {
-                "rows_read": self.rows_read,
-                "invalid_rows": dict(self.invalid),
-                "left_out_by_format": dict(self.left_out),
-                "pairing": dict(self.pairing),
-                "pairs_formed": self.pairs_formed,
-                "responses_formed": self.responses_formed,
-                "responses_dropped": dict(self.dropped),
-                "responses_written": dict(self.written),
-                "labels": {split: {k: c[k] for k in ("desirable", "undesirable")} for split, c in self.labels.items()},
-            }
-        return {
+        out = {
             "rows_read": self.rows_read,
             "invalid_rows": dict(self.invalid),
             "left_out_by_format": dict(self.left_out),
             "pairing": dict(self.pairing),
             "pairs_formed": self.pairs_formed,
-            "pairs_dropped": dict(self.dropped),
-            "pairs_written": dict(self.written),
         }
+        if self.kind == "unpaired":
+            return {
+                **out,
+                "responses_formed": self.responses_formed,
+                "responses_dropped": dict(self.dropped),
+                "responses_written": dict(self.written),
+                "labels": {split: {k: c[k] for k in ("desirable", "undesirable")} for split, c in self.labels.items()},
+            }
+        return {**out, "pairs_dropped": dict(self.dropped), "pairs_written": dict(self.written)}
 
 
 class Stats:

@@ -455,19 +455,26 @@ def train_and_finish(
     return stage.run_dir
 
 
-def run_group_stage(cfg, force: bool) -> RunDir:
-    """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
+def open_online_stage(cfg, force: bool) -> tuple["StageRun", list]:
+    """An online stage's prompts, reward runs (adapters on this base) and StageRun: one process, data and
+    reward sources checked before anything is written. Returns (stage, reward runs)."""
     from align.core.data import load_splits
-    from align.rlhf import grpo as G
     from align.rlhf.loop import single_process
     from align.rlhf.rewards import check_answers, reward_runs, run_inputs
 
     single_process(cfg.stage)
-    stage_data = load_splits(cfg.data, "prompt", cfg.train.seed)
-    check_answers(cfg.rewards, stage_data)
+    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
+    check_answers(cfg.rewards, splits)
     base, parent = resolve_base(cfg)
     runs = reward_runs(cfg.rewards, base)
-    stage = StageRun(cfg, base=base, splits=stage_data, parent=parent, force=force, inputs=run_inputs(runs))
+    return StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs)), runs
+
+
+def run_group_stage(cfg, force: bool) -> RunDir:
+    """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
+    from align.rlhf import grpo as G
+
+    stage, runs = open_online_stage(cfg, force)
     if stage.skipped:
         return stage.run_dir
     with stage:
@@ -655,6 +662,19 @@ def trainer_kwargs(
     )
 
 
+def convert_rows(rows, convert) -> tuple[list[dict], int, int]:
+    """`convert(row) -> (example or None, truncated)` over rows: (kept examples, rows truncated, rows dropped)."""
+    kept, truncated, dropped = [], 0, 0
+    for row in rows:
+        example, was_truncated = convert(row)
+        truncated += was_truncated
+        if example is None:
+            dropped += 1
+        else:
+            kept.append(example)
+    return kept, truncated, dropped
+
+
 def to_datasets(splits: Splits, convert, stage: str, max_length: int, drop_reason: str):
     """Convert both splits row by row into datasets, counting rows cut to and dropped by max_length.
 
@@ -666,14 +686,8 @@ def to_datasets(splits: Splits, convert, stage: str, max_length: int, drop_reaso
     stats: dict[str, int] = {}
     out = {}
     for name, rows in (("train", splits.train), ("eval", splits.eval)):
-        kept, truncated, dropped = [], 0, 0
-        for row in tqdm(rows, desc=f"preparing {stage} {name}", disable=not rows or not is_main_process(), leave=False):
-            example, was_truncated = convert(row)
-            truncated += was_truncated
-            if example is None:
-                dropped += 1
-            else:
-                kept.append(example)
+        shown = tqdm(rows, desc=f"preparing {stage} {name}", disable=not rows or not is_main_process(), leave=False)
+        kept, truncated, dropped = convert_rows(shown, convert)
         stats[f"{name}_truncated"] = truncated
         stats[f"{name}_dropped"] = dropped
         if truncated or dropped:

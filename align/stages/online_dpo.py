@@ -74,17 +74,9 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     from align.core.safeguards import NonFiniteGuard
     from align.dpo.training import dpo_trainer, fast_path_summary, pair_converter
     from align.rlhf.online_dpo import restored_forward, stop_on_signal
-    from align.stages.common import TrackerCallback, trainer_kwargs
+    from align.stages.common import TrackerCallback, convert_rows, trainer_kwargs
 
-    convert = pair_converter(tokenizer, cfg.train.max_length)
-    kept, truncated, dropped = [], 0, 0
-    for row in pairs:
-        example, cut = convert(row)
-        truncated += cut
-        if example is None:
-            dropped += 1
-        else:
-            kept.append(example)
+    kept, truncated, dropped = convert_rows(pairs, pair_converter(tokenizer, cfg.train.max_length))
     figures = {"online/pairs_truncated": truncated, "online/pairs_dropped_max_length": dropped, "online/dpo_steps": 0}
     if not kept:
         return figures
@@ -107,17 +99,9 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
 
 def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.core.data import load_splits
-    from align.rlhf.loop import single_process
-    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
-    from align.stages.common import StageRun, resolve_base
+    from align.stages.common import open_online_stage
 
-    single_process("online_dpo")
-    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
-    check_answers(cfg.rewards, splits)
-    base, parent = resolve_base(cfg)
-    runs = reward_runs(cfg.rewards, base)
-    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
+    stage, runs = open_online_stage(cfg, force)
     if stage.skipped:
         return stage.run_dir
     with stage:
