@@ -1,7 +1,7 @@
-"""`python -m align ...`: the adapter lifecycle CLI (see align/cli/lifecycle.py)."""
+"""`python -m align ...`: the `align` command line (see align/cli/main.py)."""
 
 import sys
 
-from align.cli.lifecycle import main
+from align.cli.main import main
 
 sys.exit(main())

@@ -178,14 +178,18 @@ def run_align(root: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_a_new_stage_module_reaches_the_cli_and_the_pipeline(package_with_toy_stage, tmp_path):
     root = package_with_toy_stage
-    keys = run_align(root, "-m", "align.stages", "toy", "--keys", cwd=tmp_path)
+    listed = run_align(root, "-m", "align", "--help", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert any(line.split() == ["toy", "Says", "hello", "into", "a", "RunDir."] for line in listed.stdout.splitlines())
+    keys = run_align(root, "-m", "align", "toy", "--keys", cwd=tmp_path)
     assert keys.returncode == 0, keys.stderr
     assert "greeting (a string, default 'hello'): What to write." in keys.stdout
+    assert run_align(root, "-m", "align.stages", "toy", "--keys", cwd=tmp_path).stdout == keys.stdout
 
     (tmp_path / "toy.yaml").write_text("output_dir: runs/toy\ntracking: none\nrepeat: 2\n")
-    bad = run_align(root, "-m", "align.stages", "toy", "--config", "toy.yaml", "greting=hi", cwd=tmp_path)
+    bad = run_align(root, "-m", "align", "toy", "--config", "toy.yaml", "greting=hi", cwd=tmp_path)
     assert bad.returncode == 2 and "did you mean 'greeting'" in bad.stderr
-    ran = run_align(root, "-m", "align.stages", "toy", "--config", "toy.yaml", cwd=tmp_path)
+    ran = run_align(root, "-m", "align", "toy", "--config", "toy.yaml", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert (tmp_path / "runs/toy/greeting.txt").read_text() == "hello hello"
     assert "wrote 2 words" in ran.stdout
@@ -194,8 +198,7 @@ def test_a_new_stage_module_reaches_the_cli_and_the_pipeline(package_with_toy_st
         "name: p\noutput_dir: runs/p\ntracking: none\nstages:\n"
         "  - {name: first, stage: toy, config: toy.yaml, overrides: {greeting: hi}}\n"
     )
-    code = "import sys; from align.cli.recipes import pipeline_main; sys.exit(pipeline_main(['--config', 'pipeline.yaml']))"
-    piped = run_align(root, "-c", code, cwd=tmp_path)
+    piped = run_align(root, "-m", "align", "pipeline", "--config", "pipeline.yaml", cwd=tmp_path)
     assert piped.returncode == 0, piped.stderr
     assert (tmp_path / "runs/p/first/greeting.txt").read_text() == "hi hi"
     assert json.loads((tmp_path / "runs/p/first/manifest.json").read_text())["status"] == "finished"

@@ -46,6 +46,11 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def example_config(name: str) -> str:
+    """Where a first config comes from, for `--config: required` messages."""
+    return f"`align configs copy smollm2-135m ./c`, then --config ./c/{name}.yaml"
+
+
 def _with_resume(args) -> dict:
     overrides = parse_overrides(args.overrides)
     if args.resume:
@@ -89,11 +94,12 @@ def guarded(work, debug: bool = False, command: str | None = None) -> int:
         return 1
 
 
-def recipe_main(stage_name: str, argv: list[str] | None = None) -> int:
+def recipe_main(stage_name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """One stage: `align <stage> ...` and `recipes/<stage>.py ...` both land here."""
     from align.stages.registry import get_stage, load_stage_config
 
     stage = get_stage(stage_name)
-    args = _parser(f"recipes/{stage_name}.py", stage.description).parse_args(argv)
+    args = _parser(prog or f"recipes/{stage_name}.py", stage.description).parse_args(argv)
     if args.keys:
         print("\n".join(describe(stage.config)))
         return 0
@@ -101,7 +107,7 @@ def recipe_main(stage_name: str, argv: list[str] | None = None) -> int:
 
     def work() -> int:
         if not args.config:
-            raise AlignError(f"--config: required (e.g. recipes/configs/smollm2-135m/{stage_name}.yaml)")
+            raise AlignError(f"--config: required (e.g. {example_config(stage_name)})")
         cfg = load_stage_config(stage_name, args.config, _with_resume(args))
         if args.print_config:
             print(to_yaml(cfg))
@@ -113,8 +119,8 @@ def recipe_main(stage_name: str, argv: list[str] | None = None) -> int:
     return guarded(work, debug=args.debug)
 
 
-def pipeline_main(argv: list[str] | None = None) -> int:
-    args = _parser("recipes/pipeline.py", "Run the stages of a pipeline in order; finished matching stages are skipped.").parse_args(argv)
+def pipeline_main(argv: list[str] | None = None, prog: str = "recipes/pipeline.py") -> int:
+    args = _parser(prog, "Run the stages of a pipeline in order; finished matching stages are skipped.").parse_args(argv)
     if args.keys:
         print("\n".join(describe(PipelineConfig)))
         return 0
@@ -122,7 +128,7 @@ def pipeline_main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         if not args.config:
-            raise AlignError("--config: required (e.g. recipes/configs/smollm2-135m/pipeline.yaml)")
+            raise AlignError(f"--config: required (e.g. {example_config('pipeline')})")
         from align.cli.pipeline import load_pipeline, run_pipeline
 
         pipeline = load_pipeline(Path(args.config), _with_resume(args))

@@ -463,10 +463,10 @@ def load_sweep(config: str, values: list[str], eval_path: str | None, stage: str
     return plan(cfg, cfg.overrides, base_dir, source=str(path), where=where)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "recipes/sweep.py") -> int:
     from align.cli.recipes import describe_run, guarded, setup_logging
 
-    p = argparse.ArgumentParser(prog="recipes/sweep.py", description=(SweepConfig.__doc__ or "").strip())
+    p = argparse.ArgumentParser(prog=prog, description=(SweepConfig.__doc__ or "").strip())
     p.add_argument("--config", help="the stage's YAML (with --values), or a sweep YAML")
     p.add_argument("--values", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept key and its values: beta (the stage's KL knob), lr, or any dotted key; repeat for a grid")

@@ -229,10 +229,10 @@ def run_comparison(cfg: CompareConfig, config_path: Path | None, force: bool = F
     return table, rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "recipes/compare_methods.py") -> int:
     from align.cli.recipes import guarded, setup_logging
 
-    p = argparse.ArgumentParser(prog="recipes/compare_methods.py", description=(CompareConfig.__doc__ or "").strip())
+    p = argparse.ArgumentParser(prog=prog, description=(CompareConfig.__doc__ or "").strip())
     p.add_argument("--config", help="comparison YAML (e.g. recipes/configs/smollm2-135m/compare_methods.yaml)")
     p.add_argument("--force", action="store_true", help="rerun stages even when a finished run matches")
     p.add_argument("--print-config", action="store_true", help="print every stage config the comparison runs and exit")
