@@ -13,15 +13,13 @@ becomes `align sft --config DIR/sft.yaml`), so the first line of each YAML still
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from align.core.artifacts import atomic_dir
 from align.core.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -128,24 +126,13 @@ def copy_folder(model: str, dest: Path, shown: str) -> list[Path]:
     for name in launchers:
         if not (LAUNCHERS_DIR / name).is_file():
             raise ConfigError(f"{folders[model]}: names the launcher config recipes/accelerate/{name}, which is not shipped")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # renamed into place when complete
-    try:
+    with atomic_dir(dest) as staging:  # an empty `dest` is replaced by the complete copy, in one rename
         for name, text in texts.items():
             (staging / name).write_text(text, encoding="utf-8")
         if launchers:
             (staging / "accelerate").mkdir()
         for name in launchers:
             (staging / "accelerate" / name).write_text(_launcher_text(name, model, shown), encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the copy is an ordinary folder
-        if dest.exists():
-            dest.rmdir()
-        staging.rename(dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sorted(dest.rglob("*.*"))
 
 

