@@ -57,6 +57,8 @@ COMMANDS = (
     Command("combine", RUNS, "a weighted combination of LoRA adapters of one base", "align.cli.lifecycle", pass_name=True),
     Command("push", RUNS, "a finished run on the Hugging Face Hub: adapter or merged model, tokenizer, model card",
             "align.cli.push"),
+    Command("lm-eval", RUNS, "lm-evaluation-harness tasks on a finished run's model (base and adapter loaded once)",
+            "align.cli.benchmarks"),
     Command("configs", RECIPES, "the shipped recipe configs: list them, copy a model's folder to edit", "align.cli.configs"),
 )
 

@@ -263,7 +263,7 @@ def cmd_push(args) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "align push") -> int:
-    from align.cli.recipes import guarded, setup_logging
+    from align.cli.recipes import run_command
 
     p = argparse.ArgumentParser(prog=prog, description="Publish a finished run (adapter or merged model, tokenizer, "
                                 "model card) on the Hugging Face Hub.")
@@ -276,10 +276,7 @@ def main(argv: list[str] | None = None, prog: str = "align push") -> int:
     p.add_argument("--output", help="where the folder to upload is written (default: <RUN>-hub beside the run)")
     p.add_argument("--base-model", help="the card's base_model when the run's base is a local folder (a Hub model id)")
     p.add_argument("--license", help="the card's license when the base model's is not found")
-    p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
-    args = p.parse_args(argv)
-    setup_logging()
-    return guarded(lambda: cmd_push(args), debug=args.debug, command=prog)
+    return run_command(p, argv, cmd_push, prog)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,14 @@ def guarded(work, debug: bool = False, command: str | None = None) -> int:
         return 1
 
 
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, command, prog: str) -> int:
+    """Parse `argv` (a --debug flag added to `parser`), then `command(args)` guarded: every error is one line."""
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
+    args = parser.parse_args(argv)
+    setup_logging()
+    return guarded(lambda: command(args), debug=args.debug, command=prog)
+
+
 def recipe_main(stage_name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     """One stage: `align <stage> ...` and `recipes/<stage>.py ...` both land here."""
     from align.stages.registry import get_stage, load_stage_config

@@ -153,7 +153,8 @@ def _plot_training_curves(stages: dict[str, RunDir], path: Path) -> bool:
 def _policy_table(results: dict) -> tuple[list[str], list[list[str]]]:
     baseline = results["baseline"]
     judges = sorted({j for r in results["policies"].values() for j in r["scores"]})
-    header = ["policy", *[f"{j} score" for j in judges], *[f"win rate vs {baseline} ({j})" for j in judges],
+    benchmark_columns, benchmarks = _benchmark_cells(results)
+    header = ["policy", *[f"{j} score" for j in judges], *[f"win rate vs {baseline} ({j})" for j in judges], *benchmark_columns,
               "KL to reference", "response tokens", "distinct-2", "responses with a loop", "SFT perplexity",
               "implicit-reward acc.", "over-optimization"]
     rows = []
@@ -164,12 +165,22 @@ def _policy_table(results: dict) -> tuple[list[str], list[list[str]]]:
         for j in judges:
             w = wins.get(j)
             cells.append(f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['wins']}/{w['ties']}/{w['losses']})" if w else "-")
+        cells += [benchmarks.get((name, column), "-") for column in benchmark_columns]
         flagged = (results.get("overoptimization") or {}).get(name)
         cells += [_fmt(r["kl_mean"]), _fmt(r["response_tokens_mean"], 1), _fmt(r.get("distinct_2")), _fmt(r.get("loop_share"), 2),
                   _fmt(r["perplexity"]), _fmt(r["implicit_reward_accuracy"]),
                   f"WARNING: perplexity +{flagged['perplexity_rise']:.0%}" if flagged else "-"]
         rows.append(cells)
     return header, rows
+
+
+def _benchmark_cells(results: dict) -> tuple[list[str], dict[tuple[str, str], str]]:
+    """lm-evaluation-harness columns (`<task> <metric>`) and each policy's cell (value +- stderr)."""
+    rows = (results.get("lm_eval") or {}).get("rows") or []
+    columns = list(dict.fromkeys(f"{r['task']} {r['metric']}" for r in rows))
+    cells = {(r["model"], f"{r['task']} {r['metric']}"): _fmt(r["value"]) + (f" ± {_fmt(r['stderr'])}" if r["stderr"] is not None else "")
+             for r in rows}
+    return columns, cells
 
 
 def _frontier_rows(frontier: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
@@ -271,6 +282,11 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
         "judge (ties count 1/2; wins/ties/losses in brackets), with 95% bootstrap intervals over prompts. KL is "
         "estimated from each policy's own samples against the reference (the SFT model)."
     )
+    harness = (results.get("lm_eval") or {}).get("settings")
+    if harness:
+        shots = "each task's default" if harness["num_fewshot"] is None else harness["num_fewshot"]
+        intro += (f" Benchmark columns are lm-evaluation-harness {harness.get('lm_eval')} scores (± standard error), "
+                  f"few-shot {shots}, limit {harness['limit'] or 'none'}.")
     frontier_text = plane_header = plane_rows = budget_header = budget_rows = None
     if frontier:
         plane_header, plane_rows, budget_header, budget_rows = _frontier_rows(frontier)

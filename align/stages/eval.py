@@ -21,6 +21,7 @@ from pathlib import Path
 
 from align.core.config import SEED, DataConfig, ModelConfig, RunConfig, opt
 from align.core.errors import ConfigError
+from align.evaluation.harness import LmEvalConfig
 from align.evaluation.judges import check_judge_specs
 from align.stages.registry import Stage, prepare_config, register
 
@@ -65,6 +66,8 @@ class EvalConfig(RunConfig):
         None, "KL budgets (nats per response) at which the report names the best run (highest score with KL <= "
         "budget); null = the 25/50/75/100% quantiles of the observed KLs.", nonempty=True,
     )
+    lm_eval: LmEvalConfig = opt(LmEvalConfig, "lm-evaluation-harness benchmarks of every policy, on the shared base "
+                                "already loaded (tasks: [] skips them); the report shows them next to the win rates.")
     perplexity_rise: float = opt(
         0.2, "Over-optimization warning: a policy whose held-out perplexity is more than this fraction above the "
         "baseline's (0.2 = 20%) while a judge or reward-model score rose.", gt=0,
@@ -193,6 +196,12 @@ def write_outputs(stage, cfg: EvalConfig, runs, reward, prompts, results, per_pr
         for judge, w in r.get("win_rate_vs_" + cfg.baseline, {}).items():
             if w:
                 flat[f"{name}/win_rate_{judge}"] = w["win_rate"]
+    if report.get("lm_eval"):
+        from align.evaluation.harness import COLUMNS, flat_metrics
+
+        rows = report["lm_eval"]["rows"]
+        flat.update(flat_metrics(rows))
+        stage.tracker.log_table("lm_eval", COLUMNS, [[r[c] for c in COLUMNS] for r in rows], step=0)
     stage.tracker.log(flat, step=0)
     shown = prompts[: cfg.samples_in_report * 4]
     stage.tracker.log_samples("generations", ["prompt", *runs], [[p[-1]["content"], *(generations[n][i] for n in runs)] for i, p in enumerate(shown)], step=0)
@@ -216,6 +225,7 @@ def plane(cfg: EvalConfig, results: dict, has_reward_model: bool) -> dict:
 def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     from align.core.progress import progress
     from align.core.tracking import is_main_process
+    from align.evaluation.harness import score_policies
     from align.evaluation.judges import load_judge
     from align.evaluation.metrics import compute_table, win_rate
     from align.evaluation.policies import load_policies, shared_base
@@ -250,6 +260,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
                 judge: win_rate(per_prompt[name][judge], per_prompt[cfg.baseline][judge], cfg.bootstrap, cfg.sampling.seed)
                 for judge in per_prompt[name]
             } if name != cfg.baseline else {}
+        benchmarks = score_policies(policies, list(runs), cfg.lm_eval) if cfg.lm_eval.tasks else None
         reward_accuracy = None
         if policies.score_head is not None:
             chosen = policies.reward_scores([p["prompt"] + p["chosen"] for p in pairs], cfg.batch_size)
@@ -264,6 +275,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
             "reward_model_accuracy": reward_accuracy,
             "policies": results,
             "compute": compute_table(runs, reward),
+            "lm_eval": benchmarks,
         }
         outputs = {"results": RESULTS, "generations": GENERATIONS}
         if is_main_process():
@@ -271,6 +283,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
         stage.finish(summary={
             "reward_model_accuracy": reward_accuracy, "policies": results,
             "frontier": report["frontier"], "overoptimization": report["overoptimization"],
+            "lm_eval": benchmarks["rows"] if benchmarks else None,
         }, outputs=outputs)
     return stage.run_dir
 
@@ -290,6 +303,9 @@ def summary_lines(s: dict) -> list[str]:
     for name, w in (s.get("overoptimization") or {}).items():
         lines.append(f"  over-optimization warning: {name}: perplexity +{w['perplexity_rise']:.0%} while "
                      f"{', '.join(w['scores_rose'])} rose")
+    for row in s.get("lm_eval") or []:
+        stderr = f" +- {row['stderr']:.3g}" if row.get("stderr") is not None else ""
+        lines.append(f"  lm-eval {row['model']}: {row['task']} {row['metric']} {row['value']:.4g}{stderr}")
     if s.get("reward_model_accuracy") is not None:
         lines.append(f"  reward model accuracy on held-out pairs: {s['reward_model_accuracy']:.3f}")
     return lines
@@ -299,4 +315,12 @@ def check_judges(cfg: EvalConfig) -> None:
     check_judge_specs("judges", cfg.judges)
 
 
-register(Stage("eval", EvalConfig, run, summary_lines, checks=(check_judges,)))
+def check_lm_eval_tasks(cfg: EvalConfig) -> None:
+    """The harness is installed and knows every task, before anything loads (only when benchmarks are asked for)."""
+    if cfg.lm_eval.tasks:
+        from align.evaluation.harness import task_manager
+
+        task_manager(cfg.lm_eval)
+
+
+register(Stage("eval", EvalConfig, run, summary_lines, checks=(check_judges, check_lm_eval_tasks)))
