@@ -23,12 +23,17 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) recipes/pipeline.py --config recipes/configs/smollm2-135m/pipeline.yaml $(ARGS)
 
+# Tests run on every core (pytest-xdist, one worker per core up to 8; each test file stays on one
+# worker, so its module fixtures are built once). TEST_JOBS=0 runs them in this one process.
+TEST_JOBS ?= auto
+XDIST  = $(if $(filter 0,$(TEST_JOBS)),-n 0,-n $(TEST_JOBS) --maxprocesses 8 --dist loadfile)
+
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 # Everything, including the slow real-model tests (not the GPU ones).
 test-all: setup
-	$(PY) -m pytest -m "not gpu" $(ARGS)
+	$(PY) -m pytest $(XDIST) -m "not gpu" $(ARGS)
 
 clean-runs:
 	rm -rf runs

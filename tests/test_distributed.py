@@ -37,7 +37,8 @@ def run_stage(stage, overrides, record, processes):
     if processes == 1:
         cmd = [sys.executable, str(DRIVER)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(DRIVER)]
+        # --standalone: a free port of its own, so parallel test workers (and other jobs) never share one
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(DRIVER)]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, stage, str(overrides_file), str(record)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ def test_embedded_alias_is_converted_once_to_safetensors(embedded_dir):
     config = json.loads((embedded_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     mtime = (embedded_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.time()
-    ref = models.resolve("smollm2-135m-instruct")
-    assert time.time() - start < 1.0, "the cached conversion is reused"
+    ref = models.resolve("smollm2-135m-instruct")  # the cached conversion is reused: the file is not rewritten
     assert ref.is_local and ref.location == str(embedded_dir)
     assert (embedded_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
