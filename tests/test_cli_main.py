@@ -32,7 +32,7 @@ def test_help_lists_every_stage_and_command_on_one_line_each(capsys):
 
 
 def test_no_stage_shadows_a_command():
-    assert not {main._canonical(c.name) for c in main.COMMANDS} & set(all_stages())
+    assert not {main.canonical(c.name) for c in main.COMMANDS} & set(all_stages())
 
 
 @pytest.mark.parametrize("command", [*all_stages(), "pipeline", "sweep", "compare-methods", "merge", "export", "generate",

@@ -175,7 +175,7 @@ def parse(program: str, args: list[str]) -> int:
     if not args or PLACEHOLDER.search(args[0]):  # `align <stage> ...`: the command list itself
         return exit_code(lambda: main.main(["--help"]))
     name, rest = args[0], args[1:]
-    configurable = main._canonical(name) in all_stages() or name in ("pipeline", "sweep", "compare-methods")
+    configurable = main.canonical(name) in all_stages() or name in ("pipeline", "sweep", "compare-methods")
     config = rest[rest.index("--config") + 1] if "--config" in rest[:-1] else None
     if configurable and config and (REPO / config).is_file():
         return exit_code(lambda: main.main([name, *rest, "--print-config"]))

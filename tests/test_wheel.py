@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO
 
 # What a build reads: the package sources and pyproject.toml, not the checkout's runs or venv.
-LEFT_OUT = shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
+LEFT_OUT = shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "build", "dist", "site", "*.egg-info", "__pycache__",
+                                  ".pytest_cache", ".whl", ".gpucache", "gpu-check-out")
 
 
 @pytest.fixture(scope="module")

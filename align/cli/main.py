@@ -62,7 +62,8 @@ COMMANDS = (
     Command("configs", RECIPES, "the shipped recipe configs: list them, copy a model's folder to edit", "align.cli.configs"),
 )
 
-def _canonical(name: str) -> str:
+
+def canonical(name: str) -> str:
     """Commands are spelled with hyphens, stages and recipes/<name>.py with underscores: either works."""
     return name.replace("-", "_")
 
@@ -105,12 +106,12 @@ def resolve(name: str) -> Callable[[list[str]], int] | None:
 
     stages = all_stages()
     for command in COMMANDS:
-        if _canonical(command.name) == _canonical(name):
-            if _canonical(command.name) in stages:
+        if canonical(command.name) == canonical(name):
+            if canonical(command.name) in stages:
                 raise RuntimeError(f"stage '{command.name}' has the name of a built-in align command")
             return command.call
-    if _canonical(name) in stages:
-        stage = _canonical(name)
+    if canonical(name) in stages:
+        stage = canonical(name)
 
         def run_stage(argv: list[str]) -> int:
             from align.cli.recipes import recipe_main
@@ -127,14 +128,17 @@ def command_for_script(script: str) -> str | None:
 
     if script in all_stages():
         return script
-    return next((c.name for c in COMMANDS if _canonical(c.name) == _canonical(script)), None)
+    return next((c.name for c in COMMANDS if canonical(c.name) == canonical(script)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
-        return 0 if argv else 2
+        return 0
     name, rest = argv[0], argv[1:]
     entry = resolve(name)
     if entry is None:
