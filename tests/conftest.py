@@ -23,6 +23,11 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist (`make test`) each worker gets its share of the cores: torch's default of one
+# thread per core in every worker would oversubscribe them. Set before torch is imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 # DPO's reference log-prob cache: one fresh folder per test session, never the user's.
 os.environ["ALIGN_REF_CACHE_DIR"] = tempfile.mkdtemp(prefix="align-ref-cache-")
 
