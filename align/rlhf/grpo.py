@@ -112,6 +112,71 @@ def advantages(estimator: str, rewards: torch.Tensor, cfg) -> torch.Tensor:
     raise ValueError(f"unknown estimator {estimator!r}")
 
 
+def fixed_logprobs(gp: GroupPolicy, roll: Sampled, cfg, updates: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sampling policy's, reference's) log-probs of the rollout, each only where the step needs it.
+
+    The policy changes within a step only with several updates per rollout; then the ratio needs the
+    sampling policy's log-probs (and the KL in the reward needs them in any case). With one update the
+    update's own forward is still the sampling policy: its detached log-probs serve (TRL does the same).
+    """
+    o = options(cfg)
+    kl_on = o.kl_coef > 0
+    need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
+    gp.model.eval()
+    with torch.no_grad():
+        old_logp = gp.logprobs(roll.seq, roll.attn, roll.n_resp) if need_old else None
+        ref_logp = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp) if kl_on else None
+    return old_logp, ref_logp
+
+
+def accumulate_update(gp: GroupPolicy, cfg, roll: Sampled, rows_u: torch.Tensor, adv: torch.Tensor,
+                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, logs: dict, kl_sampled: torch.Tensor) -> None:
+    """The gradients of one optimizer update over the responses `rows_u`, in micro-batches of train.batch_size.
+
+    Each micro-batch adds its share of the update's loss (align/rlhf/losses.py aggregate_loss: the
+    normalizers are the whole update's), so the summed gradients do not depend on the split. Appends
+    each micro-batch's loss terms to `logs`; fills `kl_sampled` where no sampling-policy pass ran.
+    """
+    o = options(cfg)
+    kl_on = o.kl_coef > 0
+    mask = roll.mask
+    n_tokens = float(mask[rows_u].sum().item())
+    for start in range(0, len(rows_u), cfg.train.batch_size):
+        rows = rows_u[start : start + cfg.train.batch_size]
+        logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
+        old = old_logp[rows] if old_logp is not None else logp.detach()
+        m = mask[rows]
+        if kl_on and old_logp is None:  # one update per step: this pass is still the sampling policy
+            kl_sampled[rows] = (P.kl_per_token(logp.detach(), ref_logp[rows], "k1") * m).sum(1)
+        per_token, clipped = P.clipped_policy_terms(logp, old, adv[rows], o.clip_range, o.clip_range_high or o.clip_range)
+        pg = P.aggregate_loss(per_token, m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens)
+        loss = pg
+        if kl_on and o.kl_in == "loss":
+            kl_term = o.kl_coef * P.aggregate_loss(
+                P.kl_penalty_terms(logp, old, ref_logp[rows], o.kl_estimator, o.kl_bias_correction), m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens
+            )
+            loss = loss + kl_term
+            logs["kl_loss_term"].append(kl_term.item())
+        loss.backward()
+        logs["loss"].append(loss.item())
+        logs["policy_loss"].append(pg.item())
+        logs["clip_frac"].append(P.masked_mean(clipped, m).item())
+        logs["entropy"].append(P.masked_mean(entropy, m).item())
+
+
+def shaped_rewards(gp: GroupPolicy, roll: Sampled, cfg, old_logp, ref_logp):
+    """(the sources' scores, the reward the advantages come from, which responses were scored)."""
+    o = options(cfg)
+    scores = gp.rewards.score(roll.prompts, roll.responses)
+    reward = scores.total.clone()
+    valid = ~torch.isnan(reward)
+    if o.missing_eos_penalty is not None:
+        reward = reward - o.missing_eos_penalty * (~roll.has_eos).float()
+    if o.kl_coef > 0 and o.kl_in == "reward":
+        reward = reward - o.kl_coef * (P.kl_per_token(old_logp, ref_logp, o.kl_estimator) * roll.mask).sum(1)
+    return scores, reward, valid
+
+
 def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: str) -> dict:
     """One step: rollout, rewards, advantages, `epochs` passes of clipped updates. Returns the step's metrics."""
     o = options(cfg)
@@ -120,60 +185,23 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
     t_gen = time.time() - t0
 
     t1 = time.time()
-    scores = gp.rewards.score(roll.prompts, roll.responses)
-    reward = scores.total.clone()
-    valid = ~torch.isnan(reward)
-    if o.missing_eos_penalty is not None:
-        reward = reward - o.missing_eos_penalty * (~roll.has_eos).float()
-    mask = roll.mask
-    n = mask.size(0)
-    micro = cfg.train.batch_size
-    per_update = micro * cfg.train.gradient_accumulation_steps
+    n = roll.mask.size(0)
+    per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     updates = n // per_update
-    # The policy changes within a step only with several updates per rollout; then the ratio needs
-    # the sampling policy's log-probs (and the KL in the reward needs them in any case).
-    kl_on = o.kl_coef > 0
-    need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
-    gp.model.eval()
-    with torch.no_grad():
-        old_logp = gp.logprobs(roll.seq, roll.attn, roll.n_resp) if need_old else None
-        ref_logp = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp) if kl_on else None
-    if kl_on and o.kl_in == "reward":
-        reward = reward - o.kl_coef * (P.kl_per_token(old_logp, ref_logp, o.kl_estimator) * mask).sum(1)
-    adv = advantages(estimator, torch.where(valid, reward, torch.full_like(reward, math.nan)), cfg).to(mask.device)
+    old_logp, ref_logp = fixed_logprobs(gp, roll, cfg, updates)
+    scores, reward, valid = shaped_rewards(gp, roll, cfg, old_logp, ref_logp)
+    adv = advantages(estimator, torch.where(valid, reward, torch.full_like(reward, math.nan)), cfg).to(roll.mask.device)
 
     gp.model.train()
     params = gp.trainable_parameters()
     logs: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "clip_frac", "entropy", "kl_loss_term")}
-    kl_sampled = torch.zeros(n, device=mask.device)  # KL of each response to the reference, under the sampling policy
-    if kl_on and old_logp is not None:
-        kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(1)
+    kl_sampled = torch.zeros(n, device=roll.mask.device)  # KL of each response to the reference, under the sampling policy
+    if ref_logp is not None and old_logp is not None:
+        kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * roll.mask).sum(1)
     for _ in range(o.epochs):
-        order = torch.randperm(n, device=mask.device)  # fresh micro-batches every epoch
+        order = torch.randperm(n, device=roll.mask.device)  # fresh micro-batches every epoch
         for u in range(updates):
-            rows_u = order[u * per_update : (u + 1) * per_update]
-            n_tokens = float(mask[rows_u].sum().item())
-            for start in range(0, per_update, micro):
-                rows = rows_u[start : start + micro]
-                logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
-                old = old_logp[rows] if old_logp is not None else logp.detach()
-                m = mask[rows]
-                if kl_on and old_logp is None:  # one update per step: this pass is still the sampling policy
-                    kl_sampled[rows] = (P.kl_per_token(logp.detach(), ref_logp[rows], "k1") * m).sum(1)
-                per_token, clipped = P.clipped_policy_terms(logp, old, adv[rows], o.clip_range, o.clip_range_high or o.clip_range)
-                pg = P.aggregate_loss(per_token, m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens)
-                loss = pg
-                if kl_on and o.kl_in == "loss":
-                    kl_term = o.kl_coef * P.aggregate_loss(
-                        P.kl_per_token(logp, ref_logp[rows], o.kl_estimator), m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens
-                    )
-                    loss = loss + kl_term
-                    logs["kl_loss_term"].append(kl_term.item())
-                loss.backward()
-                logs["loss"].append(loss.item())
-                logs["policy_loss"].append(pg.item())
-                logs["clip_frac"].append(P.masked_mean(clipped, m).item())
-                logs["entropy"].append(P.masked_mean(entropy, m).item())
+            accumulate_update(gp, cfg, roll, order[u * per_update : (u + 1) * per_update], adv, old_logp, ref_logp, logs, kl_sampled)
             if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
                 raise NonFiniteError(f"non-finite gradient in a {estimator.upper()} update")
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -181,8 +209,13 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     t_train = time.time() - t1
+    return step_metrics(estimator, cfg, roll, scores, reward, valid, adv, logs, kl_sampled, updates, scheduler, t_gen, t_train)
 
+
+def step_metrics(estimator, cfg, roll, scores, reward, valid, adv, logs, kl_sampled, updates, scheduler, t_gen, t_train) -> dict:
+    o = options(cfg)
     prefix = estimator
+    mask = roll.mask
     # Micro-batch losses are shares of their update's loss: the update's loss is their sum.
     per_update_loss = sum(logs["loss"]) / max(o.epochs * updates, 1)
     out = {
@@ -202,7 +235,7 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
         "time/training_s": t_train,
     }
     out.update(scores.metrics(f"{prefix}/reward"))
-    if kl_on:
+    if o.kl_coef > 0:
         out[f"{prefix}/kl"] = kl_sampled.mean().item()
         out[f"{prefix}/kl_coef"] = o.kl_coef
     if logs["kl_loss_term"]:
