@@ -36,7 +36,8 @@ from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
 from align.modeling.adapters import peft_config_for
-from align.modeling.generation import Sampled, Sampling, response_logprobs, sample_tokens
+from align.modeling.generation import Sampled, Sampling, sample_tokens
+from align.rlhf import group_rows
 from align.rlhf import losses as P
 from align.rlhf.rewards import Rewards
 
@@ -63,13 +64,14 @@ class GroupPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
 
-    def logprobs(self, seq, attn, n_resp, with_entropy=False):
-        return response_logprobs(self.model, seq, attn, n_resp, with_entropy)
+    def logprobs(self, seq, attn, n_resp, with_entropy=False, groups=None):
+        """Per-token log-probs of the responses; `groups` (each row's prompt) lets a group's prompt run once."""
+        return group_rows.logprobs(self.model, seq, attn, n_resp, groups, self.tokenizer.pad_token_id, with_entropy)
 
     @torch.no_grad()
-    def reference_logprobs(self, seq, attn, n_resp):
+    def reference_logprobs(self, seq, attn, n_resp, groups=None):
         with self.model.disable_adapter():
-            return response_logprobs(self.model, seq, attn, n_resp)
+            return self.logprobs(seq, attn, n_resp, groups=groups)
 
 
 def gradient_checkpointing(cfg, model) -> bool:
@@ -123,9 +125,15 @@ def fixed_logprobs(gp: GroupPolicy, roll: Sampled, cfg, updates: int) -> tuple[t
     kl_on = o.kl_coef > 0
     need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
     gp.model.eval()
+    chunk = cfg.train.eval_batch_size or cfg.train.batch_size
+    chunks = [torch.arange(i, min(i + chunk, roll.seq.size(0))) for i in range(0, roll.seq.size(0), chunk)]
+
+    def over_chunks(fn):
+        return torch.cat([fn(roll.seq[rows], roll.attn[rows], roll.n_resp, groups=rows // o.group_size) for rows in chunks])
+
     with torch.no_grad():
-        old_logp = gp.logprobs(roll.seq, roll.attn, roll.n_resp) if need_old else None
-        ref_logp = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp) if kl_on else None
+        old_logp = over_chunks(gp.logprobs) if need_old else None
+        ref_logp = over_chunks(gp.reference_logprobs) if kl_on else None
     return old_logp, ref_logp
 
 
@@ -143,7 +151,7 @@ def accumulate_update(gp: GroupPolicy, cfg, roll: Sampled, rows_u: torch.Tensor,
     n_tokens = float(mask[rows_u].sum().item())
     for start in range(0, len(rows_u), cfg.train.batch_size):
         rows = rows_u[start : start + cfg.train.batch_size]
-        logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
+        logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True, groups=rows // o.group_size)
         old = old_logp[rows] if old_logp is not None else logp.detach()
         m = mask[rows]
         if kl_on and old_logp is None:  # one update per step: this pass is still the sampling policy
@@ -162,6 +170,13 @@ def accumulate_update(gp: GroupPolicy, cfg, roll: Sampled, rows_u: torch.Tensor,
         logs["policy_loss"].append(pg.item())
         logs["clip_frac"].append(P.masked_mean(clipped, m).item())
         logs["entropy"].append(P.masked_mean(entropy, m).item())
+
+
+def group_order(n: int, group_size: int, device) -> torch.Tensor:
+    """The rollout's rows in a random order of whole groups: a micro-batch then holds whole groups
+    wherever its size allows, whose prompt the log-prob passes compute once (align/rlhf/group_rows.py)."""
+    groups = torch.randperm(n // group_size, device=device)
+    return (groups[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
 
 
 def shaped_rewards(gp: GroupPolicy, roll: Sampled, cfg, old_logp, ref_logp):
@@ -199,7 +214,7 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
     if ref_logp is not None and old_logp is not None:
         kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * roll.mask).sum(1)
     for _ in range(o.epochs):
-        order = torch.randperm(n, device=roll.mask.device)  # fresh micro-batches every epoch
+        order = group_order(n, o.group_size, roll.mask.device)  # fresh micro-batches every epoch
         for u in range(updates):
             accumulate_update(gp, cfg, roll, order[u * per_update : (u + 1) * per_update], adv, old_logp, ref_logp, logs, kl_sampled)
             if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
