@@ -46,6 +46,8 @@ VARIANTS = ("trl", "ours")
 SHAPES = {  # random-init shapes; the vocabulary is the tokenizer's, so sampled ids decode
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,  # the bench's own test
+                 num_key_value_heads=2, tie_word_embeddings=True),
 }
 REWARDS = [  # judges only: both sides call the same align scorer
     {"judge": "format", "weight": 1.0, "default": 0.0},
