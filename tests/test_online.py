@@ -321,12 +321,16 @@ def test_online_dpo_round_two_samples_from_round_one_policy_against_the_sft_refe
     model = PeftModel.from_pretrained(models.load_model(base, cfg.model), str(after_round_1 / "adapters"))
     judge = Rewards([RewardSource(judge="online_scorers:chars", weight=0.1)])
 
+    from align.rlhf.rollout import LocalRollout
+
+    engine = LocalRollout(model, tok, lambda: None)
+
     def resample(r, adapter: bool):
         prompts = [row["prompt"] for row in rounds[r]]
         if adapter:
-            return sample_round(model, tok, judge, prompts, cfg.online, seed=cfg.train.seed + r).responses
+            return sample_round(engine, judge, prompts, cfg.online, seed=cfg.train.seed, round_no=r).responses
         with model.disable_adapter():
-            return sample_round(model, tok, judge, prompts, cfg.online, seed=cfg.train.seed + r).responses
+            return sample_round(engine, judge, prompts, cfg.online, seed=cfg.train.seed, round_no=r).responses
 
     recorded = {r: [x for row in rounds[r] for x in row["responses"]] for r in (1, 2)}
     assert resample(1, adapter=False) == recorded[1]  # round 1: the SFT model

@@ -95,8 +95,7 @@ def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
     cfg = ppo_config(runs, tiny_data)
     pvr = build(cfg)
     prompts = [[{"role": "user", "content": f"What is {i} plus one?"}] for i in range(3)]
-    torch.manual_seed(0)
-    roll = sample(pvr, prompts, cfg)
+    roll = sample(pvr, prompts, cfg, seeds=[0, 1, 2])
     with torch.no_grad():
         policy = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
         with pvr.model.disable_adapter():
@@ -247,13 +246,17 @@ def test_reward_run_is_a_judge(runs):
         load_judge(f"rm:{runs['root'] / 'sft'}")
 
 
-def test_ppo_refuses_to_run_on_several_processes(runs, tiny_data, monkeypatch):
+def test_ppo_refuses_a_split_over_processes_that_cannot_work(runs, tiny_data, monkeypatch):
     from align.core.errors import ConfigError
     from align.stages import ppo
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = ppo_config(runs, tiny_data, name="ppo-ddp")
-    with pytest.raises(ConfigError, match="runs as one process; it was launched with WORLD_SIZE=2"):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = ppo_config(runs, tiny_data, name="ppo-ddp", **{"ppo.rollout_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size: 4 prompts per step do not split evenly over 3 processes"):
+        ppo.run(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = ppo_config(runs, tiny_data, name="ppo-ddp", **{"ppo.rollout_batch_size": 8, "ppo.minibatch_size": 2})
+    with pytest.raises(ConfigError, match=r"ppo.minibatch_size: 2 responses per minibatch do not split evenly over 4 processes"):
         ppo.run(cfg)
     assert not Path(cfg.output_dir).exists()  # nothing written
 

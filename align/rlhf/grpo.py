@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -36,9 +37,12 @@ from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
 from align.modeling.adapters import peft_config_for
-from align.modeling.generation import Sampled, Sampling, response_logprobs, sample_tokens
+from align.modeling.generation import Sampled, Sampling, response_logprobs
 from align.rlhf import losses as P
-from align.rlhf.rewards import Rewards
+from align.rlhf.distributed import World, row_seed
+from align.rlhf.distributed import world as current_world
+from align.rlhf.rewards import Rewards, Scores
+from align.rlhf.rollout import LocalRollout, gather_rollout
 
 POLICY = "policy"
 
@@ -59,6 +63,7 @@ class GroupPolicy:
         self.model.set_adapter(POLICY)
         for name, param in self.model.named_parameters():  # only the policy adapter trains
             param.requires_grad_(f".{POLICY}." in name)
+        self.engine = LocalRollout(self.model, tokenizer, lambda: self.model.set_adapter(POLICY))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
@@ -97,10 +102,12 @@ def sampling(cfg, samples: int, seed: int | None = None) -> Sampling:
                     num_return_sequences=samples, seed=seed)
 
 
-def rollout(gp: GroupPolicy, prompts: list[list[dict]], cfg) -> Sampled:
-    """group_size responses per prompt from the policy, rows prompt by prompt."""
-    gp.model.set_adapter(POLICY)
-    return sample_tokens(gp.model, gp.tokenizer, prompts, sampling(cfg, options(cfg).group_size))
+def rollout(gp: GroupPolicy, prompts: list[list[dict]], cfg, step: int = 0, first: int = 0) -> Sampled:
+    """group_size responses per prompt from the policy, rows prompt by prompt. Sample j of the step's
+    prompt first + i is drawn with the seed (train.seed, step, first + i, j), whichever process draws it."""
+    g = options(cfg).group_size
+    seeds = [row_seed(cfg.train.seed, step, first + i, j) for i in range(len(prompts)) for j in range(g)]
+    return gp.engine.sample(prompts, sampling(cfg, g), seeds)
 
 
 def advantages(estimator: str, rewards: torch.Tensor, cfg) -> torch.Tensor:
@@ -112,49 +119,126 @@ def advantages(estimator: str, rewards: torch.Tensor, cfg) -> torch.Tensor:
     raise ValueError(f"unknown estimator {estimator!r}")
 
 
-def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: str) -> dict:
-    """One step: rollout, rewards, advantages, `epochs` passes of clipped updates. Returns the step's metrics."""
-    o = options(cfg)
-    t0 = time.time()
-    roll = rollout(gp, prompts, cfg)
-    t_gen = time.time() - t0
+@dataclass
+class StepRollout:
+    """A step's responses from every rank, in prompt order, with what the update needs: the same on every rank."""
 
-    t1 = time.time()
+    roll: Sampled
+    scores: Scores
+    old_logp: torch.Tensor | None  # the sampling policy's log-probs, when the update needs them
+    ref_logp: torch.Tensor | None  # the reference's, when the KL is on
+    generation_s: float
+
+
+def collect(gp: GroupPolicy, cfg, prompts, step: int, world: World, need_old: bool, kl_on: bool) -> StepRollout:
+    """This rank samples and scores its share of the step's prompts (whole groups), then every rank gathers the step."""
+    mine = world.share(len(prompts))
+    t0 = time.time()
+    roll = rollout(gp, [prompts[i] for i in mine], cfg, step, mine.start)
+    generation_s = time.time() - t0
     scores = gp.rewards.score(roll.prompts, roll.responses)
-    reward = scores.total.clone()
-    valid = ~torch.isnan(reward)
-    if o.missing_eos_penalty is not None:
-        reward = reward - o.missing_eos_penalty * (~roll.has_eos).float()
-    mask = roll.mask
-    n = mask.size(0)
-    micro = cfg.train.batch_size
-    per_update = micro * cfg.train.gradient_accumulation_steps
-    updates = n // per_update
+    gp.model.eval()
+    with torch.no_grad():
+        per_token = {"old": gp.logprobs(roll.seq, roll.attn, roll.n_resp)} if need_old else {}
+        if kl_on:
+            per_token["ref"] = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp)
+    per_row = {"per_source": scores.per_source, "total": scores.total}
+    roll, rows = gather_rollout(world, roll, per_row, per_token, gp.tokenizer.pad_token_id)
+    scores = Scores(scores.names, rows["per_source"].cpu(), rows["total"].cpu())
+    return StepRollout(roll, scores, rows.get("old"), rows.get("ref"), generation_s)
+
+
+def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: str, step: int = 0, world: World | None = None) -> dict:
+    """One step: rollout, rewards, advantages, `epochs` passes of clipped updates. Returns the step's metrics.
+
+    `prompts` are the whole step's; with several processes each samples its share and trains on its
+    slice of every update, and the step equals one process's with the whole batch (align/rlhf/distributed.py).
+    """
+    o = options(cfg)
+    world = world or current_world()
+    per_rank = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    updates = len(prompts) * o.group_size // (per_rank * world.size)
     # The policy changes within a step only with several updates per rollout; then the ratio needs
     # the sampling policy's log-probs (and the KL in the reward needs them in any case).
     kl_on = o.kl_coef > 0
     need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
-    gp.model.eval()
-    with torch.no_grad():
-        old_logp = gp.logprobs(roll.seq, roll.attn, roll.n_resp) if need_old else None
-        ref_logp = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp) if kl_on else None
+    batch = collect(gp, cfg, prompts, step, world, need_old, kl_on)
+    t1 = time.time()
+    roll, mask = batch.roll, batch.roll.mask
+    reward = batch.scores.total.to(mask.device)
+    valid = ~torch.isnan(reward)
+    if o.missing_eos_penalty is not None:
+        reward = reward - o.missing_eos_penalty * (~roll.has_eos).float()
     if kl_on and o.kl_in == "reward":
-        reward = reward - o.kl_coef * (P.kl_per_token(old_logp, ref_logp, o.kl_estimator) * mask).sum(1)
+        reward = reward - o.kl_coef * (P.kl_per_token(batch.old_logp, batch.ref_logp, o.kl_estimator) * mask).sum(1)
     adv = advantages(estimator, torch.where(valid, reward, torch.full_like(reward, math.nan)), cfg).to(mask.device)
+    sums, kl_sampled = update_passes(gp, cfg, batch, adv, optimizer, scheduler, step, world, updates, estimator)
+    times = world.max(torch.tensor([batch.generation_s, time.time() - t1], device=mask.device))
+    sums = world.sum(sums)
+    loss, policy_loss, kl_term, clipped, entropy, tokens = sums.tolist()
+    passes = max(o.epochs * updates, 1)
+    prefix = estimator
+    out = {
+        # Micro-batch losses are shares of their update's loss: the update's loss is their sum (over ranks too).
+        f"{prefix}/loss": loss / passes,
+        f"{prefix}/clip_frac": clipped / max(tokens, 1.0),
+        f"{prefix}/entropy": entropy / max(tokens, 1.0),
+        f"{prefix}/policy_loss": policy_loss / passes,
+        # The reward the advantages come from: the sources' total, less the missing-EOS penalty and (kl_in: reward) the KL.
+        f"{prefix}/reward_shaped": reward[valid].mean().item() if valid.any() else math.nan,
+        f"{prefix}/advantage_abs": adv.abs().mean().item(),
+        f"{prefix}/groups_without_signal": _flat_groups(batch.scores.total, valid.cpu(), o.group_size),
+        f"{prefix}/response_length": mask.sum(1).mean().item(),
+        f"{prefix}/eos_share": roll.has_eos.float().mean().item(),
+        f"{prefix}/rollout_tokens": int(roll.attn.sum().item()),
+        f"{prefix}/learning_rate": scheduler.get_last_lr()[0],
+        "time/generation_s": times[0].item(),
+        "time/training_s": times[1].item(),
+    }
+    out.update(batch.scores.metrics(f"{prefix}/reward"))
+    if kl_on:
+        out[f"{prefix}/kl"] = kl_sampled.mean().item()
+        out[f"{prefix}/kl_coef"] = o.kl_coef
+        if o.kl_in == "loss":
+            out[f"{prefix}/kl_loss_term"] = kl_term / passes
+    checked = ("loss", "clip_frac", "entropy", "advantage_abs", "kl")
+    if any(not math.isfinite(out[f"{prefix}/{k}"]) for k in checked if f"{prefix}/{k}" in out):
+        raise NonFiniteError(f"non-finite {estimator.upper()} statistics (loss, advantage or KL)")
+    return out
 
+
+def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, scheduler, step: int, world: World,
+                  updates: int, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`epochs` passes of clipped policy-gradient updates over the step's rollout.
+
+    Each pass shuffles the step's rows with a seed of (train.seed, step, pass), the same on every
+    rank, and cuts them into updates of N x train.batch_size x gradient_accumulation_steps rows;
+    rank r trains on the r-th slice of each update, in micro-batches of train.batch_size, with the
+    update's normalizers (its rows and tokens over all ranks), and the gradients are summed across
+    ranks before the optimizer steps. Returns this rank's sums (loss, policy loss, KL term, clipped
+    tokens, entropy, tokens) and each response's KL to the reference under the sampling policy.
+    """
+    o = options(cfg)
+    roll, mask, old_logp, ref_logp = batch.roll, batch.roll.mask, batch.old_logp, batch.ref_logp
+    n, micro = mask.size(0), cfg.train.batch_size
+    per_rank = micro * cfg.train.gradient_accumulation_steps
+    per_update = per_rank * world.size
+    kl_on = ref_logp is not None
     gp.model.train()
     params = gp.trainable_parameters()
-    logs: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "clip_frac", "entropy", "kl_loss_term")}
+    sums = torch.zeros(6, dtype=torch.float64, device=mask.device)
     kl_sampled = torch.zeros(n, device=mask.device)  # KL of each response to the reference, under the sampling policy
     if kl_on and old_logp is not None:
         kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(1)
-    for _ in range(o.epochs):
-        order = torch.randperm(n, device=mask.device)  # fresh micro-batches every epoch
+    shuffle = torch.Generator().manual_seed(row_seed(cfg.train.seed, step, "order"))
+    for epoch in range(o.epochs):
+        order = torch.randperm(n, generator=shuffle).to(mask.device)  # fresh updates every pass
         for u in range(updates):
             rows_u = order[u * per_update : (u + 1) * per_update]
             n_tokens = float(mask[rows_u].sum().item())
-            for start in range(0, per_update, micro):
-                rows = rows_u[start : start + micro]
+            mine = rows_u[world.rank * per_rank : (world.rank + 1) * per_rank]
+            for start in range(0, per_rank, micro):
+                rows = mine[start : start + micro]
                 logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 m = mask[rows]
@@ -162,55 +246,26 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
                     kl_sampled[rows] = (P.kl_per_token(logp.detach(), ref_logp[rows], "k1") * m).sum(1)
                 per_token, clipped = P.clipped_policy_terms(logp, old, adv[rows], o.clip_range, o.clip_range_high or o.clip_range)
                 pg = P.aggregate_loss(per_token, m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens)
-                loss = pg
+                kl_term = pg.new_zeros(())
                 if kl_on and o.kl_in == "loss":
                     kl_term = o.kl_coef * P.aggregate_loss(
                         P.kl_per_token(logp, ref_logp[rows], o.kl_estimator), m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens
                     )
-                    loss = loss + kl_term
-                    logs["kl_loss_term"].append(kl_term.item())
+                loss = pg + kl_term
                 loss.backward()
-                logs["loss"].append(loss.item())
-                logs["policy_loss"].append(pg.item())
-                logs["clip_frac"].append(P.masked_mean(clipped, m).item())
-                logs["entropy"].append(P.masked_mean(entropy, m).item())
+                with torch.no_grad():
+                    sums += torch.stack([loss, pg, kl_term, (clipped * m).sum(), (entropy * m).sum(), m.sum()]).double()
+            world.sum_gradients(params)
             if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
                 raise NonFiniteError(f"non-finite gradient in a {estimator.upper()} update")
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    t_train = time.time() - t1
-
-    prefix = estimator
-    # Micro-batch losses are shares of their update's loss: the update's loss is their sum.
-    per_update_loss = sum(logs["loss"]) / max(o.epochs * updates, 1)
-    out = {
-        f"{prefix}/loss": per_update_loss,
-        f"{prefix}/clip_frac": sum(logs["clip_frac"]) / len(logs["clip_frac"]),
-        f"{prefix}/entropy": sum(logs["entropy"]) / len(logs["entropy"]),
-        f"{prefix}/policy_loss": sum(logs["policy_loss"]) / max(o.epochs * updates, 1),
-        # The reward the advantages come from: the sources' total, less the missing-EOS penalty and (kl_in: reward) the KL.
-        f"{prefix}/reward_shaped": reward[valid].mean().item() if valid.any() else math.nan,
-        f"{prefix}/advantage_abs": adv.abs().mean().item(),
-        f"{prefix}/groups_without_signal": _flat_groups(scores.total, valid, o.group_size),
-        f"{prefix}/response_length": mask.sum(1).mean().item(),
-        f"{prefix}/eos_share": roll.has_eos.float().mean().item(),
-        f"{prefix}/rollout_tokens": int(roll.attn.sum().item()),
-        f"{prefix}/learning_rate": scheduler.get_last_lr()[0],
-        "time/generation_s": t_gen,
-        "time/training_s": t_train,
-    }
-    out.update(scores.metrics(f"{prefix}/reward"))
-    if kl_on:
-        out[f"{prefix}/kl"] = kl_sampled.mean().item()
-        out[f"{prefix}/kl_coef"] = o.kl_coef
-    if logs["kl_loss_term"]:
-        out[f"{prefix}/kl_loss_term"] = sum(logs["kl_loss_term"]) / max(o.epochs * updates, 1)
-    checked = ("loss", "clip_frac", "entropy", "advantage_abs", "kl")
-    if any(not math.isfinite(out[f"{prefix}/{k}"]) for k in checked if f"{prefix}/{k}" in out):
-        raise NonFiniteError(f"non-finite {estimator.upper()} statistics (loss, advantage or KL)")
-    return out
+            gp.engine.policy_updated()
+    if kl_on and old_logp is None:  # each rank filled the rows it trained on
+        world.sum(kl_sampled)
+    return sums, kl_sampled
 
 
 def _flat_groups(reward: torch.Tensor, valid: torch.Tensor, group_size: int) -> int:
@@ -238,12 +293,22 @@ def optimizer_and_schedule(cfg, params):
 
     o = options(cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    per_step = o.prompts_per_step * o.group_size // (cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
+    per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * current_world().size
+    per_step = o.prompts_per_step * o.group_size // per_update
     updates = cfg.train.max_steps * o.epochs * per_step
     scheduler = get_scheduler(
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * updates), num_training_steps=updates
     )
     return optimizer, scheduler
+
+
+def check_processes(cfg, size: int) -> None:
+    """A step's prompts split over `size` processes into whole groups, each rank's rows into whole updates."""
+    from align.rlhf.distributed import check_shards
+
+    o = options(cfg)
+    check_shards(size, o.prompts_per_step, f"{cfg.stage}.prompts_per_step", rows_per_prompt=o.group_size,
+                 rows_per_update=cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
 
 
 def check_prompts(rows: list[dict], key: str = "data.path") -> list[list[dict]]:
@@ -253,11 +318,12 @@ def check_prompts(rows: list[dict], key: str = "data.path") -> list[list[dict]]:
     return prompts
 
 
-def train(stage, cfg, estimator: str, reward_runs) -> tuple[GroupPolicy, dict]:
+def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupPolicy, dict]:
     """Steps 1..train.max_steps (resuming from stage.resume_from), the adapter saved; returns the model and summary.
 
     `stage` is the StageRun (tracker, run_dir, base, splits); `reward_runs` the checked RunDirs of
-    the reward-run sources (align.rlhf.rewards.reward_runs).
+    the reward-run sources (align.rlhf.rewards.reward_runs); `callbacks` see the trained model
+    (on_train_end, every rank). Every rank runs this; rank 0 writes.
     """
     from transformers import set_seed
 
@@ -283,7 +349,7 @@ def train(stage, cfg, estimator: str, reward_runs) -> tuple[GroupPolicy, dict]:
     eval_prompts = distinct_prompts(stage.splits.eval, o.eval_prompts) if o.eval_prompts else []
 
     def step(i: int) -> dict:
-        return group_step(gp, cfg, batch_prompts(prompts, i, o.prompts_per_step, cfg.train.seed), optimizer, scheduler, estimator)
+        return group_step(gp, cfg, batch_prompts(prompts, i, o.prompts_per_step, cfg.train.seed), optimizer, scheduler, estimator, step=i)
 
     def save(done: int):
         return loop.save_checkpoint(stage.run_dir.path, done, gp.model, [POLICY], optimizer, scheduler, {}, cfg.train.save_total_limit)
@@ -296,6 +362,7 @@ def train(stage, cfg, estimator: str, reward_runs) -> tuple[GroupPolicy, dict]:
         stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save, describe=describe, desc=estimator,
         eval_fn=(lambda: held_out(gp, eval_prompts, cfg, cfg.train.seed)) if eval_prompts else None,
     )
+    loop.notify_train_end(callbacks, gp.model)
     target = stage.run_dir.path / ADAPTER
     if is_main_process():
         loop.save_standard_adapter(gp.model, POLICY, target)

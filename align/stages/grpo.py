@@ -32,7 +32,7 @@ def run(cfg, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
     from align.stages.common import run_group_stage
 
-    return run_group_stage(cfg, force)
+    return run_group_stage(cfg, force, callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:

@@ -124,7 +124,9 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     from align.rlhf import loop
     from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
     from align.rlhf.ppo import batch_prompts
+    from align.rlhf.distributed import world
     from align.rlhf.rewards import Rewards, answers_of, held_out_metrics
+    from align.rlhf.rollout import LocalRollout
     from align.stages.common import StepTimer, log_sample_table
 
     o, t = cfg.online, cfg.train
@@ -137,6 +139,8 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     model.set_adapter(loop.DEFAULT_ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(f".{loop.DEFAULT_ADAPTER}." in name)
+    engine = LocalRollout(model, tokenizer, lambda: model.set_adapter(loop.DEFAULT_ADAPTER))
+    ranks = world()
     counts = models.count_parameters(model)
     done_rounds, step, pairs_so_far = 0, 0, 0
     if stage.resume_from is not None:
@@ -162,20 +166,22 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
             stage.tracker.log(evaluate(), step=0)
         for r in range(done_rounds + 1, o.rounds + 1):
             round_prompts = batch_prompts(prompts, r - 1, per_round, t.seed) if o.prompts_per_round else prompts
-            model.set_adapter(loop.DEFAULT_ADAPTER)
-            samples = sample_round(model, tokenizer, rewards, round_prompts, o, seed=t.seed + r)
+            samples = sample_round(engine, rewards, round_prompts, o, seed=t.seed, round_no=r)  # every rank: the whole round
             pairs, outcome = pairs_of(samples, o.pairing, o.min_margin, r)
-            write_round(stage.run_dir.path, r, samples, pairs)
+            if ranks.main:
+                write_round(stage.run_dir.path, r, samples, pairs)
             metrics = {"online/round": r, "online/prompts": len(round_prompts), "online/pairs": len(pairs),
                        **{f"online/unpaired/{k}": v for k, v in outcome.items()}, **samples.scores.metrics("online/reward")}
             if not pairs:
                 log.warning("online_dpo round %d: no pairs (every prompt's samples tied or were unscored); the adapter is unchanged", r)
-            if interrupt.signal_name:  # caught while sampling: the policy is still round r-1's
+            if ranks.any(bool(interrupt.signal_name)):  # caught while sampling: the policy is still round r-1's
+                interrupt.signal_name = interrupt.signal_name or "SIGTERM"
                 raise Interrupted(f"{interrupt.signal_name} before round {r} trained; checkpoint saved in {save(r - 1)}; "
                                   "continue with --resume (resume=true)", exit_code=interrupt.exit_code)
             figures = train_round(stage, cfg, model, tokenizer, pairs, step, interrupt, timer, callbacks) if pairs else {}
             fast_path = figures.pop("fast_path", fast_path)
-            if interrupt.signal_name:
+            if ranks.any(bool(interrupt.signal_name)):
+                interrupt.signal_name = interrupt.signal_name or "SIGTERM"
                 checkpoint = latest_complete(stage.run_dir.path)
                 where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved (train.save_steps)"
                 raise Interrupted(f"{interrupt.signal_name} during round {r}; its training is lost; {where}; "
@@ -196,9 +202,11 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     finally:
         interrupt.uninstall()
 
-    target = loop.save_standard_adapter(model, loop.DEFAULT_ADAPTER, stage.run_dir.path / ADAPTER)
-    stage.tracker.log_artifact(target, name="online_dpo-adapter", type="model", metadata={"stage": "online_dpo", "base_model": stage.base.name})
-    counts["adapter_bytes"] = adapter_bytes(target)
+    target = stage.run_dir.path / ADAPTER
+    if ranks.main:
+        loop.save_standard_adapter(model, loop.DEFAULT_ADAPTER, target)
+        stage.tracker.log_artifact(target, name="online_dpo-adapter", type="model", metadata={"stage": "online_dpo", "base_model": stage.base.name})
+        counts["adapter_bytes"] = adapter_bytes(target)
     before = loop.logged_at_step(stage.run_dir, 0)
     model.set_adapter(loop.DEFAULT_ADAPTER)
     sampled = log_sample_table(stage, model, tokenizer, "reference", step=step)

@@ -95,7 +95,7 @@ def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats,
 
     def step(i: int) -> dict:
         batch = rl.batch_prompts(prompts, i, cfg.ppo.rollout_batch_size, cfg.train.seed)
-        metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
+        metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats, step=i)
         kl_ctl.update(metrics["ppo/kl"], len(batch))
         return metrics
 
@@ -134,16 +134,18 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.modeling import models
     from align.rlhf import losses as P
     from align.rlhf import ppo as rl
-    from align.rlhf.loop import single_process
+    from align.rlhf.distributed import launched_size
+    from align.rlhf.loop import notify_train_end
     from align.rlhf.scoring import read_stats
-    from align.stages.common import finished_parent, log_sample_table, open_stage
+    from align.stages.common import finished_parent, join_processes, log_sample_table, open_stage
 
-    single_process("ppo")
     cfg = prepare_config(cfg)
+    rl.check_processes(cfg, launched_size())
     reward_run = finished_parent(cfg.reward_run, key="reward_run")
     if (reward_run.manifest() or {}).get("stage") != "reward":
         raise DataError(f"reward_run: {reward_run.path} is not a reward-model run")
     stage = open_stage(cfg, "prompt", force, inputs={"reward_run": (reward_run.manifest() or {}).get("run_id")})
+    join_processes(stage)
     base, splits = stage.base, stage.splits
     if stage.skipped:
         return stage.run_dir
@@ -165,6 +167,7 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
             start, kl_ctl.value = rl.load_checkpoint(stage.resume_from, pvr, optimizer, scheduler)
         eval_prompts = [r["prompt"] for r in splits.eval][: max(cfg.samples.num_prompts, 8)]
         final = train_steps(stage, pvr, cfg, optimizer, scheduler, kl_ctl, stats, start, eval_prompts)
+        notify_train_end(callbacks, pvr.model)
         save_final(stage, pvr)
         pvr.use("policy")
         sampled = log_sample_table(stage, pvr.model, tokenizer, "reference", step=cfg.train.max_steps)

@@ -1,0 +1,192 @@
+"""The online stages on two CPU processes (torchrun, gloo) equal one process with the whole batch.
+
+For GRPO, RLOO, PPO and online DPO: the adapter of 2 processes x P/2 prompts equals the adapter of
+1 process x P prompts (per parameter, relative tolerance: the ranks compute log-probs on their
+shares, one process on the whole batch, so sums round differently), and both ranks hold identical
+adapters. A 2-process GRPO run killed (SIGKILL) after step 2 and resumed ends with the adapter of
+the uninterrupted 2-process run. A reward adapter on the same base stays frozen on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, read_metrics, tiny_overrides
+
+from align.core.config import load_config
+from align.core.errors import ConfigError
+
+DRIVER = REPO / "tests" / "stage_driver.py"
+SCORER = '''
+def chars(prompt, response):
+    return float(len(response))
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sft_parent, tiny_data):
+    """A reward run on the SFT run's merged model, and a folder with a scorer module for the subprocesses."""
+    from align.stages import reward
+    from align.stages.reward import RewardConfig
+
+    root = tmp_path_factory.mktemp("online-ddp")
+    (root / "ddp_scorers.py").write_text(SCORER)
+    reward.run(load_config(RewardConfig, None, tiny_overrides(
+        None, tiny_data["prefs"], root / "reward", parent_run=str(sft_parent), tracking="none",
+        **{"train.max_steps": 2, "reward.stats_samples": 8, "samples.num_prompts": 0},
+    )))
+    return {"root": root, "sft": sft_parent, "reward": root / "reward", "data": tiny_data["prefs"]}
+
+
+def launch(setup, stage: str, name: str, overrides: dict, processes: int, env: dict | None = None, expect: int = 0):
+    """Runs `stage` through tests/stage_driver.py on 1 process or 2 (torchrun); returns the run dir and record dir."""
+    root = setup["root"]
+    run_dir, record = root / name, root / f"rec-{name}"
+    record.mkdir(parents=True, exist_ok=True)
+    full = tiny_overrides(None, setup["data"], run_dir, parent_run=str(setup["sft"]), **{
+        "tracking": "none", "samples.num_prompts": 1, "lora.dropout": 0.0, "train.logging_steps": 1, **overrides})
+    (record / "overrides.json").write_text(json.dumps(full))
+    cmd = [sys.executable, str(DRIVER)] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone", str(DRIVER)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **(env or {})}
+    proc = subprocess.run([*cmd, stage, str(record / "overrides.json"), str(record)], capture_output=True, text=True,
+                          timeout=900, env=environment)
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return run_dir, record
+
+
+def weights(record, rank: int = 0, kind: str = "") -> dict[str, torch.Tensor]:
+    return torch.load(record / f"rank{rank}{kind}.pt")
+
+
+def assert_close_per_parameter(a: dict, b: dict, rtol: float = 1e-3) -> None:
+    """Each tensor of `a` equals its twin in `b` within rtol of its norm."""
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = max(a[name].norm().item(), b[name].norm().item(), 1e-12)
+        assert (a[name] - b[name]).norm().item() <= rtol * scale, name
+
+
+def assert_ranks_identical(record) -> None:
+    rank0, rank1 = weights(record, 0), weights(record, 1)
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def adapter_file(run_dir, checkpoint: int | None = None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    folder = run_dir / "adapter" if checkpoint is None else run_dir / "checkpoints" / f"checkpoint-{checkpoint}" / "adapters" / "policy"
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def group(stage: str, batch: int, **extra) -> dict:
+    """4 prompts x 2 samples per step; 2 optimizer updates per step (batch 4 on 1 process, 2 per rank on 2)."""
+    return {"rewards": [{"judge": "ddp_scorers:chars", "weight": 0.1}], "train.max_steps": 2, "train.batch_size": batch,
+            "train.learning_rate": 5e-3, f"{stage}.prompts_per_step": 4, f"{stage}.group_size": 2,
+            f"{stage}.max_new_tokens": 5, f"{stage}.eval_prompts": 3, **extra}
+
+
+def test_grpo_on_two_processes_equals_one_resumes_and_keeps_the_reward_adapter_frozen(setup):
+    rewards = [{"judge": "ddp_scorers:chars", "weight": 0.1}, {"reward_run": str(setup["reward"]), "weight": 0.5}]
+    extra = {"rewards": rewards, "train.max_steps": 3, "train.save_steps": 1, "train.eval_steps": 2}
+    one, rec_one = launch(setup, "grpo", "grpo-one", group("grpo", 4, **extra), processes=1)
+    two, rec_two = launch(setup, "grpo", "grpo-two", group("grpo", 2, **extra), processes=2)
+
+    # After 2 steps and at the end: 2 processes x 2 prompts = 1 process x 4 prompts; the ranks are identical.
+    assert_close_per_parameter(adapter_file(two, 2), adapter_file(one, 2))
+    assert_close_per_parameter(weights(rec_two), weights(rec_one))
+    assert_ranks_identical(rec_two)
+    # The step's metrics are the global batch's, logged once, by rank 0.
+    rows = {name: [r for r in read_metrics(run) if "grpo/loss" in r] for name, run in (("one", one), ("two", two))}
+    assert [r["_step"] for r in rows["two"]] == [1, 2, 3]
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("grpo/loss", "grpo/reward/total", "grpo/reward/rm1", "grpo/kl", "grpo/rollout_tokens", "grpo/clip_frac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+    evals = {name: [r["eval/reward/total"] for r in read_metrics(run) if "eval/reward/total" in r] for name, run in (("one", one), ("two", two))}
+    assert len(evals["two"]) == 3 and evals["two"] == pytest.approx(evals["one"], rel=1e-4)  # held-out: 3 prompts over 2 ranks
+    assert json.loads((two / "manifest.json").read_text())["status"] == "finished"
+
+    # Only the policy adapter trained: the reward adapter equals the reward run's on both ranks.
+    from safetensors.torch import load_file
+
+    assert all(".policy." in n for n in weights(rec_two))
+    trained_reward = load_file(setup["reward"] / "adapter" / "adapter_model.safetensors")
+    for rank in (0, 1):
+        lora = {n.replace(".reward1.", "."): t for n, t in weights(rec_two, rank, "-lora").items() if ".reward1." in n}
+        assert lora.keys() == {k for k in trained_reward if "lora_" in k} and lora
+        assert all(torch.equal(t, trained_reward[n].float()) for n, t in lora.items())
+
+    # Killed (SIGKILL on rank 0) after the checkpoint of step 2, resumed on 2 processes: the uninterrupted run's adapter.
+    part, _ = launch(setup, "grpo", "grpo-part", group("grpo", 2, **extra), processes=2,
+                     env={"ALIGN_TEST_KILL_AFTER_CHECKPOINT": "2"}, expect=1)
+    assert not (part / "adapter").exists()
+    resumed, rec_resumed = launch(setup, "grpo", "grpo-part", group("grpo", 2, resume=True, **extra), processes=2)
+    a, b = adapter_file(two), adapter_file(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert_ranks_identical(rec_resumed)
+    assert [r["_step"] for r in read_metrics(resumed) if "grpo/loss" in r] == [1, 2, 3]
+
+
+def test_rloo_on_two_processes_equals_one(setup):
+    _, rec_one = launch(setup, "rloo", "rloo-one", group("rloo", 4), processes=1)
+    _, rec_two = launch(setup, "rloo", "rloo-two", group("rloo", 2), processes=2)
+    assert_close_per_parameter(weights(rec_two), weights(rec_one))
+    assert_ranks_identical(rec_two)
+
+
+def test_a_split_that_cannot_work_is_refused_naming_the_key(setup, monkeypatch):
+    from align.stages import grpo
+    from align.stages.grpo import GRPOConfig
+
+    def load(**extra):
+        overrides = tiny_overrides(None, setup["data"], setup["root"] / "refused", parent_run=str(setup["sft"]), tracking="none",
+                                   **group("grpo", 2, **extra))
+        return load_config(GRPOConfig, None, overrides)
+
+    monkeypatch.syspath_prepend(str(setup["root"]))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"grpo.prompts_per_step: 4 prompts per step do not split evenly over 3 processes"):
+        grpo.run(load())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train.batch_size: each of the 2 processes samples 6 responses per step"):
+        grpo.run(load(**{"train.batch_size": 4, "grpo.group_size": 3}))
+    assert not (setup["root"] / "refused").exists()
+
+
+def test_ppo_on_two_processes_equals_one(setup):
+    """4 prompts per step, minibatches of 2 responses (1 per rank), whitening over the global batch."""
+    def ppo(**extra):
+        return {"reward_run": str(setup["reward"]), "train.max_steps": 2, "train.learning_rate": 5e-3,
+                "ppo.rollout_batch_size": 4, "ppo.minibatch_size": 2, "ppo.max_new_tokens": 5, **extra}
+
+    one, rec_one = launch(setup, "ppo", "ppo-one", ppo(), processes=1)
+    two, rec_two = launch(setup, "ppo", "ppo-two", ppo(), processes=2)
+    assert_close_per_parameter(weights(rec_two), weights(rec_one))
+    assert_ranks_identical(rec_two)
+    assert any(".value." in n for n in weights(rec_two))  # the value adapter trains on both ranks too
+    rows = {name: [r for r in read_metrics(run) if "ppo/policy_loss" in r] for name, run in (("one", one), ("two", two))}
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/kl", "ppo/reward_raw", "ppo/explained_variance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+
+
+def test_online_dpo_round_on_two_processes_equals_one(setup):
+    """One round: 6 prompts x 3 samples, all pairs; 2 DPO steps of 4 pairs (4 on 1 process, 2 per rank on 2)."""
+    def online(batch: int) -> dict:
+        return {"rewards": [{"judge": "ddp_scorers:chars", "weight": 0.1}], "online.rounds": 1, "online.prompts_per_round": 6,
+                "online.num_samples": 3, "online.pairing": "all-pairs", "online.max_new_tokens": 5, "online.eval_prompts": 3,
+                "online.generation_batch_size": 2, "train.max_steps": 2, "train.batch_size": batch, "train.learning_rate": 5e-3}
+
+    one, rec_one = launch(setup, "online_dpo", "online-one", online(4), processes=1)
+    two, rec_two = launch(setup, "online_dpo", "online-two", online(2), processes=2)
+    # The round is the same: every response and score, whichever process sampled it.
+    assert (two / "rounds" / "round-1" / "samples.jsonl").read_text() == (one / "rounds" / "round-1" / "samples.jsonl").read_text()
+    assert_close_per_parameter(weights(rec_two), weights(rec_one))
+    assert_ranks_identical(rec_two)
+    steps = [r["_step"] for r in read_metrics(two) if "train/loss" in r]
+    assert steps == [1, 2]
