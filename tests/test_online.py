@@ -414,3 +414,69 @@ def test_online_dpo_resumes_after_a_round_to_the_same_adapter(runs, tiny_data, o
     manifest = json.loads((resumed.path / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["summary"]["steps"] == 6
     assert manifest["summary"]["pairs"] == json.loads((full.path / "manifest.json").read_text())["summary"]["pairs"]
+
+
+# --------------------------------------------------------------------------- keep the best adapter within a KL budget
+
+
+def test_keep_best_picks_the_highest_reward_within_the_budget():
+    from align.rlhf.keep_best import KeepBest
+
+    keep = KeepBest(1.0, "eval/reward/total")
+    script = [(0, 0.0, 0.0), (1, 1.0, 0.5), (2, 3.0, 2.0), (3, 1.0, 0.2), (4, float("nan"), 0.1), (5, 0.9, 0.9), (6, 1.5, 1.0)]
+    kept = [s for s, r, kl in script if keep.offer(s, {"eval/reward/total": r, "eval/kl": kl}, lambda s=s: {"w": torch.tensor([float(s)])})]
+    # step 2 is over the budget, step 3 ties step 1 (the earlier stays), NaN never counts, 1.0 is within a budget of 1.0
+    assert kept == [0, 1, 6] and keep.step == 6 and keep.weights["w"].item() == 6.0
+    assert not KeepBest(None, "eval/reward/total").offer(0, {"eval/reward/total": 1.0, "eval/kl": 0.0}, dict)
+    assert not keep.offer(7, {"eval/kl": 0.0}, dict)  # an evaluation without the reward
+
+
+def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs, tiny_data, monkeypatch):
+    """Scripted held-out evaluations (steps 0..3): the best within budget 1.0 is step 1; adapter/ is step 1's adapter,
+    the last adapter stays in checkpoint-3, and a run killed after step 2 and resumed keeps the same one."""
+    from safetensors.torch import load_file
+
+    from align.rlhf import grpo as G
+    from align.rlhf import loop
+    from align.stages import grpo
+
+    script = [(0.0, 0.0), (1.0, 0.5), (3.0, 2.0), (0.8, 0.9)]  # (reward, KL) of the evaluations at steps 0, 1, 2, 3
+    evaluations = []
+
+    def scripted(gp, prompts, cfg, seed):
+        reward, kl = script[len(evaluations)]
+        evaluations.append(reward)
+        return {"eval/reward/total": reward, "eval/kl": kl}
+
+    monkeypatch.setattr(G, "held_out", scripted)
+    extra = {"train.max_steps": 3, "train.eval_steps": 1, "train.save_steps": 1, "train.save_total_limit": 5,
+             "grpo.keep_best_within_kl": 1.0}
+    run = grpo.run(group_config(runs, tiny_data, name="grpo-keep", **extra))
+    kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    step = {s: load_file(run.path / "checkpoints" / f"checkpoint-{s}" / "adapters" / "policy" / "adapter_model.safetensors") for s in (1, 3)}
+    assert all(torch.equal(kept[k], step[1][k]) for k in kept)
+    assert any(not torch.equal(kept[k], step[3][k]) for k in kept)  # the last adapter is another one, kept in its checkpoint
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["kept"]["step"] == 1 and summary["kept"]["reward"] == 1.0 and summary["kept"]["last_adapter"].endswith("checkpoint-3")
+    assert any("kept from step 1" in line for line in grpo.summary_lines(summary))
+
+    # Killed after step 2's checkpoint, resumed (evaluating step 3 only): the best so far (step 1) comes from that checkpoint.
+    evaluations.clear()
+    original = loop.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*args, **kwargs):
+        folder = original(*args, **kwargs)
+        if args[1] == 2:
+            raise Crash()
+        return folder
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", **extra))
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    resumed = grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", resume=True, **extra))
+    again = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
+    assert max((kept[k] - again[k]).abs().max().item() for k in kept) <= 1e-6

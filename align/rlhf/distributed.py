@@ -164,30 +164,28 @@ def world() -> World:
     return World()
 
 
+# What `accelerate launch` sets for an FSDP or DeepSpeed config; accelerate and the HF Trainer read them.
+SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
 def start(stage: str) -> World:
     """The World of an online stage: joins the launcher's process group (accelerate's PartialState picks
-    gloo on CPUs, NCCL on GPUs and this rank's device); one process needs none."""
+    gloo on CPUs, NCCL on GPUs and this rank's device); one process needs none.
+
+    Under an FSDP or DeepSpeed launch config the stage runs data parallel: the flags that would make
+    accelerate (and online DPO's HF Trainer) shard the model or start DeepSpeed are taken out of this
+    process's environment, and the log says so.
+    """
+    kinds = [kind for flag, kind in SHARDING_FLAGS.items() if os.environ.pop(flag, "false").lower() == "true"]
+    if kinds:
+        log.info("%s: launched with a %s config: the online stages run data parallel (every rank holds the base and the "
+                 "adapters; adapter gradients are summed across ranks); the base is not sharded (align/rlhf/distributed.py "
+                 "says why)", stage, kinds[0])
     if launched_size() > 1:
         from accelerate import PartialState
 
         PartialState()
-        note = sharding_note()
-        if note:
-            log.info("%s: %s", stage, note)
     return world()
-
-
-def sharding_note() -> str | None:
-    """What an FSDP or DeepSpeed launch config means for the online stages (they run data parallel)."""
-    kind = "FSDP" if _flag("ACCELERATE_USE_FSDP") else "DeepSpeed" if _flag("ACCELERATE_USE_DEEPSPEED") else None
-    if kind is None:
-        return None
-    return (f"launched with an {kind} config: the online stages run data parallel (every rank holds the base and the "
-            "adapters, adapter gradients are summed across ranks); the base is not sharded (align/rlhf/distributed.py says why)")
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() == "true"
 
 
 def check_shards(size: int, count: int, key: str, *, what: str = "prompts per step", rows_per_prompt: int = 1,

@@ -332,6 +332,8 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
     from align.core.tracking import is_main_process
     from align.modeling.adapters import adapter_bytes
     from align.rlhf import loop
+    from align.core.checkpoints import CHECKPOINTS
+    from align.rlhf.keep_best import KeepBest, adapter_weights, keep_last_then_restore
     from align.rlhf.ppo import batch_prompts
     from align.rlhf.rewards import answers_of
 
@@ -342,17 +344,22 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
     params = gp.trainable_parameters()
     counts = models.count_parameters(gp.model)
     optimizer, scheduler = optimizer_and_schedule(cfg, params)
+    keep = KeepBest(o.keep_best_within_kl, "eval/reward/total")
     start = 0
     if stage.resume_from is not None:
         start = loop.load_checkpoint(stage.resume_from, gp.model, [POLICY], optimizer, scheduler)["step"]
+        keep.load(stage.resume_from)
     prompts = [r["prompt"] for r in stage.splits.train]
     eval_prompts = distinct_prompts(stage.splits.eval, o.eval_prompts) if o.eval_prompts else []
+    if keep.active and not eval_prompts:
+        raise DataError(f"{cfg.stage}.keep_best_within_kl: needs held-out prompts; data '{stage.splits.source}' has no held-out rows")
 
     def step(i: int) -> dict:
         return group_step(gp, cfg, batch_prompts(prompts, i, o.prompts_per_step, cfg.train.seed), optimizer, scheduler, estimator, step=i)
 
     def save(done: int):
-        return loop.save_checkpoint(stage.run_dir.path, done, gp.model, [POLICY], optimizer, scheduler, {}, cfg.train.save_total_limit)
+        return loop.save_checkpoint(stage.run_dir.path, done, gp.model, [POLICY], optimizer, scheduler, {}, cfg.train.save_total_limit,
+                                    extra=keep.save)
 
     def describe(done: int, m: dict) -> str:
         kl = f", kl {m[f'{estimator}/kl']:.3f}" if f"{estimator}/kl" in m else ""
@@ -361,8 +368,11 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
     final = loop.run_steps(
         stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save, describe=describe, desc=estimator,
         eval_fn=(lambda: held_out(gp, eval_prompts, cfg, cfg.train.seed)) if eval_prompts else None,
+        on_eval=lambda done, metrics: keep.offer(done, metrics, lambda: adapter_weights(gp.model, POLICY)),
     )
     loop.notify_train_end(callbacks, gp.model)
+    last = stage.run_dir.path / CHECKPOINTS / f"checkpoint-{cfg.train.max_steps}"
+    keep_last_then_restore(keep, last, lambda: save(cfg.train.max_steps), gp.model, POLICY)
     target = stage.run_dir.path / ADAPTER
     if is_main_process():
         loop.save_standard_adapter(gp.model, POLICY, target)
@@ -377,5 +387,6 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
         "eval_kl_after": final.get("eval/kl"),
         "eval_rewards_after": {k.rpartition("/")[2]: v for k, v in final.items() if k.startswith("eval/reward/") and not k.endswith("_scored")},
         "parameters": counts,
+        **keep.summary(),
     }
     return gp, summary

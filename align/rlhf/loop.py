@@ -34,9 +34,10 @@ DEFAULT_ADAPTER = "default"  # PEFT saves this adapter at the top of a folder, o
 
 def save_checkpoint(
     run_path: Path, step: int, model, adapters: list[str], optimizer, scheduler, state: dict, keep: int,
-    modules: dict[str, torch.nn.Module] | None = None,
+    modules: dict[str, torch.nn.Module] | None = None, extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """checkpoints/checkpoint-<step>/: adapters/, <module>.safetensors, optimizer.pt, rng_state.pt, state.json, COMPLETE.
+    """checkpoints/checkpoint-<step>/: adapters/, <module>.safetensors, optimizer.pt, rng_state.pt, state.json, COMPLETE;
+    `extra(folder)` writes more into it (the best adapter so far, align/rlhf/keep_best.py).
 
     Every rank calls it (each hands in its RNG state); rank 0 writes: the ranks hold the same adapters
     and optimizer state, since their gradients are summed before every update (align/rlhf/distributed.py).
@@ -57,6 +58,8 @@ def save_checkpoint(
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "optimizer.pt")
         torch.save({**rng[0], "ranks": rng}, tmp / "rng_state.pt")
         atomic_write_json(tmp / "state.json", {"step": step, **state})
+        if extra is not None:
+            extra(tmp)
         atomic_write_text(tmp / COMPLETE, f"step {step}\n")
     for _, old in checkpoint_dirs(run_path)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -157,11 +160,14 @@ def run_steps(
     eval_fn: Callable[[], dict] | None,
     describe: Callable[[int, dict], str],
     desc: str,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Steps start..total (step_fn(i) runs step i + 1 and returns its metrics); returns the final evaluation.
 
     `stage` is the StageRun (its tracker and run_dir); `cfg.train` gives eval_steps, save_steps
     and logging_steps (each counting steps), and `cfg` the settings OOM advice names.
+    `on_eval(step, metrics)` sees every held-out evaluation (keep_best.KeepBest.offer), before the
+    step's checkpoint is written.
     """
     from tqdm.auto import tqdm
 
@@ -177,13 +183,19 @@ def run_steps(
     interrupt.install()
     step_in_progress = start  # the held-out evaluation before the first step counts as step `start`
     try:
+        def evaluate(step: int) -> dict:
+            metrics = eval_fn()
+            if on_eval is not None:
+                on_eval(step, metrics)
+            return metrics
+
         if start == 0 and eval_fn is not None:
-            stage.tracker.log(eval_fn(), step=0)
+            stage.tracker.log(evaluate(0), step=0)
         for step in tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not is_main_process()):
             step_in_progress = done = stage.step = step + 1
             metrics = step_fn(step)
             if eval_fn is not None and t.eval_steps and done % t.eval_steps == 0 and done < total:
-                metrics.update(eval_fn())
+                metrics.update(evaluate(done))
             if done % t.logging_steps == 0 or done == total:
                 log.info("%s step %d: %s", desc, done, describe(done, metrics))
             stage.tracker.log(metrics, step=done)  # rank 0's tracker; the metrics are the global batch's
@@ -198,7 +210,7 @@ def run_steps(
                     exit_code=interrupt.exit_code,
                 )
         step_in_progress = total
-        final = eval_fn() if eval_fn is not None else {}
+        final = evaluate(total) if eval_fn is not None else {}
         stage.tracker.log(final, step=total)
         return final
     except torch.cuda.OutOfMemoryError as exc:

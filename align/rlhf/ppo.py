@@ -137,10 +137,11 @@ def batch_prompts(prompts: list[list[dict]], step: int, size: int, seed: int) ->
 # --------------------------------------------------------------------------- checkpoints (align/rlhf/loop.py)
 
 
-def save_checkpoint(run_path: Path, step: int, pvr: PolicyValueReward, optimizer, scheduler, kl_coef: float, keep: int) -> Path:
+def save_checkpoint(run_path: Path, step: int, pvr: PolicyValueReward, optimizer, scheduler, kl_coef: float, keep: int,
+                    extra=None) -> Path:
     return loop.save_checkpoint(
         run_path, step, pvr.model, ["policy", "value"], optimizer, scheduler, {"kl_coef": kl_coef}, keep,
-        modules={"value_head": pvr.value_head},
+        modules={"value_head": pvr.value_head}, extra=extra,
     )
 
 

@@ -36,10 +36,12 @@ def run(cfg, *, force: bool = False, callbacks=()):
 
 
 def summary_lines(s: dict) -> list[str]:
+    from align.rlhf.keep_best import kept_line
+
     return [
         f"  held-out reward {fmt(s.get('eval_reward_before'))} (step 0) -> {fmt(s.get('eval_reward_after'))}, "
         f"KL to reference {fmt(s.get('eval_kl_after'))}"
-    ]
+    ] + kept_line(s)
 
 
 register(Stage(
