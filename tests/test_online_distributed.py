@@ -57,6 +57,7 @@ def launch(setup, stage: str, name: str, overrides: dict, processes: int, env: d
     proc = subprocess.run([*cmd, stage, str(record / "overrides.json"), str(record)], capture_output=True, text=True,
                           timeout=900, env=environment)
     assert proc.returncode == expect, proc.stderr[-4000:]
+    (record / "stderr.txt").write_text(proc.stderr)
     return run_dir, record
 
 
@@ -132,11 +133,51 @@ def test_grpo_on_two_processes_equals_one_resumes_and_keeps_the_reward_adapter_f
     assert [r["_step"] for r in read_metrics(resumed) if "grpo/loss" in r] == [1, 2, 3]
 
 
-def test_rloo_on_two_processes_equals_one(setup):
-    _, rec_one = launch(setup, "rloo", "rloo-one", group("rloo", 4), processes=1)
+@pytest.fixture(scope="module")
+def rloo_one(setup):
+    return launch(setup, "rloo", "rloo-one", group("rloo", 4), processes=1)[1]
+
+
+def test_rloo_on_two_processes_equals_one(setup, rloo_one):
     _, rec_two = launch(setup, "rloo", "rloo-two", group("rloo", 2), processes=2)
-    assert_close_per_parameter(weights(rec_two), weights(rec_one))
+    assert_close_per_parameter(weights(rec_two), weights(rloo_one))
     assert_ranks_identical(rec_two)
+
+
+def launcher_env(config: str) -> dict[str, str]:
+    """The ACCELERATE_* / FSDP_* variables `accelerate launch --config_file recipes/accelerate/<config>.yaml` sets,
+    computed by accelerate itself (its launcher needs GPUs for these configs; torchrun starts the CPU processes)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml"), "x.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config) if defaults else ""
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def test_fsdp_and_zero3_launch_configs_are_accepted_and_run_data_parallel(setup, rloo_one):
+    """Accelerate runs FSDP and DeepSpeed on GPUs only; on 2 CPU processes with the variables their configs set, the
+    online stages say they run data parallel and train as under DDP (DeepSpeed is not even installed here)."""
+    fsdp = launcher_env("fsdp")
+    assert fsdp["ACCELERATE_USE_FSDP"] == "true"
+    _, rec = launch(setup, "rloo", "rloo-fsdp", group("rloo", 2), processes=2, env=fsdp)
+    assert "the launch config asks for FSDP; the online stages run data parallel" in (rec / "stderr.txt").read_text()
+    assert_close_per_parameter(weights(rec), weights(rloo_one))
+    assert_ranks_identical(rec)
+
+    zero3 = launcher_env("deepspeed_zero3")
+    assert zero3["ACCELERATE_USE_DEEPSPEED"] == "true" and zero3["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    online = {"rewards": [{"judge": "ddp_scorers:chars", "weight": 0.1}], "online.rounds": 1, "online.prompts_per_round": 4,
+              "online.num_samples": 2, "online.max_new_tokens": 5, "online.eval_prompts": 2, "train.max_steps": 1, "train.batch_size": 1}
+    run, rec = launch(setup, "online_dpo", "online-zero3", online, processes=2, env=zero3)
+    assert_ranks_identical(rec)
+    assert "the launch config asks for DeepSpeed; the online stages run data parallel" in (rec / "stderr.txt").read_text()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
 
 
 def test_a_split_that_cannot_work_is_refused_naming_the_key(setup, monkeypatch):
@@ -190,3 +231,39 @@ def test_online_dpo_round_on_two_processes_equals_one(setup):
     assert_ranks_identical(rec_two)
     steps = [r["_step"] for r in read_metrics(two) if "train/loss" in r]
     assert steps == [1, 2]
+
+
+@pytest.mark.gpu
+def test_fsdp_and_zero3_launch_configs_on_cuda_with_one_process(tmp_path, sft_parent, tiny_data, monkeypatch, caplog):
+    """On a GPU (recipes/gpu_check.sh): GRPO under the FSDP config's variables and online DPO under ZeRO-3's, one
+    process (`accelerate launch --num_processes 1` sets these variables and starts python). Accelerate would shard
+    the model (FSDP) or start DeepSpeed for online DPO's trainer; the stages run data parallel instead and say so."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from align.stages import grpo, online_dpo
+    from align.stages.grpo import GRPOConfig
+    from align.stages.online_dpo import OnlineDPOConfig
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    caplog.set_level(logging.INFO, logger="align")
+    common = {"tracking": "none", "samples.num_prompts": 1, "rewards": [{"judge": "length", "args": {"max_words": 3}}]}
+    for key, value in launcher_env("fsdp").items():
+        monkeypatch.setenv(key, value)
+    run = grpo.run(load_config(GRPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "grpo", parent_run=str(sft_parent), **common, **{
+        "train.max_steps": 2, "train.batch_size": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.max_new_tokens": 6,
+        "grpo.eval_prompts": 2})))
+    assert "the launch config asks for FSDP; the online stages run data parallel" in caplog.text
+    weights = load_file(str(run.path / "adapter" / "adapter_model.safetensors"))
+    assert any(v.float().abs().max() > 0 for k, v in weights.items() if "lora_B" in k), "the policy adapter moved"
+
+    for key, value in launcher_env("deepspeed_zero3").items():
+        monkeypatch.setenv(key, value)
+    run = online_dpo.run(load_config(OnlineDPOConfig, None, tiny_overrides(
+        None, tiny_data["prefs"], tmp_path / "online", parent_run=str(sft_parent), **common, **{
+            "online.rounds": 2, "online.prompts_per_round": 4, "online.num_samples": 3, "online.max_new_tokens": 6,
+            "online.eval_prompts": 2, "train.max_steps": 1, "train.batch_size": 2})))
+    assert "the launch config asks for DeepSpeed; the online stages run data parallel" in caplog.text
+    assert json.loads((run.path / "manifest.json").read_text())["status"] == "finished"

@@ -178,7 +178,7 @@ def start(stage: str) -> World:
     """
     kinds = [kind for flag, kind in SHARDING_FLAGS.items() if os.environ.pop(flag, "false").lower() == "true"]
     if kinds:
-        log.info("%s: launched with a %s config: the online stages run data parallel (every rank holds the base and the "
+        log.info("%s: the launch config asks for %s; the online stages run data parallel (every rank holds the base and the "
                  "adapters; adapter gradients are summed across ranks); the base is not sharded (align/rlhf/distributed.py "
                  "says why)", stage, kinds[0])
     if launched_size() > 1:
