@@ -117,28 +117,18 @@ def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
     return stage.run_dir
 
 
-def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
-    import torch
+def _policy(stage, cfg: OnlineDPOConfig, runs):
+    """(tokenizer, the base with the policy as PEFT's "default" adapter and the reward adapters, rewards, engine)."""
     from peft import get_peft_model
     from transformers import set_seed
 
-    from align.core.data import distinct_prompts
-    from align.core.safeguards import InterruptCallback, Interrupted, oom_advice
-    from align.core.checkpoints import latest_complete
-    from align.core.errors import AlignError
     from align.modeling import models
     from align.modeling.adapters import peft_config_for
     from align.rlhf import loop
-    from align.rlhf.keep_best import KeepBest, adapter_weights
-    from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
-    from align.rlhf.ppo import batch_prompts
-    from align.rlhf.distributed import world
-    from align.rlhf.rewards import Rewards, answers_of, held_out_metrics
+    from align.rlhf.rewards import Rewards, answers_of
     from align.rlhf.rollout import LocalRollout
-    from align.stages.common import StepTimer
 
-    o, t = cfg.online, cfg.train
-    set_seed(t.seed)
+    set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     base_model = models.load_model(stage.base, cfg.model)
     # The policy is PEFT's "default" adapter: TRL's DPOTrainer trains that one.
@@ -147,7 +137,27 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     model.set_adapter(loop.DEFAULT_ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(f".{loop.DEFAULT_ADAPTER}." in name)
-    engine = LocalRollout(model, tokenizer, lambda: model.set_adapter(loop.DEFAULT_ADAPTER))
+    return tokenizer, model, rewards, LocalRollout(model, tokenizer, lambda: model.set_adapter(loop.DEFAULT_ADAPTER))
+
+
+def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
+    import torch
+
+    from align.core.data import distinct_prompts
+    from align.core.safeguards import InterruptCallback, Interrupted, oom_advice
+    from align.core.checkpoints import latest_complete
+    from align.core.errors import AlignError
+    from align.modeling import models
+    from align.rlhf import loop
+    from align.rlhf.keep_best import KeepBest, adapter_weights
+    from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
+    from align.rlhf.ppo import batch_prompts
+    from align.rlhf.distributed import world
+    from align.rlhf.rewards import held_out_metrics
+    from align.stages.common import StepTimer
+
+    o, t = cfg.online, cfg.train
+    tokenizer, model, rewards, engine = _policy(stage, cfg, runs)
     ranks = world()
     counts = models.count_parameters(model)
     keep = KeepBest(o.keep_best_within_kl, "eval/reward/total", unit="round")
