@@ -480,3 +480,24 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
     resumed = grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", resume=True, **extra))
     again = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
     assert max((kept[k] - again[k]).abs().max().item() for k in kept) <= 1e-6
+
+
+def test_online_dpo_keeps_the_best_round_within_the_kl_budget(runs, tiny_data, monkeypatch):
+    """Scripted held-out evaluations before round 1 and after rounds 1, 2: (0, 0), (1, 0.5), (3, 2.0); budget 1.0 keeps
+    round 1's adapter; the last adapter is in the checkpoint of round 2."""
+    from safetensors.torch import load_file
+
+    from align.core.checkpoints import checkpoint_dirs
+    from align.rlhf import rewards as R
+    from align.stages import online_dpo
+
+    script = iter([(0.0, 0.0), (1.0, 0.5), (3.0, 2.0)])
+    monkeypatch.setattr(R, "held_out_metrics", lambda *a: dict(zip(("eval/reward/total", "eval/kl"), next(script))))
+    run = online_dpo.run(online_config(runs, tiny_data, "online-keep", **{"train.eval_steps": 1, "online.keep_best_within_kl": 1.0}))
+    by_round = {json.loads((f / "state.json").read_text())["round"]: f for _, f in checkpoint_dirs(run.path)}
+    kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    first, last = (load_file(by_round[r] / "adapters" / "adapter_model.safetensors") for r in (1, 2))
+    assert all(torch.equal(kept[k], first[k]) for k in kept) and any(not torch.equal(kept[k], last[k]) for k in kept)
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["kept"]["unit"] == "round" and summary["kept"]["step"] == 1
+    assert any("kept from round 1" in line for line in online_dpo.summary_lines(summary))
