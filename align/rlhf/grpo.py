@@ -130,22 +130,89 @@ class StepRollout:
     generation_s: float
 
 
-def collect(gp: GroupPolicy, cfg, prompts, step: int, world: World, need_old: bool, kl_on: bool) -> StepRollout:
-    """This rank samples and scores its share of the step's prompts (whole groups), then every rank gathers the step."""
+def fixed_logprobs(gp: GroupPolicy, roll: Sampled, cfg, updates: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sampling policy's, reference's) log-probs of the rollout, each only where the step needs it.
+
+    The policy changes within a step only with several updates per rollout; then the ratio needs the
+    sampling policy's log-probs (and the KL in the reward needs them in any case). With one update the
+    update's own forward is still the sampling policy: its detached log-probs serve (TRL does the same).
+    """
+    o = options(cfg)
+    kl_on = o.kl_coef > 0
+    need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
+    gp.model.eval()
+    with torch.no_grad():
+        old_logp = gp.logprobs(roll.seq, roll.attn, roll.n_resp) if need_old else None
+        ref_logp = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp) if kl_on else None
+    return old_logp, ref_logp
+
+
+def collect(gp: GroupPolicy, cfg, prompts, step: int, world: World, updates: int) -> StepRollout:
+    """This rank samples, scores and log-probs its share of the step's prompts (whole groups), then every rank
+    gathers the step. `updates`: optimizer updates per pass over the step (fixed_logprobs)."""
     mine = world.share(len(prompts))
     t0 = time.time()
     roll = rollout(gp, [prompts[i] for i in mine], cfg, step, mine.start)
     generation_s = time.time() - t0
     scores = gp.rewards.score(roll.prompts, roll.responses)
-    gp.model.eval()
-    with torch.no_grad():
-        per_token = {"old": gp.logprobs(roll.seq, roll.attn, roll.n_resp)} if need_old else {}
-        if kl_on:
-            per_token["ref"] = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp)
+    old_logp, ref_logp = fixed_logprobs(gp, roll, cfg, updates)
+    per_token = {name: t for name, t in (("old", old_logp), ("ref", ref_logp)) if t is not None}
     per_row = {"per_source": scores.per_source, "total": scores.total}
     roll, rows = gather_rollout(world, roll, per_row, per_token, gp.tokenizer.pad_token_id)
     scores = Scores(scores.names, rows["per_source"].cpu(), rows["total"].cpu())
     return StepRollout(roll, scores, rows.get("old"), rows.get("ref"), generation_s)
+
+
+def shaped_rewards(roll: Sampled, cfg, scores: Scores, old_logp, ref_logp) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the reward the advantages come from, which responses were scored): the sources' total, less the
+    missing-EOS penalty and (kl_in: reward) the KL."""
+    o = options(cfg)
+    reward = scores.total.to(roll.mask.device)
+    valid = ~torch.isnan(reward)
+    if o.missing_eos_penalty is not None:
+        reward = reward - o.missing_eos_penalty * (~roll.has_eos).float()
+    if o.kl_coef > 0 and o.kl_in == "reward":
+        reward = reward - o.kl_coef * (P.kl_per_token(old_logp, ref_logp, o.kl_estimator) * roll.mask).sum(1)
+    return reward, valid
+
+
+def accumulate_update(gp: GroupPolicy, cfg, roll: Sampled, rows_u: torch.Tensor, adv: torch.Tensor,
+                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, logs: dict, kl_sampled: torch.Tensor,
+                      mine: torch.Tensor | None = None) -> None:
+    """The gradients of one optimizer update over the responses `rows_u`, in micro-batches of train.batch_size.
+
+    Each micro-batch adds its share of the update's loss (align/rlhf/losses.py aggregate_loss: the
+    normalizers are the whole update's), so the summed gradients do not depend on the split. With
+    several processes this one trains on `mine` (its slice of `rows_u`; default all of them) with the
+    normalizers of all of `rows_u`. Appends each micro-batch's loss terms to `logs`; fills `kl_sampled`
+    where no sampling-policy pass ran.
+    """
+    o = options(cfg)
+    kl_on = o.kl_coef > 0
+    mask = roll.mask
+    n_tokens = float(mask[rows_u].sum().item())
+    mine = rows_u if mine is None else mine
+    for start in range(0, len(mine), cfg.train.batch_size):
+        rows = mine[start : start + cfg.train.batch_size]
+        logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
+        old = old_logp[rows] if old_logp is not None else logp.detach()
+        m = mask[rows]
+        if kl_on and old_logp is None:  # one update per step: this pass is still the sampling policy
+            kl_sampled[rows] = (P.kl_per_token(logp.detach(), ref_logp[rows], "k1") * m).sum(1)
+        per_token, clipped = P.clipped_policy_terms(logp, old, adv[rows], o.clip_range, o.clip_range_high or o.clip_range)
+        pg = P.aggregate_loss(per_token, m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens)
+        loss = pg
+        if kl_on and o.kl_in == "loss":
+            kl_term = o.kl_coef * P.aggregate_loss(
+                P.kl_penalty_terms(logp, old, ref_logp[rows], o.kl_estimator, o.kl_bias_correction), m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens
+            )
+            loss = loss + kl_term
+            logs["kl_loss_term"].append(kl_term.item())
+        loss.backward()
+        logs["loss"].append(loss.item())
+        logs["policy_loss"].append(pg.item())
+        logs["clip_frac"].append(P.masked_mean(clipped, m).item())
+        logs["entropy"].append(P.masked_mean(entropy, m).item())
 
 
 def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: str, step: int = 0, world: World | None = None) -> dict:
@@ -158,103 +225,44 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
     world = world or current_world()
     per_rank = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     updates = len(prompts) * o.group_size // (per_rank * world.size)
-    # The policy changes within a step only with several updates per rollout; then the ratio needs
-    # the sampling policy's log-probs (and the KL in the reward needs them in any case).
-    kl_on = o.kl_coef > 0
-    need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
-    batch = collect(gp, cfg, prompts, step, world, need_old, kl_on)
+    batch = collect(gp, cfg, prompts, step, world, updates)
     t1 = time.time()
-    roll, mask = batch.roll, batch.roll.mask
-    reward = batch.scores.total.to(mask.device)
-    valid = ~torch.isnan(reward)
-    if o.missing_eos_penalty is not None:
-        reward = reward - o.missing_eos_penalty * (~roll.has_eos).float()
-    if kl_on and o.kl_in == "reward":
-        reward = reward - o.kl_coef * (P.kl_per_token(batch.old_logp, batch.ref_logp, o.kl_estimator) * mask).sum(1)
-    adv = advantages(estimator, torch.where(valid, reward, torch.full_like(reward, math.nan)), cfg).to(mask.device)
-    sums, kl_sampled = update_passes(gp, cfg, batch, adv, optimizer, scheduler, step, world, updates, estimator)
-    times = world.max(torch.tensor([batch.generation_s, time.time() - t1], device=mask.device))
-    sums = world.sum(sums)
-    loss, policy_loss, kl_term, clipped, entropy, tokens = sums.tolist()
-    passes = max(o.epochs * updates, 1)
-    prefix = estimator
-    out = {
-        # Micro-batch losses are shares of their update's loss: the update's loss is their sum (over ranks too).
-        f"{prefix}/loss": loss / passes,
-        f"{prefix}/clip_frac": clipped / max(tokens, 1.0),
-        f"{prefix}/entropy": entropy / max(tokens, 1.0),
-        f"{prefix}/policy_loss": policy_loss / passes,
-        # The reward the advantages come from: the sources' total, less the missing-EOS penalty and (kl_in: reward) the KL.
-        f"{prefix}/reward_shaped": reward[valid].mean().item() if valid.any() else math.nan,
-        f"{prefix}/advantage_abs": adv.abs().mean().item(),
-        f"{prefix}/groups_without_signal": _flat_groups(batch.scores.total, valid.cpu(), o.group_size),
-        f"{prefix}/response_length": mask.sum(1).mean().item(),
-        f"{prefix}/eos_share": roll.has_eos.float().mean().item(),
-        f"{prefix}/rollout_tokens": int(roll.attn.sum().item()),
-        f"{prefix}/learning_rate": scheduler.get_last_lr()[0],
-        "time/generation_s": times[0].item(),
-        "time/training_s": times[1].item(),
-    }
-    out.update(batch.scores.metrics(f"{prefix}/reward"))
-    if kl_on:
-        out[f"{prefix}/kl"] = kl_sampled.mean().item()
-        out[f"{prefix}/kl_coef"] = o.kl_coef
-        if o.kl_in == "loss":
-            out[f"{prefix}/kl_loss_term"] = kl_term / passes
-    checked = ("loss", "clip_frac", "entropy", "advantage_abs", "kl")
-    if any(not math.isfinite(out[f"{prefix}/{k}"]) for k in checked if f"{prefix}/{k}" in out):
-        raise NonFiniteError(f"non-finite {estimator.upper()} statistics (loss, advantage or KL)")
-    return out
+    reward, valid = shaped_rewards(batch.roll, cfg, batch.scores, batch.old_logp, batch.ref_logp)
+    adv = advantages(estimator, torch.where(valid, reward, torch.full_like(reward, math.nan)), cfg).to(batch.roll.mask.device)
+    logs, kl_sampled = update_passes(gp, cfg, batch, adv, optimizer, scheduler, step, world, updates, estimator)
+    times = world.max(torch.tensor([batch.generation_s, time.time() - t1], device=batch.roll.mask.device)).tolist()
+    return step_metrics(estimator, cfg, batch.roll, batch.scores, reward, valid.cpu(), adv, logs, kl_sampled, updates, scheduler, *times)
 
 
 def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, scheduler, step: int, world: World,
-                  updates: int, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  updates: int, estimator: str) -> tuple[dict[str, tuple[float, int]], torch.Tensor]:
     """`epochs` passes of clipped policy-gradient updates over the step's rollout.
 
-    Each pass shuffles the step's rows with a seed of (train.seed, step, pass), the same on every
-    rank, and cuts them into updates of N x train.batch_size x gradient_accumulation_steps rows;
-    rank r trains on the r-th slice of each update, in micro-batches of train.batch_size, with the
-    update's normalizers (its rows and tokens over all ranks), and the gradients are summed across
-    ranks before the optimizer steps. Returns this rank's sums (loss, policy loss, KL term, clipped
-    tokens, entropy, tokens) and each response's KL to the reference under the sampling policy.
+    Each pass shuffles the step's rows with a seed of (train.seed, step), the same on every rank, and
+    cuts them into updates of N x train.batch_size x gradient_accumulation_steps rows; rank r trains on
+    the r-th slice of each update (accumulate_update, with the update's normalizers over all ranks), and
+    the gradients are summed across ranks before the optimizer steps. Returns each logged term's
+    (sum, count) over the micro-batches of every rank, and each response's KL to the reference under
+    the sampling policy.
     """
     o = options(cfg)
-    roll, mask, old_logp, ref_logp = batch.roll, batch.roll.mask, batch.old_logp, batch.ref_logp
-    n, micro = mask.size(0), cfg.train.batch_size
-    per_rank = micro * cfg.train.gradient_accumulation_steps
+    roll, old_logp, ref_logp = batch.roll, batch.old_logp, batch.ref_logp
+    n = roll.mask.size(0)
+    per_rank = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     per_update = per_rank * world.size
-    kl_on = ref_logp is not None
     gp.model.train()
     params = gp.trainable_parameters()
-    sums = torch.zeros(6, dtype=torch.float64, device=mask.device)
-    kl_sampled = torch.zeros(n, device=mask.device)  # KL of each response to the reference, under the sampling policy
-    if kl_on and old_logp is not None:
-        kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(1)
+    logs: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "clip_frac", "entropy", "kl_loss_term")}
+    kl_sampled = torch.zeros(n, device=roll.mask.device)  # KL of each response to the reference, under the sampling policy
+    if ref_logp is not None and old_logp is not None:
+        kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * roll.mask).sum(1)
     shuffle = torch.Generator().manual_seed(row_seed(cfg.train.seed, step, "order"))
-    for epoch in range(o.epochs):
-        order = torch.randperm(n, generator=shuffle).to(mask.device)  # fresh updates every pass
+    for _ in range(o.epochs):
+        order = torch.randperm(n, generator=shuffle).to(roll.mask.device)  # fresh updates every pass
         for u in range(updates):
             rows_u = order[u * per_update : (u + 1) * per_update]
-            n_tokens = float(mask[rows_u].sum().item())
             mine = rows_u[world.rank * per_rank : (world.rank + 1) * per_rank]
-            for start in range(0, per_rank, micro):
-                rows = mine[start : start + micro]
-                logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
-                old = old_logp[rows] if old_logp is not None else logp.detach()
-                m = mask[rows]
-                if kl_on and old_logp is None:  # one update per step: this pass is still the sampling policy
-                    kl_sampled[rows] = (P.kl_per_token(logp.detach(), ref_logp[rows], "k1") * m).sum(1)
-                per_token, clipped = P.clipped_policy_terms(logp, old, adv[rows], o.clip_range, o.clip_range_high or o.clip_range)
-                pg = P.aggregate_loss(per_token, m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens)
-                kl_term = pg.new_zeros(())
-                if kl_on and o.kl_in == "loss":
-                    kl_term = o.kl_coef * P.aggregate_loss(
-                        P.kl_per_token(logp, ref_logp[rows], o.kl_estimator), m, o.loss_aggregation, len(rows_u), n_tokens, o.max_new_tokens
-                    )
-                loss = pg + kl_term
-                loss.backward()
-                with torch.no_grad():
-                    sums += torch.stack([loss, pg, kl_term, (clipped * m).sum(), (entropy * m).sum(), m.sum()]).double()
+            accumulate_update(gp, cfg, roll, rows_u, adv, old_logp, ref_logp, logs, kl_sampled, mine=mine)
             world.sum_gradients(params)
             if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
                 raise NonFiniteError(f"non-finite gradient in a {estimator.upper()} update")
@@ -263,9 +271,50 @@ def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, sche
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             gp.engine.policy_updated()
-    if kl_on and old_logp is None:  # each rank filled the rows it trained on
+    if ref_logp is not None and old_logp is None:  # each rank filled the rows it trained on
         world.sum(kl_sampled)
-    return sums, kl_sampled
+    totals = world.sum(torch.tensor([[sum(v), len(v)] for v in logs.values()], dtype=torch.float64, device=roll.mask.device))
+    return {k: (s, int(c)) for k, (s, c) in zip(logs, totals.tolist())}, kl_sampled
+
+
+def step_metrics(estimator, cfg, roll, scores, reward, valid, adv, logs, kl_sampled, updates, scheduler, t_gen, t_train) -> dict:
+    """The step's metrics, over the global batch. `logs`: each logged term's (sum, count) over all micro-batches."""
+    o = options(cfg)
+    prefix = estimator
+    mask = roll.mask
+    passes = max(o.epochs * updates, 1)
+
+    def mean(key: str) -> float:
+        total, count = logs[key]
+        return total / count if count else math.nan
+
+    out = {
+        # Micro-batch losses are shares of their update's loss: the update's loss is their sum (over ranks too).
+        f"{prefix}/loss": logs["loss"][0] / passes,
+        f"{prefix}/clip_frac": mean("clip_frac"),
+        f"{prefix}/entropy": mean("entropy"),
+        f"{prefix}/policy_loss": logs["policy_loss"][0] / passes,
+        # The reward the advantages come from: the sources' total, less the missing-EOS penalty and (kl_in: reward) the KL.
+        f"{prefix}/reward_shaped": reward[valid.to(reward.device)].mean().item() if valid.any() else math.nan,
+        f"{prefix}/advantage_abs": adv.abs().mean().item(),
+        f"{prefix}/groups_without_signal": _flat_groups(scores.total, valid, o.group_size),
+        f"{prefix}/response_length": mask.sum(1).mean().item(),
+        f"{prefix}/eos_share": roll.has_eos.float().mean().item(),
+        f"{prefix}/rollout_tokens": int(roll.attn.sum().item()),
+        f"{prefix}/learning_rate": scheduler.get_last_lr()[0],
+        "time/generation_s": t_gen,
+        "time/training_s": t_train,
+    }
+    out.update(scores.metrics(f"{prefix}/reward"))
+    if o.kl_coef > 0:
+        out[f"{prefix}/kl"] = kl_sampled.mean().item()
+        out[f"{prefix}/kl_coef"] = o.kl_coef
+    if logs["kl_loss_term"][1]:
+        out[f"{prefix}/kl_loss_term"] = logs["kl_loss_term"][0] / passes
+    checked = ("loss", "clip_frac", "entropy", "advantage_abs", "kl")
+    if any(not math.isfinite(out[f"{prefix}/{k}"]) for k in checked if f"{prefix}/{k}" in out):
+        raise NonFiniteError(f"non-finite {estimator.upper()} statistics (loss, advantage or KL)")
+    return out
 
 
 def _flat_groups(reward: torch.Tensor, valid: torch.Tensor, group_size: int) -> int:

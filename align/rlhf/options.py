@@ -141,6 +141,13 @@ class GroupOptions:
         "summed KL subtracted from its reward before the advantages (RLOO).",
     )
     kl_estimator: Literal["k1", "k3"] = opt("k3", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) (>= 0).")
+    kl_bias_correction: bool = opt(
+        True,
+        "kl_in: loss only. Weight the per-token KL by the policy ratio (value 1 on the sampling policy), so that its "
+        "gradient is the unbiased gradient of KL(policy || reference), as TRL's GRPOTrainer does by default "
+        "(use_bias_correction_kl). false: the estimator's own gradient (for k3 in expectation the gradient of the "
+        "forward KL, which restrains the policy less: the README's GRPO section measures both).",
+    )
     clip_range: float = opt(0.2, "Clip of the policy ratio below 1: [1 - clip_range, ...].", gt=0, lt=1)
     clip_range_high: float | None = opt(
         None, "Clip of the policy ratio above 1: [..., 1 + clip_range_high] (DAPO's clip-higher: 0.28); null = clip_range.", gt=0
