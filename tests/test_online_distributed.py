@@ -4,7 +4,9 @@ For GRPO, RLOO, PPO and online DPO: the adapter of 2 processes x P/2 prompts equ
 1 process x P prompts (per parameter, relative tolerance: the ranks compute log-probs on their
 shares, one process on the whole batch, so sums round differently), and both ranks hold identical
 adapters. A 2-process GRPO run killed (SIGKILL) after step 2 and resumed ends with the adapter of
-the uninterrupted 2-process run. A reward adapter on the same base stays frozen on every rank.
+the uninterrupted 2-process run. A reward adapter on the same base stays frozen on every rank. The
+2-process RLOO and online DPO runs get the variables the FSDP and ZeRO-3 launch configs set.
+Each test launches 1- and 2-process runs through tests/stage_driver.py (about 15 s of start-up each).
 """
 
 from __future__ import annotations
@@ -133,17 +135,6 @@ def test_grpo_on_two_processes_equals_one_resumes_and_keeps_the_reward_adapter_f
     assert [r["_step"] for r in read_metrics(resumed) if "grpo/loss" in r] == [1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def rloo_one(setup):
-    return launch(setup, "rloo", "rloo-one", group("rloo", 4), processes=1)[1]
-
-
-def test_rloo_on_two_processes_equals_one(setup, rloo_one):
-    _, rec_two = launch(setup, "rloo", "rloo-two", group("rloo", 2), processes=2)
-    assert_close_per_parameter(weights(rec_two), weights(rloo_one))
-    assert_ranks_identical(rec_two)
-
-
 def launcher_env(config: str) -> dict[str, str]:
     """The ACCELERATE_* / FSDP_* variables `accelerate launch --config_file recipes/accelerate/<config>.yaml` sets,
     computed by accelerate itself (its launcher needs GPUs for these configs; torchrun starts the CPU processes)."""
@@ -160,24 +151,16 @@ def launcher_env(config: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
 
 
-def test_fsdp_and_zero3_launch_configs_are_accepted_and_run_data_parallel(setup, rloo_one):
-    """Accelerate runs FSDP and DeepSpeed on GPUs only; on 2 CPU processes with the variables their configs set, the
-    online stages say they run data parallel and train as under DDP (DeepSpeed is not even installed here)."""
+def test_rloo_on_two_processes_under_the_fsdp_config_equals_one(setup):
+    """Launched with the variables of recipes/accelerate/fsdp.yaml (accelerate runs FSDP on GPUs only; here torchrun
+    starts 2 CPU processes): RLOO says it runs data parallel, and 2 x 2 prompts equal 1 x 4."""
     fsdp = launcher_env("fsdp")
     assert fsdp["ACCELERATE_USE_FSDP"] == "true"
-    _, rec = launch(setup, "rloo", "rloo-fsdp", group("rloo", 2), processes=2, env=fsdp)
-    assert "the launch config asks for FSDP; the online stages run data parallel" in (rec / "stderr.txt").read_text()
-    assert_close_per_parameter(weights(rec), weights(rloo_one))
-    assert_ranks_identical(rec)
-
-    zero3 = launcher_env("deepspeed_zero3")
-    assert zero3["ACCELERATE_USE_DEEPSPEED"] == "true" and zero3["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
-    online = {"rewards": [{"judge": "ddp_scorers:chars", "weight": 0.1}], "online.rounds": 1, "online.prompts_per_round": 4,
-              "online.num_samples": 2, "online.max_new_tokens": 5, "online.eval_prompts": 2, "train.max_steps": 1, "train.batch_size": 1}
-    run, rec = launch(setup, "online_dpo", "online-zero3", online, processes=2, env=zero3)
-    assert_ranks_identical(rec)
-    assert "the launch config asks for DeepSpeed; the online stages run data parallel" in (rec / "stderr.txt").read_text()
-    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+    _, rec_one = launch(setup, "rloo", "rloo-one", group("rloo", 4), processes=1)
+    _, rec_two = launch(setup, "rloo", "rloo-two", group("rloo", 2), processes=2, env=fsdp)
+    assert "the launch config asks for FSDP; the online stages run data parallel" in (rec_two / "stderr.txt").read_text()
+    assert_close_per_parameter(weights(rec_two), weights(rec_one))
+    assert_ranks_identical(rec_two)
 
 
 def test_a_split_that_cannot_work_is_refused_naming_the_key(setup, monkeypatch):
@@ -216,15 +199,22 @@ def test_ppo_on_two_processes_equals_one(setup):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
 
 
-def test_online_dpo_round_on_two_processes_equals_one(setup):
-    """One round: 6 prompts x 3 samples, all pairs; 2 DPO steps of 4 pairs (4 on 1 process, 2 per rank on 2)."""
+def test_online_dpo_round_on_two_processes_under_the_zero3_config_equals_one(setup):
+    """One round: 6 prompts x 3 samples, all pairs; 2 DPO steps of 4 pairs (4 on 1 process, 2 per rank on 2). The
+    2 processes get the variables of recipes/accelerate/deepspeed_zero3.yaml (DeepSpeed is not even installed here):
+    online DPO says it runs data parallel, and its DPO round trains under DDP."""
+    zero3 = launcher_env("deepspeed_zero3")
+    assert zero3["ACCELERATE_USE_DEEPSPEED"] == "true" and zero3["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    # The config's bf16 mixed precision would run the DPO round under CPU autocast, unlike the single process.
+    assert zero3.pop("ACCELERATE_MIXED_PRECISION") == "bf16"
     def online(batch: int) -> dict:
         return {"rewards": [{"judge": "ddp_scorers:chars", "weight": 0.1}], "online.rounds": 1, "online.prompts_per_round": 6,
                 "online.num_samples": 3, "online.pairing": "all-pairs", "online.max_new_tokens": 5, "online.eval_prompts": 3,
                 "online.generation_batch_size": 2, "train.max_steps": 2, "train.batch_size": batch, "train.learning_rate": 5e-3}
 
     one, rec_one = launch(setup, "online_dpo", "online-one", online(4), processes=1)
-    two, rec_two = launch(setup, "online_dpo", "online-two", online(2), processes=2)
+    two, rec_two = launch(setup, "online_dpo", "online-two", online(2), processes=2, env=zero3)
+    assert "the launch config asks for DeepSpeed; the online stages run data parallel" in (rec_two / "stderr.txt").read_text()
     # The round is the same: every response and score, whichever process sampled it.
     assert (two / "rounds" / "round-1" / "samples.jsonl").read_text() == (one / "rounds" / "round-1" / "samples.jsonl").read_text()
     assert_close_per_parameter(weights(rec_two), weights(rec_one))
