@@ -95,7 +95,8 @@ def _next_tokens(logits: "torch.Tensor", sampling: Sampling, noise: "torch.Tenso
         tail[:, -1] = False
         scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
     if noise is not None:  # log p differs from the scores by a per-row constant, which leaves the argmax alone
-        return (scores - noise.log()).argmax(-1)
+        # A draw of exactly 0 (float rounding) would turn a cut token's -inf into NaN: the smallest positive float instead.
+        return (scores - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()).argmax(-1)
     return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
 

@@ -196,7 +196,7 @@ def run_steps(
             metrics = step_fn(step)
             if eval_fn is not None and t.eval_steps and done % t.eval_steps == 0 and done < total:
                 metrics.update(evaluate(done))
-            if done % t.logging_steps == 0 or done == total:
+            if (done % t.logging_steps == 0 or done == total) and ranks.main:
                 log.info("%s step %d: %s", desc, done, describe(done, metrics))
             stage.tracker.log(metrics, step=done)  # rank 0's tracker; the metrics are the global batch's
             saved = None
