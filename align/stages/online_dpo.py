@@ -216,8 +216,9 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
             metrics.update(figures)
             if (t.eval_steps and r % t.eval_steps == 0) or r == o.rounds:
                 metrics.update(evaluate(r))
-            log.info("online_dpo round %d: %d pairs from %d prompts, sampled reward %.3f, %d DPO steps", r, len(pairs),
-                     len(round_prompts), metrics["online/reward/total"], figures.get("online/dpo_steps", 0))
+            if ranks.main:
+                log.info("online_dpo round %d: %d pairs from %d prompts, sampled reward %.3f, %d DPO steps", r, len(pairs),
+                         len(round_prompts), metrics["online/reward/total"], figures.get("online/dpo_steps", 0))
             stage.tracker.log(metrics, step=step)
             if t.save_steps and r % t.save_steps == 0:
                 save(r)
