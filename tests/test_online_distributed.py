@@ -257,3 +257,42 @@ def test_fsdp_and_zero3_launch_configs_on_cuda_with_one_process(tmp_path, sft_pa
             "online.eval_prompts": 2, "train.max_steps": 1, "train.batch_size": 2})))
     assert "the launch config asks for DeepSpeed; the online stages run data parallel" in caplog.text
     assert json.loads((run.path / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_a_rollout_gathered_from_two_shares_equals_one_sampled_whole(tiny_model_dir):
+    """Two ranks' shares of different prompt and response widths, joined by gather_rollout (the collective replayed
+    in one process): the token ids, masks and per-token tensors one process sampling every prompt holds."""
+    from align.core.config import ModelConfig
+    from align.modeling import models
+    from align.modeling.generation import Sampling, sample_tokens
+    from align.rlhf.distributed import World
+    from align.rlhf.rollout import gather_rollout
+
+    ref = models.resolve(str(tiny_model_dir))
+    model, tok = models.load_model(ref, ModelConfig(), device="cpu"), models.load_tokenizer(ref, ModelConfig())
+    prompts = [[{"role": "user", "content": text}] for text in ("Hi.", "Name three colours, please, in one line.", "Count to ten.")]
+    s = Sampling(max_new_tokens=7, do_sample=True, num_return_sequences=2)
+    seeds = list(range(100, 106))
+    whole = sample_tokens(model, tok, prompts, s, row_seeds=seeds)
+    shares = [sample_tokens(model, tok, prompts[:1], s, row_seeds=seeds[:2]), sample_tokens(model, tok, prompts[1:], s, row_seeds=seeds[2:])]
+    widths = [r.seq.shape[1] - r.n_resp for r in shares]
+    assert widths[0] < widths[1]  # the shares' prompts are padded to different widths
+    tensors = [({"score": torch.arange(len(r.responses), dtype=torch.float32)}, {"logp": r.mask * 2}) for r in shares]
+    sent = []
+
+    class Rank1(World):
+        def gather(self, obj):
+            sent.append(obj)
+            raise StopIteration
+
+    class Rank0(World):
+        def gather(self, obj):
+            return [obj, sent[0]]
+
+    with pytest.raises(StopIteration):
+        gather_rollout(Rank1(1, 2), shares[1], *tensors[1], tok.pad_token_id)
+    joined, rows = gather_rollout(Rank0(0, 2), shares[0], *tensors[0], tok.pad_token_id)
+    assert joined.responses == whole.responses and joined.n_resp == whole.n_resp
+    for name in ("seq", "attn", "mask", "has_eos"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    assert torch.equal(rows["logp"], whole.mask * 2) and rows["score"].tolist() == [0.0, 1.0, 0.0, 1.0, 2.0, 3.0]
