@@ -37,7 +37,8 @@ from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
 from align.modeling.adapters import peft_config_for
-from align.modeling.generation import Sampled, Sampling, response_logprobs
+from align.modeling.generation import Sampled, Sampling
+from align.rlhf import group_rows
 from align.rlhf import losses as P
 from align.rlhf.distributed import World, row_seed
 from align.rlhf.distributed import world as current_world
@@ -68,13 +69,14 @@ class GroupPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
 
-    def logprobs(self, seq, attn, n_resp, with_entropy=False):
-        return response_logprobs(self.model, seq, attn, n_resp, with_entropy)
+    def logprobs(self, seq, attn, n_resp, with_entropy=False, groups=None):
+        """Per-token log-probs of the responses; `groups` (each row's prompt) lets a group's prompt run once."""
+        return group_rows.logprobs(self.model, seq, attn, n_resp, groups, self.tokenizer.pad_token_id, with_entropy)
 
     @torch.no_grad()
-    def reference_logprobs(self, seq, attn, n_resp):
+    def reference_logprobs(self, seq, attn, n_resp, groups=None):
         with self.model.disable_adapter():
-            return response_logprobs(self.model, seq, attn, n_resp)
+            return self.logprobs(seq, attn, n_resp, groups=groups)
 
 
 def gradient_checkpointing(cfg, model) -> bool:
@@ -141,9 +143,15 @@ def fixed_logprobs(gp: GroupPolicy, roll: Sampled, cfg, updates: int) -> tuple[t
     kl_on = o.kl_coef > 0
     need_old = o.epochs * updates > 1 or (kl_on and o.kl_in == "reward")
     gp.model.eval()
+    chunk = cfg.train.eval_batch_size or cfg.train.batch_size
+    chunks = [torch.arange(i, min(i + chunk, roll.seq.size(0))) for i in range(0, roll.seq.size(0), chunk)]
+
+    def over_chunks(fn):
+        return torch.cat([fn(roll.seq[rows], roll.attn[rows], roll.n_resp, groups=rows // o.group_size) for rows in chunks])
+
     with torch.no_grad():
-        old_logp = gp.logprobs(roll.seq, roll.attn, roll.n_resp) if need_old else None
-        ref_logp = gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp) if kl_on else None
+        old_logp = over_chunks(gp.logprobs) if need_old else None
+        ref_logp = over_chunks(gp.reference_logprobs) if kl_on else None
     return old_logp, ref_logp
 
 
@@ -194,7 +202,7 @@ def accumulate_update(gp: GroupPolicy, cfg, roll: Sampled, rows_u: torch.Tensor,
     mine = rows_u if mine is None else mine
     for start in range(0, len(mine), cfg.train.batch_size):
         rows = mine[start : start + cfg.train.batch_size]
-        logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True)
+        logp, entropy = gp.logprobs(roll.seq[rows], roll.attn[rows], roll.n_resp, with_entropy=True, groups=rows // o.group_size)
         old = old_logp[rows] if old_logp is not None else logp.detach()
         m = mask[rows]
         if kl_on and old_logp is None:  # one update per step: this pass is still the sampling policy
@@ -213,6 +221,13 @@ def accumulate_update(gp: GroupPolicy, cfg, roll: Sampled, rows_u: torch.Tensor,
         logs["policy_loss"].append(pg.item())
         logs["clip_frac"].append(P.masked_mean(clipped, m).item())
         logs["entropy"].append(P.masked_mean(entropy, m).item())
+
+
+def group_order(n: int, group_size: int, device, generator: torch.Generator) -> torch.Tensor:
+    """The rollout's rows in a random order of whole groups: a micro-batch then holds whole groups
+    wherever its size allows, whose prompt the log-prob passes compute once (align/rlhf/group_rows.py)."""
+    groups = torch.randperm(n // group_size, generator=generator).to(device)
+    return (groups[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
 
 
 def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: str, step: int = 0, world: World | None = None) -> dict:
@@ -238,8 +253,8 @@ def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, sche
                   updates: int, estimator: str) -> tuple[dict[str, tuple[float, int]], torch.Tensor]:
     """`epochs` passes of clipped policy-gradient updates over the step's rollout.
 
-    Each pass shuffles the step's rows with a seed of (train.seed, step), the same on every rank, and
-    cuts them into updates of N x train.batch_size x gradient_accumulation_steps rows; rank r trains on
+    Each pass shuffles the step's groups with a seed of (train.seed, step), the same on every rank, and
+    cuts their rows into updates of N x train.batch_size x gradient_accumulation_steps rows; rank r trains on
     the r-th slice of each update (accumulate_update, with the update's normalizers over all ranks), and
     the gradients are summed across ranks before the optimizer steps. Returns each logged term's
     (sum, count) over the micro-batches of every rank, and each response's KL to the reference under
@@ -258,7 +273,7 @@ def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, sche
         kl_sampled = (P.kl_per_token(old_logp, ref_logp, "k1") * roll.mask).sum(1)
     shuffle = torch.Generator().manual_seed(row_seed(cfg.train.seed, step, "order"))
     for _ in range(o.epochs):
-        order = torch.randperm(n, generator=shuffle).to(roll.mask.device)  # fresh updates every pass
+        order = group_order(n, o.group_size, roll.mask.device, shuffle)  # fresh updates every pass
         for u in range(updates):
             rows_u = order[u * per_update : (u + 1) * per_update]
             mine = rows_u[world.rank * per_rank : (world.rank + 1) * per_rank]
