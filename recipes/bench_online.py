@@ -194,7 +194,7 @@ def run_ours(args, cfg, train_prompts, eval_prompts) -> dict:
     for i in range(args.warmup + args.steps):
         sync(torch)
         start = time.perf_counter()
-        m = G.group_step(gp, cfg, train_prompts[i * args.prompts : (i + 1) * args.prompts], optimizer, scheduler, "grpo")
+        m = G.group_step(gp, cfg, train_prompts[i * args.prompts : (i + 1) * args.prompts], optimizer, scheduler, "grpo", step=i)
         sync(torch)
         steps.append({"s": time.perf_counter() - start, "tokens": m["grpo/rollout_tokens"], "response_length": m["grpo/response_length"],
                       "generation_s": m["time/generation_s"], "kl_per_response": m.get("grpo/kl"), "reward": m["grpo/reward/total"]})
