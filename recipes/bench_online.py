@@ -17,6 +17,8 @@ no vLLM:
         own `generate` call, a reference pass with the adapter disabled)
   ours  align.rlhf.grpo.group_step, as the GRPO stage runs it (its defaults: gradient
         checkpointing auto, the shared decoding loop)
+  ours-k3-gradient  (not timed against trl) ours with grpo.kl_bias_correction false: the KL
+        gradient our GRPO had before issue 18, for the held-out KL after the same steps
 Each variant runs in a child process of its own, so its peak memory (CUDA max allocated on GPU,
 peak resident set size on CPU, counted from the first step) is its own. A step is one rollout of
 prompts x group responses, their scores and one optimizer update.
@@ -42,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-VARIANTS = ("trl", "ours")
+VARIANTS = ("trl", "ours", "ours-k3-gradient")
 SHAPES = {  # random-init shapes; the vocabulary is the tokenizer's, so sampled ids decode
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, tie_word_embeddings=True),
@@ -70,8 +72,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for the KL and reward after training (0: none)")
     p.add_argument("--variants", default="trl,ours", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--kl-bias-correction", default="true", choices=["true", "false"],
-                   help="ours: grpo.kl_bias_correction (false: the KL gradient before issue 18)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--dry-run", action="store_true", help="print the settings and exit")
@@ -111,7 +111,7 @@ def prompts_for(args, n_steps: int) -> tuple[list, list]:
     return train[:need], distinct_prompts(splits.eval, args.eval_prompts) if args.eval_prompts else []
 
 
-def stage_config(args, model: str, out: Path):
+def stage_config(args, model: str, out: Path, kl_bias_correction: bool = True):
     """Our GRPO stage's config for this task (the TRL side is built from the same values)."""
     from align.core.config import load_config
     from align.stages.grpo import GRPOConfig
@@ -125,7 +125,7 @@ def stage_config(args, model: str, out: Path):
         "train.seed": args.seed,
         "grpo": {"prompts_per_step": args.prompts, "group_size": args.group, "max_new_tokens": args.max_tokens,
                  "temperature": 1.0, "top_p": 1.0, "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3",
-                 "kl_bias_correction": args.kl_bias_correction == "true", "loss_aggregation": "sequence_mean",
+                 "kl_bias_correction": kl_bias_correction, "loss_aggregation": "sequence_mean",
                  "scale_advantages": "group", "epochs": 1, "clip_range": 0.2, "eval_prompts": 0},
     })
 
@@ -285,9 +285,9 @@ def sync(torch) -> None:
 def child(args) -> int:
     device = device_name()
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-online-{args.child}-"))
-    cfg = stage_config(args, args.model, workdir / "unused")
+    cfg = stage_config(args, args.model, workdir / "unused", kl_bias_correction=args.child != "ours-k3-gradient")
     train_prompts, eval_prompts = prompts_for(args, args.warmup + args.steps)
-    if args.child == "ours":
+    if args.child.startswith("ours"):
         result = run_ours(args, cfg, train_prompts, eval_prompts)
     else:
         result = run_trl(args, cfg, train_prompts, eval_prompts, device, workdir)
@@ -363,8 +363,7 @@ def main(argv=None) -> int:
         return child(args)
     device = device_name()
     print(settings_line(args, device))
-    print(f"rewards: {json.dumps(REWARDS)}; variants in order: {', '.join(args.order)}; ours with "
-          f"grpo.kl_bias_correction {args.kl_bias_correction}")
+    print(f"rewards: {json.dumps(REWARDS)}; variants in order: {', '.join(args.order)}")
     if args.dry_run:
         stage_config(args, "smollm2-135m-instruct", Path(tempfile.gettempdir()) / "bench-online-unused")  # the config is valid
         return 0

@@ -18,6 +18,7 @@ def test_arguments_are_checked(capsys):
     from bench_online import parse_args
 
     assert parse_args([]).order == ["trl", "ours"]
+    assert parse_args(["--variants", "trl,ours,ours-k3-gradient"]).order[-1] == "ours-k3-gradient"
     for bad, needle in ((["--variants", "ours,vllm"], "unknown variant(s) vllm"), (["--micro", "5"], "--micro 5 must divide")):
         with pytest.raises(SystemExit) as exit_:
             parse_args(bad)
