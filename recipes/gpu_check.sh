@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one command, at most --budget seconds (default 480), one markdown table.
+# The GPU check: one command, at most --budget seconds (default 570), one markdown table.
 #
 #   make gpu-prepare                   # here, with network: wheels into .whl/, tokenizer into .gpucache/
 #   make gpu-check                     # on the GPU machine (no network); ARGS=--dry-run lists the steps
@@ -11,6 +11,8 @@
 #   bench-1b  bench_dpo at the 1B shape: stock TRL (a), tuned TRL (b), ours (c: cold cache, c-warm),
 #             with the bf16 matmul ceiling: the figures the targets are judged on
 #   bench-8b  bench_dpo at the 8B shape, QLoRA: stock TRL (a) and ours (c), each at its largest batch (<= 16)
+#   bench-online-1b  bench_online at the 1B shape: our GRPO step vs TRL's GRPOTrainer (8 prompts x 4 x 40 tokens,
+#             LoRA r 16, beta 0.04), responses/s and peak memory, and the group-advantage check
 #   families  recipes/family_smoke.py (bf16 SFT -> DPO per model family), when it exists
 #   bench-1b-more  ablations, against c in the same run: c-rows (one row per pair), c-sdpa (dense mask),
 #             b-pf (TRL's padding_free), c-liger
@@ -23,12 +25,12 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT:-$REPO/gpu-check-out}
 WHEELS=$REPO/.whl
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-570}
 PY=${PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 DRY=0
 ONLY=""
-STEPS="pytest bench-1b bench-8b families bench-1b-more"
+STEPS="pytest bench-1b bench-8b bench-online-1b families bench-1b-more"
 REPORT_RESERVE=15
 MIN_STEP=20
 
@@ -61,7 +63,7 @@ if [ -n "$ONLY" ]; then
 fi
 
 # name -> seconds it may take at most (before the budget cuts it); step_command sets CMD to its command
-declare -A LIMIT=([pytest]=110 [bench-1b]=120 [bench-8b]=150 [families]=45 [bench-1b-more]=40)
+declare -A LIMIT=([pytest]=110 [bench-1b]=120 [bench-8b]=150 [bench-online-1b]=90 [families]=45 [bench-1b-more]=40)
 step_command() {
   case "$1" in
     pytest) CMD=("$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
@@ -71,6 +73,8 @@ step_command() {
     bench-8b) CMD=("$PY" recipes/bench_dpo.py --shape llama-8b --data synthetic --quantization 4bit --max-length 1024
                    --find-max-batch --batch 4 --max-batch 16 --warmup 1 --steps 2 --variants a,c
                    --json "$OUT_DIR/bench_8b.json") ;;
+    bench-online-1b) CMD=("$PY" recipes/bench_online.py --shape llama-1b --warmup 1 --steps 3 --eval-prompts 0
+                          --json "$OUT_DIR/bench_online_1b.json") ;;
     families) CMD=("$PY" recipes/family_smoke.py --json "$OUT_DIR/families.json") ;;
     bench-1b-more) CMD=("$PY" recipes/bench_dpo.py --shape llama-1b --data synthetic --batch 8 --warmup 2 --steps 6
                         --variants c,c-rows,c-sdpa,b-pf,c-liger --json "$OUT_DIR/bench_1b_more.json") ;;

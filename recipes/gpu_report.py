@@ -4,13 +4,16 @@
     python recipes/gpu_report.py OUT_DIR [--total-s S] [--budget-s S]
 
 Reads what the steps left in OUT_DIR (steps.tsv, env.json, pytest.xml, bench_1b.json,
-bench_8b.json, families.json, bench_1b_more.json; any may be missing: a step that did not finish shows as such),
+bench_8b.json, bench_online_1b.json, families.json, bench_1b_more.json; any may be missing: a step that did not
+finish shows as such),
 prints one markdown table and writes it to OUT_DIR/report.md (and the rows to report.json).
 Targets (issue 14), each judged on figures measured in the same run:
   1B: our DPO (c, cold cache: what a first epoch gets) >= 2.5x stock TRL's pairs/s (a), >= 1.5x tuned
       TRL's (b), peak memory <= a's, >= 40% of the measured bf16 matmul ceiling; the same listed for
       c-warm (cache filled: later epochs, reruns, sweeps) apart;
   8B QLoRA: c >= 1.8x a's pairs/s, each at its largest batch.
+Online (issue 18), 1B: our GRPO step >= 2x TRL GRPOTrainer's responses/s at no more peak memory, and
+  TRL's rewards through our group advantages give TRL's advantages (correctness).
 """
 
 from __future__ import annotations
@@ -142,6 +145,35 @@ def target_rows(one_b: dict | None, eight_b: dict | None) -> list[dict]:
     return rows
 
 
+def online_rows(data: dict | None, state: str | None) -> list[dict]:
+    """bench_online's JSON: each variant's figures (responses/s in the pairs/s column), the targets judged."""
+    part = "bench online 1B"
+    if not data:
+        return [{"part": part, "what": "-", "status": state or "not run", "notes": "no bench_online_1b.json"}] if state else []
+    rows, by = [], {}
+    for r in data.get("results", []):
+        if "error" in r:
+            rows.append({"part": part, "what": r["variant"], "status": "FAILED", "notes": r["error"]})
+            continue
+        by[r["variant"]] = r
+        rows.append({"part": part, "what": r["variant"], "status": "measured", "s/step": f"{r['median_step_s']:.3f}",
+                     "pairs/s": f"{r['responses_per_s']:.2f}", "tokens/s": f"{r['tokens_per_s']:.0f}", "peak MB": f"{r['peak_memory_mb']:.0f}",
+                     "notes": f"responses/s; grad ckpt {'on' if r.get('gradient_checkpointing') else 'off'}; {data.get('settings', '')}"[:200]})
+    if "ours" in by and "trl" in by:
+        speed = by["ours"]["responses_per_s"] / by["trl"]["responses_per_s"]
+        memory = by["ours"]["peak_memory_mb"] / by["trl"]["peak_memory_mb"]
+        rows.append({"part": "target", "what": "online 1B ours / trl responses/s", "status": "PASS" if speed >= 2.0 else "FAIL",
+                     "notes": f"{speed:.2f}x (target >= 2x)"})
+        rows.append({"part": "target", "what": "online 1B ours peak memory / trl", "status": "PASS" if memory <= 1.0 else "FAIL",
+                     "notes": f"{memory:.2f}x (target <= 1.00x)"})
+    if "correctness_ok" in data:
+        rows.append({"part": "target", "what": "online 1B group advantages = TRL's", "status": "PASS" if data["correctness_ok"] else "FAIL",
+                     "notes": next((line for line in data.get("table", []) if line.startswith("correctness")), "")[:200]})
+    if state and state != "ok":
+        rows.append({"part": part, "what": "(step)", "status": state, "notes": "results above are what it measured before it stopped"})
+    return rows
+
+
 def family_rows(data, state: str | None) -> list[dict]:
     """The families smoke test's JSON: a list of entries (or {"results": [...]}) with a name and a status."""
     if data is None:
@@ -179,6 +211,7 @@ def report(out: Path, total_s: float | None = None, budget_s: float | None = Non
     rows += pytest_rows(out, status.get("pytest"))
     rows += bench_rows(one_b, "bench 1B", status.get("bench-1b"))
     rows += bench_rows(eight_b, "bench 8B QLoRA", status.get("bench-8b"))
+    rows += online_rows(load_json(out / "bench_online_1b.json"), status.get("bench-online-1b"))
     rows += bench_rows(load_json(out / "bench_1b_more.json"), "bench 1B ablations", status.get("bench-1b-more"))
     rows += family_rows(load_json(out / "families.json"), status.get("families"))
     rows += target_rows(one_b, eight_b)

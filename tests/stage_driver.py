@@ -3,7 +3,11 @@
 usage: python tests/stage_driver.py <stage> <overrides.json> <record dir>
 
 Each rank saves its trainable (adapter) weights at the end of training to
-<record dir>/rank<R>.pt, so a test can compare ranks and runs.
+<record dir>/rank<R>.pt, and every LoRA weight of every adapter (trainable or frozen, e.g. a reward
+adapter) to <record dir>/rank<R>-lora.pt, so a test can compare ranks and runs.
+
+ALIGN_TEST_KILL_AFTER_CHECKPOINT=<step>: rank 0 kills itself (SIGKILL, as a crash or `kill -9`
+would) right after the online stages' checkpoint of that step is written.
 """
 
 from __future__ import annotations
@@ -30,12 +34,32 @@ class SaveTrainable(TrainerCallback):
         rank = int(os.environ.get("RANK", "0"))
         weights = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(weights, self.folder / f"rank{rank}.pt")
+        lora = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+        torch.save(lora, self.folder / f"rank{rank}-lora.pt")
+
+
+def kill_after_checkpoint(step: int) -> None:
+    import signal
+
+    from align.rlhf import loop
+
+    original = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        folder = original(*args, **kwargs)
+        if args[1] == step and int(os.environ.get("RANK", "0")) == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return folder
+
+    loop.save_checkpoint = save_then_die
 
 
 def main() -> int:
     stage, overrides, record = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     record.mkdir(parents=True, exist_ok=True)
     setup_logging()
+    if os.environ.get("ALIGN_TEST_KILL_AFTER_CHECKPOINT"):
+        kill_after_checkpoint(int(os.environ["ALIGN_TEST_KILL_AFTER_CHECKPOINT"]))
     cfg = load_stage_config(stage, None, overrides)
     get_stage(stage).run(cfg, callbacks=[SaveTrainable(record)])
     return 0

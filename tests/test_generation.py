@@ -131,3 +131,40 @@ def test_sample_tokens_repeats_prompts_and_masks_after_eos(tiny):
     assert drawn.prompts == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     assert drawn.seq.shape[0] == 4 and drawn.mask.shape == (4, drawn.n_resp) and len(drawn.responses) == 4
     assert drawn.attn[:, -drawn.n_resp:].float().equal(drawn.mask)
+
+
+def test_row_seeded_samples_do_not_depend_on_the_batch_they_are_drawn_in(tiny):
+    """A response drawn with its own seed is the same alone, in another batch, in another order and with
+    rows ending early around it: what makes a rollout on N processes equal one process's."""
+    from align.modeling.generation import sample_tokens
+
+    model, tok = tiny
+    prompts = PROMPTS + [[{"role": "user", "content": "Name a colour."}]]
+    s = Sampling(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=0.9, num_return_sequences=2)
+    seeds = [11, 12, 21, 22, 31, 32]
+    together = sample_tokens(model, tok, prompts, s, row_seeds=seeds).responses
+    assert len(set(together)) > 3
+    assert sample_tokens(model, tok, prompts[1:2], s, row_seeds=seeds[2:4]).responses == together[2:4]
+    assert sample_tokens(model, tok, prompts[::-1], s, row_seeds=seeds[4:] + seeds[2:4] + seeds[:2]).responses == \
+        together[4:] + together[2:4] + together[:2]
+    torch.manual_seed(123)  # the global generator plays no part
+    assert sample_tokens(model, tok, prompts, s, row_seeds=seeds).responses == together
+    assert sample_tokens(model, tok, prompts, s, row_seeds=[s + 100 for s in seeds]).responses != together
+    with pytest.raises(ValueError, match="row_seeds: 2 seeds for 6 response rows"):
+        sample_tokens(model, tok, prompts, s, row_seeds=seeds[:2])
+
+
+def test_the_row_seeded_draw_samples_the_temperature_and_top_p_distribution():
+    """The exponential race over the scores draws each token with its softmax probability, inside top-p only."""
+    from align.modeling.generation import RowNoise, _next_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(20000, 1)
+    s = Sampling(do_sample=True, temperature=0.7, top_p=0.9)
+    noise = RowNoise(list(range(20000)), "cpu").draw(torch.arange(20000), 5)
+    drawn = torch.bincount(_next_tokens(logits, s, noise), minlength=5).float() / 20000
+    probs = (logits[0] / 0.7).softmax(-1)
+    kept = probs.cumsum(0) - probs < 0.9  # the nucleus: tokens whose preceding mass is below top-p
+    expected = torch.where(kept, probs, torch.zeros_like(probs))
+    expected = expected / expected.sum()
+    assert drawn[~kept].sum() == 0
+    assert torch.allclose(drawn, expected, atol=0.015), (drawn, expected)  # 20000 draws: std of a share <= 0.0035

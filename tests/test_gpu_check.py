@@ -32,19 +32,20 @@ def test_dry_run_lists_every_step_within_the_budget_and_writes_nothing(tmp_path)
     done = check("--dry-run", "--out", str(out))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("gpu check (dry run): budget 480 s")
+    assert lines[0].startswith("gpu check (dry run): budget 570 s")
     steps = {line.split(" ")[0]: line for line in lines[1:]}
-    assert set(steps) == {"prepare:", "pytest", "bench-1b", "bench-8b", "families", "bench-1b-more", "report:"}
+    assert set(steps) == {"prepare:", "pytest", "bench-1b", "bench-8b", "bench-online-1b", "families", "bench-1b-more", "report:"}
     assert "-m pytest -m gpu" in steps["pytest"] and f"--junitxml={out}/pytest.xml" in steps["pytest"]
     assert "--shape llama-1b" in steps["bench-1b"] and "--variants a,c,c-warm,b " in steps["bench-1b"]
     assert "--shape llama-8b" in steps["bench-8b"] and "--quantization 4bit --max-length 1024 --find-max-batch" in steps["bench-8b"]
     assert "--variants c,c-rows,c-sdpa,b-pf,c-liger " in steps["bench-1b-more"]
+    assert "recipes/bench_online.py --shape llama-1b" in steps["bench-online-1b"] and "bench_online_1b.json" in steps["bench-online-1b"]
     if (REPO / "recipes" / "family_smoke.py").exists():
         assert "recipes/family_smoke.py --json" in steps["families"]
     else:
         assert "skipped: recipes/family_smoke.py is not in this tree" in steps["families"]
-    limits = [int(steps[s].split("(<= ")[1].split(" s)")[0]) for s in ("pytest", "bench-1b", "bench-8b", "families", "bench-1b-more")]
-    assert sum(limits) <= 480, "the steps' own limits fit the 8-minute budget"
+    limits = [int(steps[s].split("(<= ")[1].split(" s)")[0]) for s in ("pytest", "bench-1b", "bench-8b", "bench-online-1b", "families", "bench-1b-more")]
+    assert sum(limits) <= 570, "the steps' own limits fit the 9.5-minute budget"
     assert not out.exists()
 
 
@@ -105,6 +106,10 @@ def test_report_is_one_table_with_the_targets_judged(tmp_path):
     (tmp_path / "bench_8b.json").write_text(json.dumps(bench({
         "a": {"pairs_per_s": 5.0, "peak_memory_mb": 30000, "batch": 32, "batch_is_cap": True},
     })))
+    (tmp_path / "bench_online_1b.json").write_text(json.dumps({"settings": "llama-1b, 8 prompts x 4", "correctness_ok": True, "results": [
+        {"variant": "trl", "median_step_s": 4.0, "responses_per_s": 8.0, "tokens_per_s": 900, "peak_memory_mb": 9000},
+        {"variant": "ours", "median_step_s": 1.6, "responses_per_s": 20.0, "tokens_per_s": 2300, "peak_memory_mb": 9500}],
+        "table": ["correctness: ... (PASS, tolerance 1e-05)"]}))
     (tmp_path / "pytest.xml").write_text(
         '<testsuites><testsuite><testcase classname="tests.test_gpu" name="test_liger" time="12.5"/>'
         '<testcase classname="tests.test_gpu" name="test_qlora" time="3"><failure message="boom&#10;more"/></testcase>'
@@ -120,6 +125,10 @@ def test_report_is_one_table_with_the_targets_judged(tmp_path):
     assert judged["1B c (cold cache: a first epoch) share of bf16 ceiling"] == "PASS"
     assert judged["1B c-warm (cache filled) peak memory / a"] == "FAIL"
     assert judged["8B QLoRA c / a pairs/s, each at its largest batch"] == "n/a", "c was not measured: no verdict"
+    assert judged["online 1B ours / trl responses/s"] == "PASS"  # 2.5x
+    assert judged["online 1B ours peak memory / trl"] == "FAIL"  # 1.06x
+    assert judged["online 1B group advantages = TRL's"] == "PASS"
+    assert any(r["what"] == "ours" and r["pairs/s"] == "20.00" for r in rows if r["part"] == "bench online 1B")
     status = {(r["part"], r["what"]): r["status"] for r in rows}
     assert status[("pytest", "test_gpu::test_qlora")] == "FAILED" and status[("pytest", "test_gpu::test_liger")] == "passed"
     assert status[("bench 8B QLoRA", "(step)")] == "timeout"

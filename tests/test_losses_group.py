@@ -86,3 +86,20 @@ def test_loss_aggregations_and_their_split_over_micro_batches():
     m = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     assert P.aggregate_loss(t, m, "sequence_mean", 2, 5.0, 4).item() == pytest.approx(3.0)
     assert P.aggregate_loss(t, m, "token_mean", 2, 5.0, 4).item() == pytest.approx(9 / 5)
+
+
+def test_kl_penalty_gradient_with_and_without_bias_correction():
+    # On the sampling policy (old = logp, ratio 1) the value is the estimator's either way; the gradient
+    # with the ratio is log p - log q (the reverse KL's score-function gradient); without it, k3's own
+    # gradient 1 - q/p. Tokens: log p - log q = 1.0 and -0.5.
+    ref = torch.tensor([[-2.0, -1.0]])
+    for correct, expected in ((True, [1.0, -0.5]), (False, [1 - math.exp(-1.0), 1 - math.exp(0.5)])):
+        logp = torch.tensor([[-1.0, -1.5]], requires_grad=True)
+        kl = P.kl_penalty_terms(logp, logp.detach(), ref, "k3", bias_correction=correct)
+        torch.testing.assert_close(kl.detach(), P.kl_per_token(logp.detach(), ref, "k3"))
+        kl.sum().backward()
+        torch.testing.assert_close(logp.grad, torch.tensor([expected]))
+    # k1 without the correction has gradient 1 everywhere (0 in expectation); with it, 1 + log p - log q.
+    logp = torch.tensor([[-1.0, -1.5]], requires_grad=True)
+    P.kl_penalty_terms(logp, logp.detach(), ref, "k1").sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[2.0, 0.5]]))

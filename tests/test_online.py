@@ -321,12 +321,16 @@ def test_online_dpo_round_two_samples_from_round_one_policy_against_the_sft_refe
     model = PeftModel.from_pretrained(models.load_model(base, cfg.model), str(after_round_1 / "adapters"))
     judge = Rewards([RewardSource(judge="online_scorers:chars", weight=0.1)])
 
+    from align.rlhf.rollout import LocalRollout
+
+    engine = LocalRollout(model, tok, lambda: None)
+
     def resample(r, adapter: bool):
         prompts = [row["prompt"] for row in rounds[r]]
         if adapter:
-            return sample_round(model, tok, judge, prompts, cfg.online, seed=cfg.train.seed + r).responses
+            return sample_round(engine, judge, prompts, cfg.online, seed=cfg.train.seed, round_no=r).responses
         with model.disable_adapter():
-            return sample_round(model, tok, judge, prompts, cfg.online, seed=cfg.train.seed + r).responses
+            return sample_round(engine, judge, prompts, cfg.online, seed=cfg.train.seed, round_no=r).responses
 
     recorded = {r: [x for row in rounds[r] for x in row["responses"]] for r in (1, 2)}
     assert resample(1, adapter=False) == recorded[1]  # round 1: the SFT model
@@ -410,3 +414,90 @@ def test_online_dpo_resumes_after_a_round_to_the_same_adapter(runs, tiny_data, o
     manifest = json.loads((resumed.path / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["summary"]["steps"] == 6
     assert manifest["summary"]["pairs"] == json.loads((full.path / "manifest.json").read_text())["summary"]["pairs"]
+
+
+# --------------------------------------------------------------------------- keep the best adapter within a KL budget
+
+
+def test_keep_best_picks_the_highest_reward_within_the_budget():
+    from align.rlhf.keep_best import KeepBest
+
+    keep = KeepBest(1.0, "eval/reward/total")
+    script = [(0, 0.0, 0.0), (1, 1.0, 0.5), (2, 3.0, 2.0), (3, 1.0, 0.2), (4, float("nan"), 0.1), (5, 0.9, 0.9), (6, 1.5, 1.0)]
+    kept = [s for s, r, kl in script if keep.offer(s, {"eval/reward/total": r, "eval/kl": kl}, lambda s=s: {"w": torch.tensor([float(s)])})]
+    # step 2 is over the budget, step 3 ties step 1 (the earlier stays), NaN never counts, 1.0 is within a budget of 1.0
+    assert kept == [0, 1, 6] and keep.step == 6 and keep.weights["w"].item() == 6.0
+    assert not KeepBest(None, "eval/reward/total").offer(0, {"eval/reward/total": 1.0, "eval/kl": 0.0}, dict)
+    assert not keep.offer(7, {"eval/kl": 0.0}, dict)  # an evaluation without the reward
+
+
+def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs, tiny_data, monkeypatch):
+    """Scripted held-out evaluations (steps 0..3): the best within budget 1.0 is step 1; adapter/ is step 1's adapter,
+    the last adapter stays in checkpoint-3, and a run killed after step 2 and resumed keeps the same one."""
+    from safetensors.torch import load_file
+
+    from align.rlhf import grpo as G
+    from align.rlhf import loop
+    from align.stages import grpo
+
+    script = [(0.0, 0.0), (1.0, 0.5), (3.0, 2.0), (0.8, 0.9)]  # (reward, KL) of the evaluations at steps 0, 1, 2, 3
+    evaluations = []
+
+    def scripted(gp, prompts, cfg, seed):
+        reward, kl = script[len(evaluations)]
+        evaluations.append(reward)
+        return {"eval/reward/total": reward, "eval/kl": kl}
+
+    monkeypatch.setattr(G, "held_out", scripted)
+    extra = {"train.max_steps": 3, "train.eval_steps": 1, "train.save_steps": 1, "train.save_total_limit": 5,
+             "grpo.keep_best_within_kl": 1.0}
+    run = grpo.run(group_config(runs, tiny_data, name="grpo-keep", **extra))
+    kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    step = {s: load_file(run.path / "checkpoints" / f"checkpoint-{s}" / "adapters" / "policy" / "adapter_model.safetensors") for s in (1, 3)}
+    assert all(torch.equal(kept[k], step[1][k]) for k in kept)
+    assert any(not torch.equal(kept[k], step[3][k]) for k in kept)  # the last adapter is another one, kept in its checkpoint
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["kept"]["step"] == 1 and summary["kept"]["reward"] == 1.0 and summary["kept"]["last_adapter"].endswith("checkpoint-3")
+    assert any("kept from step 1" in line for line in grpo.summary_lines(summary))
+
+    # Killed after step 2's checkpoint, resumed (evaluating step 3 only): the best so far (step 1) comes from that checkpoint.
+    evaluations.clear()
+    original = loop.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*args, **kwargs):
+        folder = original(*args, **kwargs)
+        if args[1] == 2:
+            raise Crash()
+        return folder
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", **extra))
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    resumed = grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", resume=True, **extra))
+    again = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
+    assert max((kept[k] - again[k]).abs().max().item() for k in kept) <= 1e-6
+
+
+def test_online_dpo_keeps_the_best_round_within_the_kl_budget(runs, tiny_data, monkeypatch):
+    """Scripted held-out evaluations before round 1 and after rounds 1, 2: (0, 0), (1, 0.5), (3, 2.0); budget 1.0 keeps
+    round 1's adapter; the last adapter is in the checkpoint of round 2."""
+    from safetensors.torch import load_file
+
+    from align.core.checkpoints import checkpoint_dirs
+    from align.rlhf import rewards as R
+    from align.stages import online_dpo
+
+    script = iter([(0.0, 0.0), (1.0, 0.5), (3.0, 2.0)])
+    monkeypatch.setattr(R, "held_out_metrics", lambda *a: dict(zip(("eval/reward/total", "eval/kl"), next(script))))
+    run = online_dpo.run(online_config(runs, tiny_data, "online-keep", **{"train.eval_steps": 1, "online.keep_best_within_kl": 1.0}))
+    by_round = {json.loads((f / "state.json").read_text())["round"]: f for _, f in checkpoint_dirs(run.path)}
+    kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    first, last = (load_file(by_round[r] / "adapters" / "adapter_model.safetensors") for r in (1, 2))
+    assert all(torch.equal(kept[k], first[k]) for k in kept) and any(not torch.equal(kept[k], last[k]) for k in kept)
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["kept"]["unit"] == "round" and summary["kept"]["step"] == 1
+    assert any("kept from round 1" in line for line in online_dpo.summary_lines(summary))

@@ -95,8 +95,7 @@ def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
     cfg = ppo_config(runs, tiny_data)
     pvr = build(cfg)
     prompts = [[{"role": "user", "content": f"What is {i} plus one?"}] for i in range(3)]
-    torch.manual_seed(0)
-    roll = sample(pvr, prompts, cfg)
+    roll = sample(pvr, prompts, cfg, seeds=[0, 1, 2])
     with torch.no_grad():
         policy = pvr.logprobs(roll.seq, roll.attn, roll.n_resp)
         with pvr.model.disable_adapter():
@@ -177,6 +176,24 @@ def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_da
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_ppo_keeps_the_best_evaluation_within_the_kl_budget(runs, tiny_data, monkeypatch):
+    """Scripted held-out evaluations at steps 0, 1, 2 (reward, KL): (0, 0), (1, 0.5), (3, 2.0); budget 1.0 keeps step 1."""
+    from safetensors.torch import load_file
+
+    from align.rlhf import ppo as ppo_lib
+    from align.stages import ppo
+
+    script = iter([(0.0, 0.0), (1.0, 0.5), (3.0, 2.0)])
+    monkeypatch.setattr(ppo_lib, "held_out_reward_and_kl", lambda *a: dict(zip(("eval/reward", "eval/kl"), next(script))))
+    run = ppo.run(ppo_config(runs, tiny_data, name="ppo-keep", **{"train.eval_steps": 1, "train.save_steps": 1,
+                                                                    "ppo.keep_best_within_kl": 1.0}))
+    kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    step = {s: load_file(run.path / "checkpoints" / f"checkpoint-{s}" / "adapters" / "policy" / "adapter_model.safetensors") for s in (1, 2)}
+    assert all(torch.equal(kept[k], step[1][k]) for k in kept) and any(not torch.equal(kept[k], step[2][k]) for k in kept)
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["kept"]["step"] == 1 and summary["kept"]["last_adapter"].endswith("checkpoint-2")
+
+
 def test_win_rate_counts_ties_as_half_and_skips_missing():
     from align.evaluation.metrics import bootstrap_interval, win_rate
 
@@ -247,13 +264,17 @@ def test_reward_run_is_a_judge(runs):
         load_judge(f"rm:{runs['root'] / 'sft'}")
 
 
-def test_ppo_refuses_to_run_on_several_processes(runs, tiny_data, monkeypatch):
+def test_ppo_refuses_a_split_over_processes_that_cannot_work(runs, tiny_data, monkeypatch):
     from align.core.errors import ConfigError
     from align.stages import ppo
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = ppo_config(runs, tiny_data, name="ppo-ddp")
-    with pytest.raises(ConfigError, match="runs as one process; it was launched with WORLD_SIZE=2"):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = ppo_config(runs, tiny_data, name="ppo-ddp", **{"ppo.rollout_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size: 4 prompts per step do not split evenly over 3 processes"):
+        ppo.run(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = ppo_config(runs, tiny_data, name="ppo-ddp", **{"ppo.rollout_batch_size": 8, "ppo.minibatch_size": 2})
+    with pytest.raises(ConfigError, match=r"ppo.minibatch_size: 2 responses per minibatch do not split evenly over 4 processes"):
         ppo.run(cfg)
     assert not Path(cfg.output_dir).exists()  # nothing written
 

@@ -32,9 +32,10 @@ import functools
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
+from align.modeling.packing import PAD, SHARED, block_mask, flex_block_mask, unsupported_reason  # noqa: F401 (re-exported)
 from align.modeling.templates import common_prefix_length
 
-PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
+CHOSEN, REJECTED = 1, 2  # the two segments after the shared one (PAD, SHARED: align.modeling.packing)
 KEY = "shared_prefix"  # the batch entry the patched forward looks for
 HEAD_CHUNK = 32768  # vocabulary tile of the log-prob kernel (TRL's own choice)
 
@@ -115,51 +116,6 @@ def pack_pairs(batch: dict[str, torch.Tensor], pad_token_id: int, padding_free: 
         "index": index,
         "valid": valid,
     }
-
-
-def _allowed(segments, pair_ids, q, k):
-    """The mask rule, for query/key index tensors that broadcast: causal, within one pair, the shared
-    tokens visible to both responses, chosen and rejected blind to each other; every token sees
-    itself (so a padding row's softmax is never empty)."""
-    sq, sk = segments[..., q], segments[..., k]
-    same_pair = pair_ids[..., q] == pair_ids[..., k]
-    return ((k <= q) & same_pair & (sq != PAD) & ((sk == SHARED) | (sk == sq))) | (q == k)
-
-
-def block_mask(segments: torch.Tensor, pair_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """Dense (R, 1, L, L) mask for eager (additive, `dtype`) or sdpa (bool) attention."""
-    pos = torch.arange(segments.size(1), device=segments.device)
-    allowed = _allowed(segments, pair_ids, pos[:, None], pos[None, :])[:, None]
-    if attn_implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def flex_block_mask(segments: torch.Tensor, pair_ids: torch.Tensor):
-    """FlexAttention BlockMask of the same rule, built from the per-token segment and pair ids.
-
-    Fully masked tiles (the other pair, the other response, above the diagonal) are skipped by the
-    kernel. On CUDA the mask construction is compiled (as transformers does for its own flex
-    masks), which evaluates the rule tile by tile instead of materializing an L x L tensor.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q, kv):
-        return _allowed(segments[b], pair_ids[b], q, kv)
-
-    rows, width = segments.shape
-    return create_block_mask(mask_mod, rows, None, width, width, device=segments.device, _compile=segments.is_cuda)
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the shared-prefix forward cannot run on this model at all (any attention), or None."""
-    text = model.config.get_text_config()
-    for scaled in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        if getattr(text, scaled, None) not in (None, 1.0):
-            return f"the model scales its logits ({scaled})"
-    if not hasattr(model, model.base_model_prefix) or model.get_output_embeddings() is None:
-        return "the model has no backbone + LM head layout"
-    return None
 
 
 def flex_unavailable(model) -> str | None:

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from align.dpo import ref_cache, shared_prefix
+from align.modeling.packing import sliding_window_reason
 
 log = logging.getLogger("align")
 
@@ -95,26 +96,6 @@ def shared_prefix_blocker(wanted: bool, method: str, model, max_length: int | No
     if method in PROMPT_LEARNING:
         return f"{method} prepends virtual tokens to every row"
     return shared_prefix.unsupported_reason(model) or sliding_window_reason(model, max_length)
-
-
-def sliding_window_reason(model, max_length: int | None) -> str | None:
-    """Why sliding-window layers make prefix sharing inexact for sequences up to max_length, or None.
-
-    A sliding-window layer lets a token see only the last `window` positions. The shared-prefix
-    forward passes one block mask to every layer, with no window in it: the same result as
-    TRL's layout only while every sequence fits in the window (Gemma 2 and 3, Phi-3, Mistral v0.1).
-    """
-    text = model.config.get_text_config()
-    window = getattr(text, "sliding_window", None)
-    if not window or getattr(text, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if max_length is not None and max_length <= window:
-        return None
-    longest = f"max_length {max_length}" if max_length is not None else "no max_length"
-    return f"sliding-window attention (window {window}) with {longest}: the shared-prefix block mask has no window"
 
 
 class Collator:

@@ -16,6 +16,11 @@ least one token, softmax, `torch.multinomial`, greedy = argmax), so greedy outpu
 same, and seeded samples are the same as long as no row ends early (after that, the batch
 the random draws are spread over differs). `recipes/bench_generation.py` measures both.
 
+Per-row seeds (`row_seeds`, the online stages): each response row draws from its own generator
+(an exponential race, i.e. Gumbel-max over the same temperature / top-p scores), so a response
+depends on its seed and its prompt only, not on which other rows share the batch, the process or
+when they end. That is what makes a rollout split over N processes equal to one process's.
+
 Prompt- and prefix-tuned PEFT models put virtual tokens in front of the input, which a
 plain forward with a cache does not handle: they go through `model.generate`.
 """
@@ -74,8 +79,10 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(plain.forward).parameters else "past_key_values"
 
 
-def _next_tokens(logits: "torch.Tensor", sampling: Sampling) -> "torch.Tensor":
-    """One token per row from float32 logits: argmax, or temperature + top-p + a multinomial draw."""
+def _next_tokens(logits: "torch.Tensor", sampling: Sampling, noise: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """One token per row from float32 logits: argmax, or temperature + top-p + a draw: a multinomial one
+    from the global generator, or with `noise` (Exp(1) draws, one per row and token) the exponential
+    race argmax(log p - log E), which samples the same distribution."""
     import torch
 
     if not sampling.do_sample:
@@ -87,19 +94,45 @@ def _next_tokens(logits: "torch.Tensor", sampling: Sampling) -> "torch.Tensor":
         tail = ordered.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
         tail[:, -1] = False
         scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+    if noise is not None:  # log p differs from the scores by a per-row constant, which leaves the argmax alone
+        # A draw of exactly 0 (float rounding) would turn a cut token's -inf into NaN: the smallest positive float instead.
+        return (scores - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()).argmax(-1)
     return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
 
-def decode(model, input_ids, attention_mask, sampling: Sampling, eos_ids: list[int], pad_id: int) -> "torch.Tensor":
+class RowNoise:
+    """Exp(1) noise per response row and step, from one generator per row seeded by `row_seeds`."""
+
+    def __init__(self, row_seeds: list[int], device):
+        import torch
+
+        self.device = device
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+
+    def draw(self, rows: "torch.Tensor", vocab: int) -> "torch.Tensor":
+        """[len(rows), vocab]: the next draws of the generators of output rows `rows`."""
+        import torch
+
+        return torch.stack([torch.empty(vocab, device=self.device).exponential_(generator=self.generators[r]) for r in rows.tolist()])
+
+
+def decode(model, input_ids, attention_mask, sampling: Sampling, eos_ids: list[int], pad_id: int,
+           row_seeds: list[int] | None = None) -> "torch.Tensor":
     """New tokens for left-padded prompts: [B * k, max_new_tokens], k = num_return_sequences.
 
     Rows i*k .. i*k+k-1 answer prompt i. A row holds its tokens up to and including its first
-    EOS, then `pad_id`. No gradients; the caller sets eval mode and the seed.
+    EOS, then `pad_id`. No gradients; the caller sets eval mode and the seed, or gives one seed
+    per output row (`row_seeds`; sampling only).
     """
     import torch
 
     k, steps = sampling.num_return_sequences, sampling.max_new_tokens
+    noise = RowNoise(row_seeds, input_ids.device) if row_seeds is not None and sampling.do_sample else None
+    if noise is not None and len(row_seeds) != input_ids.shape[0] * k:
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {input_ids.shape[0] * k} response rows")
     if _uses_virtual_tokens(model):
+        if noise is not None:
+            raise ValueError("row_seeds: prompt- and prefix-tuned models sample through model.generate, which has no per-row seeds")
         kwargs = dict(max_new_tokens=steps, do_sample=sampling.do_sample, num_return_sequences=k, pad_token_id=pad_id, eos_token_id=eos_ids)
         if sampling.do_sample:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
@@ -122,7 +155,7 @@ def decode(model, input_ids, attention_mask, sampling: Sampling, eos_ids: list[i
     live = torch.arange(rows, device=device)  # which output row each batch row is
     eos = torch.tensor(eos_ids, device=device)
     for step in range(steps):
-        chosen = _next_tokens(logits, sampling)
+        chosen = _next_tokens(logits, sampling, noise.draw(live, logits.shape[-1]) if noise is not None else None)
         tokens[live, step] = chosen
         if step == steps - 1:
             break
@@ -242,8 +275,10 @@ class Sampled:
     n_resp: int
 
 
-def sample_tokens(model, tokenizer, prompts: list[list[dict]], sampling: Sampling) -> Sampled:
-    """One batch of responses (no grad), with the token ids and masks scoring needs."""
+def sample_tokens(model, tokenizer, prompts: list[list[dict]], sampling: Sampling, row_seeds: list[int] | None = None) -> Sampled:
+    """One batch of responses (no grad), with the token ids and masks scoring needs.
+
+    `row_seeds`: one seed per response row (prompt i, sample j at i*k + j); see `decode`."""
     import torch
 
     if sampling.seed is not None:
@@ -251,7 +286,7 @@ def sample_tokens(model, tokenizer, prompts: list[list[dict]], sampling: Samplin
     device = next(model.parameters()).device
     ids, attn = _encode(tokenizer, prompts, device)
     eos = eos_token_ids(model, tokenizer)
-    response = _run(model, lambda: decode(model, ids, attn, sampling, eos, tokenizer.pad_token_id))
+    response = _run(model, lambda: decode(model, ids, attn, sampling, eos, tokenizer.pad_token_id, row_seeds))
     k = sampling.num_return_sequences
     if k > 1:
         ids, attn = ids.repeat_interleave(k, dim=0), attn.repeat_interleave(k, dim=0)

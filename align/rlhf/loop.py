@@ -34,27 +34,43 @@ DEFAULT_ADAPTER = "default"  # PEFT saves this adapter at the top of a folder, o
 
 def save_checkpoint(
     run_path: Path, step: int, model, adapters: list[str], optimizer, scheduler, state: dict, keep: int,
-    modules: dict[str, torch.nn.Module] | None = None,
+    modules: dict[str, torch.nn.Module] | None = None, extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """checkpoints/checkpoint-<step>/: adapters/, <module>.safetensors, optimizer.pt, rng_state.pt, state.json, COMPLETE."""
+    """checkpoints/checkpoint-<step>/: adapters/, <module>.safetensors, optimizer.pt, rng_state.pt, state.json, COMPLETE;
+    `extra(folder)` writes more into it (the best adapter so far, align/rlhf/keep_best.py).
+
+    Every rank calls it (each hands in its RNG state); rank 0 writes: the ranks hold the same adapters
+    and optimizer state, since their gradients are summed before every update (align/rlhf/distributed.py).
+    """
     from safetensors.torch import save_file
 
+    from align.rlhf.distributed import world
+
     folder = Path(run_path) / CHECKPOINTS / f"checkpoint-{step}"
+    rng = world().gather(_rng_state())  # one entry per rank: dropout draws differ between ranks
+    if not world().main:
+        return folder
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp / "adapters"), selected_adapters=adapters)
         for name, module in (modules or {}).items():
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():  # a GPU resume samples the same rollouts only with the CUDA generators restored
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng_state.pt")
+        torch.save({**rng[0], "ranks": rng}, tmp / "rng_state.pt")
         atomic_write_json(tmp / "state.json", {"step": step, **state})
+        if extra is not None:
+            extra(tmp)
         atomic_write_text(tmp / COMPLETE, f"step {step}\n")
     for _, old in checkpoint_dirs(run_path)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():  # a GPU resume samples the same rollouts only with the CUDA generators restored
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def adapter_file(folder: Path, name: str) -> Path:
@@ -78,7 +94,7 @@ def load_checkpoint(folder: Path, model, adapters: list[str], optimizer=None, sc
         for key, kind in {"step": int, **(state_types or {})}.items():
             meta[key] = kind(meta[key])
         state = load_plain(folder / "optimizer.pt") if optimizer is not None else None
-        rng = load_plain(folder / "rng_state.pt")
+        rng = _rank_rng(load_plain(folder / "rng_state.pt"))
         for name in adapters:
             set_peft_model_state_dict(model, load_file(str(adapter_file(folder, name))), adapter_name=name)
         for name, module in (modules or {}).items():
@@ -97,6 +113,19 @@ def load_checkpoint(folder: Path, model, adapters: list[str], optimizer=None, sc
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{folder}: cannot resume from this checkpoint: {type(exc).__name__}: {first[:200]}") from None
     return meta
+
+
+def _rank_rng(saved: dict) -> dict:
+    """This rank's RNG state from a checkpoint; a checkpoint of another number of processes gives rank 0's."""
+    from align.rlhf.distributed import world
+
+    ranks = saved.get("ranks") or [saved]
+    here = world()
+    if len(ranks) != here.size:
+        log.warning("resume: the checkpoint was written by %d processes, this run has %d; every rank restores rank 0's "
+                    "random state (only dropout draws use it)", len(ranks), here.size)
+        return ranks[0]
+    return ranks[here.rank]
 
 
 def _as_tuples(state):
@@ -131,11 +160,14 @@ def run_steps(
     eval_fn: Callable[[], dict] | None,
     describe: Callable[[int, dict], str],
     desc: str,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Steps start..total (step_fn(i) runs step i + 1 and returns its metrics); returns the final evaluation.
 
     `stage` is the StageRun (its tracker and run_dir); `cfg.train` gives eval_steps, save_steps
     and logging_steps (each counting steps), and `cfg` the settings OOM advice names.
+    `on_eval(step, metrics)` sees every held-out evaluation (keep_best.KeepBest.offer), before the
+    step's checkpoint is written.
     """
     from tqdm.auto import tqdm
 
@@ -143,32 +175,42 @@ def run_steps(
     from align.core.errors import AlignError
     from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteError, oom_advice
     from align.core.tracking import is_main_process
+    from align.rlhf.distributed import world
 
     t = cfg.train
+    ranks = world()
     interrupt = InterruptCallback()
     interrupt.install()
     step_in_progress = start  # the held-out evaluation before the first step counts as step `start`
     try:
+        def evaluate(step: int) -> dict:
+            metrics = eval_fn()
+            if on_eval is not None:
+                on_eval(step, metrics)
+            return metrics
+
         if start == 0 and eval_fn is not None:
-            stage.tracker.log(eval_fn(), step=0)
+            stage.tracker.log(evaluate(0), step=0)
         for step in tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not is_main_process()):
             step_in_progress = done = stage.step = step + 1
             metrics = step_fn(step)
             if eval_fn is not None and t.eval_steps and done % t.eval_steps == 0 and done < total:
-                metrics.update(eval_fn())
-            if done % t.logging_steps == 0 or done == total:
+                metrics.update(evaluate(done))
+            if (done % t.logging_steps == 0 or done == total) and ranks.main:
                 log.info("%s step %d: %s", desc, done, describe(done, metrics))
-            stage.tracker.log(metrics, step=done)
-            if is_main_process() and t.save_steps and done % t.save_steps == 0:
-                save_fn(done)
-            if interrupt.signal_name:
-                folder = save_fn(done)
+            stage.tracker.log(metrics, step=done)  # rank 0's tracker; the metrics are the global batch's
+            saved = None
+            if t.save_steps and done % t.save_steps == 0:
+                saved = save_fn(done)  # every rank: a checkpoint holds each rank's random state
+            if ranks.any(bool(interrupt.signal_name)):  # a signal may reach the ranks a step apart: they stop together
+                interrupt.signal_name = interrupt.signal_name or "SIGTERM"
+                folder = saved or save_fn(done)
                 raise Interrupted(
                     f"{interrupt.signal_name} at step {done}; checkpoint saved in {folder}; continue with --resume (resume=true)",
                     exit_code=interrupt.exit_code,
                 )
         step_in_progress = total
-        final = eval_fn() if eval_fn is not None else {}
+        final = evaluate(total) if eval_fn is not None else {}
         stage.tracker.log(final, step=total)
         return final
     except torch.cuda.OutOfMemoryError as exc:
@@ -193,12 +235,10 @@ def logged_at_step(run_dir, step: int) -> dict:
     return out
 
 
-def single_process(stage: str) -> None:
-    """The RL stages train one policy on their own rollouts: several processes would each train their own, silently."""
-    import os
-
-    from align.core.errors import ConfigError
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"{stage}: runs as one process; it was launched with WORLD_SIZE={world} (start it with plain python)")
+def notify_train_end(callbacks, model) -> None:
+    """`on_train_end(model=...)` of TrainerCallback-style callbacks, on every rank, once training ended (the
+    online stages run their own loops, not the HF Trainer's; a caller sees the trained model as the Trainer shows it)."""
+    for callback in callbacks:
+        hook = getattr(callback, "on_train_end", None)
+        if hook is not None:
+            hook(None, None, None, model=model)

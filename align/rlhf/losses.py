@@ -221,6 +221,25 @@ def leave_one_out_advantages(
     return adv.view(-1)
 
 
+def kl_penalty_terms(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, bias_correction: bool = True
+) -> torch.Tensor:
+    """Per-token KL penalty of a policy loss (kl_in: loss), from responses sampled by the old policy.
+
+    With `bias_correction` the estimate is weighted by the policy ratio exp(log p - log p_old), whose
+    value is 1 on the sampling policy but whose gradient turns the penalty's gradient into the
+    unbiased gradient of KL(policy || reference): E[(log p - log q) grad log p] (DeepSeek-V3.2; TRL's
+    `use_bias_correction_kl`, on by default). Without it the gradient is the estimator's own: for k3,
+    (1 - q/p) grad log p, which in expectation is the gradient of the forward KL(reference || policy);
+    its pull back saturates at 1 on tokens the policy made likelier than the reference, so a policy
+    drifts further under the same coefficient. For k1 the uncorrected gradient is 0 in expectation.
+    """
+    kl = kl_per_token(logprobs, ref_logprobs, estimator)
+    if bias_correction:
+        kl = kl * torch.exp(logprobs - old_logprobs)
+    return kl
+
+
 def clipped_policy_terms(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,21 +30,38 @@ class RoundSamples:
     k: int
 
 
-def sampling_for(opts, seed: int):
+def sampling_for(opts, seed: int | None = None):
     from align.modeling.generation import Sampling
 
     return Sampling(max_new_tokens=opts.max_new_tokens, do_sample=True, temperature=opts.temperature, top_p=opts.top_p,
                     num_return_sequences=opts.num_samples, seed=seed)
 
 
-def sample_round(model, tokenizer, rewards, prompts: list[list[dict]], opts, seed: int) -> RoundSamples:
-    """K samples per prompt from `model` as it is (its active adapter), seeded, and their scores."""
-    from align.modeling.generation import generate
+def sample_round(engine, rewards, prompts: list[list[dict]], opts, seed: int, round_no: int) -> RoundSamples:
+    """K samples per prompt from the policy (through the rollout `engine`), and their scores.
 
-    responses = generate(model, tokenizer, prompts, batch_size=opts.generation_batch_size, sampling=sampling_for(opts, seed))
-    k = opts.num_samples
-    scores = rewards.score([p for p in prompts for _ in range(k)], responses)
-    return RoundSamples(prompts, responses, scores, k)
+    Sample j of the round's prompt i is drawn with the seed (seed, round, i, j). With several
+    processes each samples and scores its share of the prompts (in batches of
+    online.generation_batch_size prompts) and every rank gathers the whole round, so the round, and
+    the pairs made of it, do not depend on the number of processes.
+    """
+    import torch
+
+    from align.rlhf.distributed import row_seed, world
+    from align.rlhf.rewards import Scores
+
+    ranks, k = world(), opts.num_samples
+    mine = list(ranks.share(len(prompts)))
+    sampling = sampling_for(opts, None)
+    responses: list[str] = []
+    for start in range(0, len(mine), opts.generation_batch_size):
+        batch = mine[start : start + opts.generation_batch_size]
+        seeds = [row_seed(seed, round_no, i, j) for i in batch for j in range(k)]
+        responses += engine.sample([prompts[i] for i in batch], sampling, seeds).responses
+    scores = rewards.score([prompts[i] for i in mine for _ in range(k)], responses)
+    parts = ranks.gather({"responses": responses, "per_source": scores.per_source, "total": scores.total})
+    joined = Scores(scores.names, torch.cat([p["per_source"] for p in parts]), torch.cat([p["total"] for p in parts]))
+    return RoundSamples(prompts, [r for p in parts for r in p["responses"]], joined, k)
 
 
 def pairs_of(samples: RoundSamples, strategy: str, min_margin: float, round_no: int) -> tuple[list[dict], Counter]:
@@ -114,12 +131,16 @@ def restored_forward(model):
 
 def stop_on_signal(interrupt):
     """A TrainerCallback that ends training after the current step once `interrupt` caught a signal
-    (without the HF checkpoint InterruptCallback asks for: a round is checkpointed whole or not at all)."""
+    (without the HF checkpoint InterruptCallback asks for: a round is checkpointed whole or not at all);
+    with several processes all stop at the same step, whichever the signal reached first."""
     from transformers import TrainerCallback
+
+    from align.rlhf.distributed import world
 
     class StopOnSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if interrupt.signal_name:
+            if world().any(bool(interrupt.signal_name)):
+                interrupt.signal_name = interrupt.signal_name or "SIGTERM"
                 control.should_training_stop = True
             return control
 

@@ -100,6 +100,18 @@ def check_sources(sources: list[RewardSource], key: str = "rewards") -> None:
                 raise ConfigError(f"{key}[{i}].reward_run: {src.reward_run} is not a RunDir")
 
 
+KEEP_BEST_HELP = (
+    "Keep as the run's adapter/ the adapter of the held-out evaluation (before the first step, every train.eval_steps, "
+    "and the last) with the highest held-out reward whose held-out KL to the reference is at most this budget; the last "
+    "adapter stays in the checkpoint of the last step (align/rlhf/keep_best.py). null: adapter/ is the last adapter."
+)
+
+
+def check_keep_best(budget: float | None, eval_prompts: int, section: str) -> None:
+    if budget is not None and eval_prompts == 0:
+        raise ConfigError(f"{section}.keep_best_within_kl: needs held-out evaluations; {section}.eval_prompts is 0")
+
+
 # --------------------------------------------------------------------------- GRPO / RLOO
 
 LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "fixed_length")
@@ -129,6 +141,13 @@ class GroupOptions:
         "summed KL subtracted from its reward before the advantages (RLOO).",
     )
     kl_estimator: Literal["k1", "k3"] = opt("k3", "Per-token KL estimate: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) (>= 0).")
+    kl_bias_correction: bool = opt(
+        True,
+        "kl_in: loss only. Weight the per-token KL by the policy ratio (value 1 on the sampling policy), so that its "
+        "gradient is the unbiased gradient of KL(policy || reference), as TRL's GRPOTrainer does by default "
+        "(use_bias_correction_kl). false: the estimator's own gradient (for k3 in expectation the gradient of the "
+        "forward KL, which restrains the policy less: the README's GRPO section measures both).",
+    )
     clip_range: float = opt(0.2, "Clip of the policy ratio below 1: [1 - clip_range, ...].", gt=0, lt=1)
     clip_range_high: float | None = opt(
         None, "Clip of the policy ratio above 1: [..., 1 + clip_range_high] (DAPO's clip-higher: 0.28); null = clip_range.", gt=0
@@ -147,6 +166,8 @@ class GroupOptions:
         None, "Subtracted from the reward of a response cut at max_new_tokens without EOS (null: none).", min=0
     )
     eval_prompts: int = opt(16, "Held-out prompts sampled (once each) for the held-out reward and KL (0 disables).", min=0)
+    keep_best_within_kl: float | None = opt(None, KEEP_BEST_HELP, gt=0)
+
 
 @dataclass
 class OnlineStageConfig(ChildStageConfig):
@@ -173,6 +194,7 @@ class GroupStageConfig(OnlineStageConfig):
         if self.train.liger_kernel:
             raise ConfigError(f"train.liger_kernel: applies to the TRL trainers (sft, dpo, reward, online_dpo); {self.stage.upper()} runs its own loop")
         section = getattr(self, self.stage)
+        check_keep_best(section.keep_best_within_kl, section.eval_prompts, self.stage)
         if not self.train.max_steps:
             raise ConfigError(f"train.max_steps: required for {self.stage.upper()} (the number of sample + update steps)")
         rollout = section.prompts_per_step * section.group_size

@@ -220,29 +220,40 @@ def run_inputs(runs: dict[int, RunDir]) -> dict | None:
 
 
 def held_out_metrics(model, tokenizer, rewards: Rewards, prompts: list[list[dict]], sampling, seed: int) -> dict:
-    """One seeded sample per held-out prompt from `model` as it is: each source's reward, the total,
-    the KL to the reference (adapters disabled; k1 summed per response) and the response length.
-    The global RNG is left as it was, so evaluating does not change training's draws."""
+    """One sample per held-out prompt from `model` as it is: each source's reward, the total, the KL to
+    the reference (adapters disabled; k1 summed per response) and the response length.
+
+    Prompt i's sample is drawn with the seed (seed, "held-out", i); with several processes each samples
+    and scores its share of the prompts and the means are over all of them, so the figures do not
+    depend on the number of processes. The global RNG is left as it was (training's draws stay put)."""
     import torch
 
     from align.modeling.generation import Sampling, response_logprobs, sample_tokens
+    from align.rlhf.distributed import row_seed, world
     from align.rlhf.losses import kl_per_token
 
-    one = Sampling(**{**sampling.__dict__, "num_return_sequences": 1, "seed": seed})
+    ranks = world()
+    mine = ranks.share(len(prompts))
+    one = Sampling(**{**sampling.__dict__, "num_return_sequences": 1, "seed": None})
     state = torch.get_rng_state()
     was_training = model.training
     model.eval()
+    rows: dict = {}
     try:
-        with torch.no_grad():
-            roll = sample_tokens(model, tokenizer, prompts, one)
-            logp = response_logprobs(model, roll.seq, roll.attn, roll.n_resp)
-            with model.disable_adapter():
-                ref = response_logprobs(model, roll.seq, roll.attn, roll.n_resp)
-        scores = rewards.score(roll.prompts, roll.responses)
+        if len(mine):
+            with torch.no_grad():
+                roll = sample_tokens(model, tokenizer, [prompts[i] for i in mine], one, row_seeds=[row_seed(seed, "held-out", i) for i in mine])
+                logp = response_logprobs(model, roll.seq, roll.attn, roll.n_resp)
+                with model.disable_adapter():
+                    ref = response_logprobs(model, roll.seq, roll.attn, roll.n_resp)
+            scores = rewards.score(roll.prompts, roll.responses)
+            rows = {"per_source": scores.per_source, "total": scores.total,
+                    "kl": (kl_per_token(logp, ref, "k1") * roll.mask).sum(1).cpu(), "length": roll.mask.sum(1).cpu()}
     finally:
         torch.set_rng_state(state)
         model.train(was_training)
-    kl = (kl_per_token(logp, ref, "k1") * roll.mask).sum(1)
-    out = scores.metrics("eval/reward")
-    out.update({"eval/kl": kl.mean().item(), "eval/response_length": roll.mask.sum(1).mean().item()})
+    parts = [p for p in ranks.gather(rows) if p]
+    joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    out = Scores(rewards.names, joined["per_source"], joined["total"]).metrics("eval/reward")
+    out.update({"eval/kl": joined["kl"].mean().item(), "eval/response_length": joined["length"].mean().item()})
     return out

@@ -455,30 +455,43 @@ def train_and_finish(
     return stage.run_dir
 
 
-def open_online_stage(cfg, force: bool) -> tuple["StageRun", list]:
-    """An online stage's prompts, reward runs (adapters on this base) and StageRun: one process, data and
-    reward sources checked before anything is written. Returns (stage, reward runs)."""
+def open_online_stage(cfg, force: bool, check_processes=None) -> tuple["StageRun", list]:
+    """An online stage's prompts, reward runs (adapters on this base) and StageRun: the launch
+    (`check_processes(n)` refuses a split over n processes that cannot work), data and reward sources
+    checked before anything is written. Returns (stage, reward runs)."""
     from align.core.data import load_splits
-    from align.rlhf.loop import single_process
+    from align.rlhf.distributed import launched_size
     from align.rlhf.rewards import check_answers, reward_runs, run_inputs
 
-    single_process(cfg.stage)
+    if check_processes is not None:
+        check_processes(launched_size())
     splits = load_splits(cfg.data, "prompt", cfg.train.seed)
     check_answers(cfg.rewards, splits)
     base, parent = resolve_base(cfg)
     runs = reward_runs(cfg.rewards, base)
-    return StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs)), runs
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
+    join_processes(stage)
+    return stage, runs
 
 
-def run_group_stage(cfg, force: bool) -> RunDir:
+def join_processes(stage: "StageRun") -> None:
+    """Several processes: they join the launcher's process group and agree on rank 0's decisions (skip,
+    the checkpoint to resume from), so every rank restarts from the same checkpoint."""
+    from align.rlhf.distributed import start
+
+    ranks = start(stage.stage)
+    stage.skipped, stage.resume_from = ranks.broadcast((stage.skipped, stage.resume_from))
+
+
+def run_group_stage(cfg, force: bool, callbacks=()) -> RunDir:
     """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
     from align.rlhf import grpo as G
 
-    stage, runs = open_online_stage(cfg, force)
+    stage, runs = open_online_stage(cfg, force, lambda n: G.check_processes(cfg, n))
     if stage.skipped:
         return stage.run_dir
     with stage:
-        gp, summary = G.train(stage, cfg, cfg.stage, runs)
+        gp, summary = G.train(stage, cfg, cfg.stage, runs, callbacks)
         sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
         summary["samples"] = sampled.get("rows", [])
         if "judge" in sampled:

@@ -21,7 +21,7 @@ from align.core.pairing import STRATEGIES
 from align.dpo import options
 from align.dpo.options import DPOOptions
 from align.modeling.methods import LORA_FAMILY, resolve_method
-from align.rlhf.options import ONLINE_WHY_LORA, OnlineStageConfig, check_sources
+from align.rlhf.options import ONLINE_WHY_LORA, OnlineStageConfig, check_keep_best, check_sources
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
@@ -44,6 +44,13 @@ class OnlineOptions:
     )
     min_margin: float = opt(0.0, "Smallest chosen - rejected total reward of a pair (pairs need a strictly higher chosen anyway).", min=0)
     eval_prompts: int = opt(16, "Held-out prompts sampled once each for the held-out reward and KL (0 disables).", min=0)
+    keep_best_within_kl: float | None = opt(
+        None,
+        "Keep as the run's adapter/ the adapter of the held-out evaluation (before round 1, every train.eval_steps rounds, "
+        "and after the last) with the highest held-out reward whose held-out KL to the reference is at most this budget; "
+        "the last adapter stays in the checkpoint of the last round (align/rlhf/keep_best.py). null: the last adapter.",
+        gt=0,
+    )
 
 
 @dataclass
@@ -62,6 +69,7 @@ class OnlineDPOConfig(OnlineStageConfig):
     def validate(self) -> None:
         super().validate()
         options.check(self.dpo)
+        check_keep_best(self.online.keep_best_within_kl, self.online.eval_prompts, "online")
 
 
 def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict], step_offset: int, interrupt, timer, callbacks) -> dict:
@@ -109,26 +117,18 @@ def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
     return stage.run_dir
 
 
-def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
-    import torch
+def _policy(stage, cfg: OnlineDPOConfig, runs):
+    """(tokenizer, the base with the policy as PEFT's "default" adapter and the reward adapters, rewards, engine)."""
     from peft import get_peft_model
     from transformers import set_seed
 
-    from align.core.artifacts import ADAPTER
-    from align.core.data import distinct_prompts
-    from align.core.safeguards import InterruptCallback, Interrupted, oom_advice
-    from align.core.checkpoints import latest_complete
-    from align.core.errors import AlignError
     from align.modeling import models
-    from align.modeling.adapters import adapter_bytes, peft_config_for
+    from align.modeling.adapters import peft_config_for
     from align.rlhf import loop
-    from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
-    from align.rlhf.ppo import batch_prompts
-    from align.rlhf.rewards import Rewards, answers_of, held_out_metrics
-    from align.stages.common import StepTimer, log_sample_table
+    from align.rlhf.rewards import Rewards, answers_of
+    from align.rlhf.rollout import LocalRollout
 
-    o, t = cfg.online, cfg.train
-    set_seed(t.seed)
+    set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     base_model = models.load_model(stage.base, cfg.model)
     # The policy is PEFT's "default" adapter: TRL's DPOTrainer trains that one.
@@ -137,21 +137,50 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     model.set_adapter(loop.DEFAULT_ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(f".{loop.DEFAULT_ADAPTER}." in name)
+    return tokenizer, model, rewards, LocalRollout(model, tokenizer, lambda: model.set_adapter(loop.DEFAULT_ADAPTER))
+
+
+def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
+    import torch
+
+    from align.core.data import distinct_prompts
+    from align.core.safeguards import InterruptCallback, Interrupted, oom_advice
+    from align.core.checkpoints import latest_complete
+    from align.core.errors import AlignError
+    from align.modeling import models
+    from align.rlhf import loop
+    from align.rlhf.keep_best import KeepBest, adapter_weights
+    from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
+    from align.rlhf.ppo import batch_prompts
+    from align.rlhf.distributed import world
+    from align.rlhf.rewards import held_out_metrics
+    from align.stages.common import StepTimer
+
+    o, t = cfg.online, cfg.train
+    tokenizer, model, rewards, engine = _policy(stage, cfg, runs)
+    ranks = world()
     counts = models.count_parameters(model)
+    keep = KeepBest(o.keep_best_within_kl, "eval/reward/total", unit="round")
     done_rounds, step, pairs_so_far = 0, 0, 0
     if stage.resume_from is not None:
         state = loop.load_checkpoint(stage.resume_from, model, [loop.DEFAULT_ADAPTER])
         done_rounds, step, pairs_so_far = state["round"], state["step"], state["pairs"]
+        keep.load(stage.resume_from)
     prompts = [r["prompt"] for r in stage.splits.train]
     per_round = o.prompts_per_round or len(prompts)
     eval_prompts = distinct_prompts(stage.splits.eval, o.eval_prompts) if o.eval_prompts else []
 
-    def evaluate() -> dict:
-        return held_out_metrics(model, tokenizer, rewards, eval_prompts, sampling_for(o, t.seed), t.seed) if eval_prompts else {}
+    def evaluate(round_no: int) -> dict:
+        if not eval_prompts:
+            return {}
+        metrics = held_out_metrics(model, tokenizer, rewards, eval_prompts, sampling_for(o, t.seed), t.seed)
+        keep.offer(round_no, metrics, lambda: adapter_weights(model, loop.DEFAULT_ADAPTER))
+        return metrics
 
     def save(round_no: int):
         state = {"round": round_no, "pairs": totals["pairs"]}
-        return loop.save_checkpoint(stage.run_dir.path, step, model, [loop.DEFAULT_ADAPTER], None, None, state, t.save_total_limit)
+        return loop.save_checkpoint(stage.run_dir.path, step, model, [loop.DEFAULT_ADAPTER], None, None, state, t.save_total_limit,
+                                    extra=keep.save)
 
     interrupt, timer = InterruptCallback(), StepTimer()
     interrupt.install()
@@ -159,23 +188,25 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     fast_path = None
     try:
         if done_rounds == 0:
-            stage.tracker.log(evaluate(), step=0)
+            stage.tracker.log(evaluate(0), step=0)
         for r in range(done_rounds + 1, o.rounds + 1):
             round_prompts = batch_prompts(prompts, r - 1, per_round, t.seed) if o.prompts_per_round else prompts
-            model.set_adapter(loop.DEFAULT_ADAPTER)
-            samples = sample_round(model, tokenizer, rewards, round_prompts, o, seed=t.seed + r)
+            samples = sample_round(engine, rewards, round_prompts, o, seed=t.seed, round_no=r)  # every rank: the whole round
             pairs, outcome = pairs_of(samples, o.pairing, o.min_margin, r)
-            write_round(stage.run_dir.path, r, samples, pairs)
+            if ranks.main:
+                write_round(stage.run_dir.path, r, samples, pairs)
             metrics = {"online/round": r, "online/prompts": len(round_prompts), "online/pairs": len(pairs),
                        **{f"online/unpaired/{k}": v for k, v in outcome.items()}, **samples.scores.metrics("online/reward")}
             if not pairs:
                 log.warning("online_dpo round %d: no pairs (every prompt's samples tied or were unscored); the adapter is unchanged", r)
-            if interrupt.signal_name:  # caught while sampling: the policy is still round r-1's
+            if ranks.any(bool(interrupt.signal_name)):  # caught while sampling: the policy is still round r-1's
+                interrupt.signal_name = interrupt.signal_name or "SIGTERM"
                 raise Interrupted(f"{interrupt.signal_name} before round {r} trained; checkpoint saved in {save(r - 1)}; "
                                   "continue with --resume (resume=true)", exit_code=interrupt.exit_code)
             figures = train_round(stage, cfg, model, tokenizer, pairs, step, interrupt, timer, callbacks) if pairs else {}
             fast_path = figures.pop("fast_path", fast_path)
-            if interrupt.signal_name:
+            if ranks.any(bool(interrupt.signal_name)):
+                interrupt.signal_name = interrupt.signal_name or "SIGTERM"
                 checkpoint = latest_complete(stage.run_dir.path)
                 where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved (train.save_steps)"
                 raise Interrupted(f"{interrupt.signal_name} during round {r}; its training is lost; {where}; "
@@ -184,33 +215,53 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
             totals["pairs"] += len(pairs)
             metrics.update(figures)
             if (t.eval_steps and r % t.eval_steps == 0) or r == o.rounds:
-                metrics.update(evaluate())
-            log.info("online_dpo round %d: %d pairs from %d prompts, sampled reward %.3f, %d DPO steps", r, len(pairs),
-                     len(round_prompts), metrics["online/reward/total"], figures.get("online/dpo_steps", 0))
+                metrics.update(evaluate(r))
+            if ranks.main:
+                log.info("online_dpo round %d: %d pairs from %d prompts, sampled reward %.3f, %d DPO steps", r, len(pairs),
+                         len(round_prompts), metrics["online/reward/total"], figures.get("online/dpo_steps", 0))
             stage.tracker.log(metrics, step=step)
             if t.save_steps and r % t.save_steps == 0:
                 save(r)
-        final = metrics if done_rounds < o.rounds else evaluate()
+        final = metrics if done_rounds < o.rounds else evaluate(o.rounds)
     except torch.cuda.OutOfMemoryError as exc:
         raise AlignError(oom_advice(cfg, step + 1)) from exc
     finally:
         interrupt.uninstall()
+    _finish(stage, cfg, model, tokenizer, {"counts": counts, "final": final, "pairs": totals["pairs"], "steps": step,
+                                           "timer": timer, "fast_path": fast_path}, keep, lambda: save(o.rounds))
 
-    target = loop.save_standard_adapter(model, loop.DEFAULT_ADAPTER, stage.run_dir.path / ADAPTER)
-    stage.tracker.log_artifact(target, name="online_dpo-adapter", type="model", metadata={"stage": "online_dpo", "base_model": stage.base.name})
-    counts["adapter_bytes"] = adapter_bytes(target)
+
+def _finish(stage, cfg: OnlineDPOConfig, model, tokenizer, run: dict, keep, save_last) -> None:
+    """The kept adapter (keep_best_within_kl) or the last one as adapter/, samples, summary. `run`: the rounds' figures."""
+    from align.core.artifacts import ADAPTER
+    from align.core.checkpoints import CHECKPOINTS
+    from align.modeling.adapters import adapter_bytes
+    from align.rlhf import loop
+    from align.rlhf.distributed import world
+    from align.rlhf.keep_best import keep_last_then_restore
+    from align.stages.common import log_sample_table
+
+    o, counts, final, step = cfg.online, run["counts"], run["final"], run["steps"]
+    keep_last_then_restore(keep, stage.run_dir.path / CHECKPOINTS / f"checkpoint-{step}", save_last, model, loop.DEFAULT_ADAPTER)
+    target = stage.run_dir.path / ADAPTER
+    if world().main:
+        loop.save_standard_adapter(model, loop.DEFAULT_ADAPTER, target)
+        stage.tracker.log_artifact(target, name="online_dpo-adapter", type="model", metadata={"stage": "online_dpo", "base_model": stage.base.name})
+        counts["adapter_bytes"] = adapter_bytes(target)
     before = loop.logged_at_step(stage.run_dir, 0)
     model.set_adapter(loop.DEFAULT_ADAPTER)
     sampled = log_sample_table(stage, model, tokenizer, "reference", step=step)
+    fast_path = run["fast_path"]
     summary = {
         "rounds": o.rounds,
-        "pairs": totals["pairs"],
+        "pairs": run["pairs"],
         "steps": step,
-        "seconds_per_step": timer.seconds_per_step(),
+        "seconds_per_step": run["timer"].seconds_per_step(),
         "eval_reward_before": before.get("eval/reward/total"),
         "eval_reward_after": final.get("eval/reward/total"),
         "eval_kl_after": final.get("eval/kl"),
         "parameters": counts,
+        **keep.summary(),
         "samples": sampled.get("rows", []),
         **({"dpo_fast_path": fast_path} if fast_path else {}),
         **({"judge": sampled["judge"]} if "judge" in sampled else {}),
@@ -219,10 +270,12 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
 
 
 def summary_lines(s: dict) -> list[str]:
+    from align.rlhf.keep_best import kept_line
+
     return [
         f"  {s.get('rounds')} rounds, {s.get('pairs')} on-policy pairs, {s.get('steps')} DPO steps; held-out reward "
         f"{fmt(s.get('eval_reward_before'))} (round 0) -> {fmt(s.get('eval_reward_after'))}, KL to reference {fmt(s.get('eval_kl_after'))}"
-    ]
+    ] + kept_line(s)
 
 
 register(Stage(

@@ -15,6 +15,7 @@ from typing import Literal
 from align.core.config import ChildStageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.rlhf.options import KEEP_BEST_HELP
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
 log = logging.getLogger("align")
@@ -45,6 +46,7 @@ class PPOOptions:
         1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS (null: none).", min=0
     )
     value_head_init_std: float = opt(0.0, "Std of the value head's initial weights (0: start at 0).", min=0)
+    keep_best_within_kl: float | None = opt(None, KEEP_BEST_HELP, gt=0)
 
 
 @dataclass
@@ -86,30 +88,38 @@ def optimizer_and_schedule(cfg: PPOConfig, params):
     return optimizer, scheduler
 
 
-def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats, start: int, eval_prompts) -> dict:
-    """PPO steps start..max_steps through the RL step loop (align/rlhf/loop.py); the final evaluation."""
+def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats, start: int, eval_prompts, keep) -> dict:
+    """PPO steps start..max_steps through the RL step loop (align/rlhf/loop.py); the final evaluation.
+    `keep` (keep_best.KeepBest) sees every evaluation; with a budget, the kept policy adapter is loaded at the end."""
     from align.rlhf import ppo as rl
+    from align.core.checkpoints import CHECKPOINTS
+    from align.rlhf.keep_best import adapter_weights, keep_last_then_restore
     from align.rlhf.loop import run_steps
 
     prompts = [r["prompt"] for r in stage.splits.train]
 
     def step(i: int) -> dict:
         batch = rl.batch_prompts(prompts, i, cfg.ppo.rollout_batch_size, cfg.train.seed)
-        metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats)
+        metrics = rl.ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats, step=i)
         kl_ctl.update(metrics["ppo/kl"], len(batch))
         return metrics
 
     def save(done: int):
-        return rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit)
+        return rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit,
+                                  extra=keep.save)
 
     def evaluate() -> dict:
         return rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed)
 
-    return run_steps(
+    final = run_steps(
         stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save,
         eval_fn=evaluate if eval_prompts else None, desc="ppo",
         describe=lambda done, m: f"reward {m['ppo/reward_raw']:.3f}, kl {m['ppo/kl']:.3f}, eos {m['ppo/eos_share']:.2f}",
+        on_eval=lambda done, metrics: keep.offer(done, metrics, lambda: adapter_weights(pvr.model, "policy")),
     )
+    last = stage.run_dir.path / CHECKPOINTS / f"checkpoint-{cfg.train.max_steps}"
+    keep_last_then_restore(keep, last, lambda: save(cfg.train.max_steps), pvr.model, "policy")
+    return final
 
 
 def save_final(stage, pvr):
@@ -134,16 +144,19 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.modeling import models
     from align.rlhf import losses as P
     from align.rlhf import ppo as rl
-    from align.rlhf.loop import single_process
+    from align.rlhf.distributed import launched_size
+    from align.rlhf.keep_best import KeepBest
+    from align.rlhf.loop import notify_train_end
     from align.rlhf.scoring import read_stats
-    from align.stages.common import finished_parent, log_sample_table, open_stage
+    from align.stages.common import finished_parent, join_processes, log_sample_table, open_stage
 
-    single_process("ppo")
     cfg = prepare_config(cfg)
+    rl.check_processes(cfg, launched_size())
     reward_run = finished_parent(cfg.reward_run, key="reward_run")
     if (reward_run.manifest() or {}).get("stage") != "reward":
         raise DataError(f"reward_run: {reward_run.path} is not a reward-model run")
     stage = open_stage(cfg, "prompt", force, inputs={"reward_run": (reward_run.manifest() or {}).get("run_id")})
+    join_processes(stage)
     base, splits = stage.base, stage.splits
     if stage.skipped:
         return stage.run_dir
@@ -160,11 +173,16 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
         optimizer, scheduler = optimizer_and_schedule(cfg, params)
         stats = read_stats(reward_run)
         kl_ctl = P.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
+        keep = KeepBest(cfg.ppo.keep_best_within_kl, "eval/reward")
         start = 0
         if stage.resume_from is not None:
             start, kl_ctl.value = rl.load_checkpoint(stage.resume_from, pvr, optimizer, scheduler)
+            keep.load(stage.resume_from)
         eval_prompts = [r["prompt"] for r in splits.eval][: max(cfg.samples.num_prompts, 8)]
-        final = train_steps(stage, pvr, cfg, optimizer, scheduler, kl_ctl, stats, start, eval_prompts)
+        if keep.active and not eval_prompts:
+            raise DataError(f"ppo.keep_best_within_kl: needs held-out prompts; data '{splits.source}' has no held-out rows")
+        final = train_steps(stage, pvr, cfg, optimizer, scheduler, kl_ctl, stats, start, eval_prompts, keep)
+        notify_train_end(callbacks, pvr.model)
         save_final(stage, pvr)
         pvr.use("policy")
         sampled = log_sample_table(stage, pvr.model, tokenizer, "reference", step=cfg.train.max_steps)
@@ -173,6 +191,7 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
             "eval_reward_after": final.get("eval/reward"),
             "eval_kl_after": final.get("eval/kl"),
             "parameters": counts,
+            **keep.summary(),
             "reward_stats": stats,
             "samples": sampled.get("rows", []),
             **({"judge": sampled["judge"]} if "judge" in sampled else {}),
@@ -182,7 +201,9 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [f"  held-out reward {fmt(s.get('eval_reward_after'))}, KL to reference {fmt(s.get('eval_kl_after'))}"]
+    from align.rlhf.keep_best import kept_line
+
+    return [f"  held-out reward {fmt(s.get('eval_reward_after'))}, KL to reference {fmt(s.get('eval_kl_after'))}"] + kept_line(s)
 
 
 WHY_LORA = (

@@ -49,14 +49,16 @@ def run(cfg, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
     from align.stages.common import run_group_stage
 
-    return run_group_stage(cfg, force)
+    return run_group_stage(cfg, force, callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:
+    from align.rlhf.keep_best import kept_line
+
     return [
         f"  held-out reward {fmt(s.get('eval_reward_before'))} (step 0) -> {fmt(s.get('eval_reward_after'))}, "
         f"KL to reference {fmt(s.get('eval_kl_after'))}"
-    ]
+    ] + kept_line(s)
 
 
 register(Stage(
