@@ -218,7 +218,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     from align.core.tracking import is_main_process
     from align.evaluation.judges import load_judge
     from align.evaluation.metrics import compute_table, win_rate
-    from align.evaluation.policies import load_policies, shared_base
+    from align.evaluation.policies import check_adapter_types, load_policies, shared_base
     from align.modeling.models import ModelRef
     from align.stages.common import StageRun, finished_parent
 
@@ -227,6 +227,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     reward = finished_parent(cfg.reward_run, key="reward_run") if cfg.reward_run else None
     splits, prompts, pairs, sft_rows = held_out_inputs(cfg)
     location = shared_base(runs, reward)
+    check_adapter_types(runs, reward)
     inputs = {name: (run.manifest() or {}).get("run_id") for name, run in runs.items()}
     inputs["reward"] = (reward.manifest() or {}).get("run_id") if reward else None
     stage = StageRun(cfg, base=ModelRef(location, location, True), splits=splits, force=force, inputs=inputs)
