@@ -26,12 +26,13 @@ from pathlib import Path
 from align.core.errors import ConfigError
 
 
-def _check_finished(source, allow_failed: bool) -> None:
+def _check_finished(spec: str, allow_failed: bool) -> None:
     """A RunDir source must have finished (a failed run's adapter may be partial or non-finite); --allow-failed overrides."""
-    from align.core.artifacts import check_finished
+    from align.core.artifacts import RunDir, check_finished
 
-    if source.run is not None:
-        check_finished(source.run, allow_failed)
+    run = RunDir(Path(spec))
+    if run.is_run_dir():
+        check_finished(run, allow_failed)
 
 
 def _mb(folder: Path) -> str:
@@ -51,8 +52,8 @@ def cmd_merge(args) -> int:
 
     out = Path(args.output)
     check_replaceable(out, "--output")
+    _check_finished(args.source, args.allow_failed)
     source = resolve_adapter(args.source, args.base, trust_remote_code=args.trust_remote_code)
-    _check_finished(source, args.allow_failed)
     tokenizer = models.load_tokenizer(source.base, source.model_cfg)
     merge_adapter(source.base, source.model_cfg, source.adapter_dir, out, tokenizer, mark="merge")
     quant = source.model_cfg.quantization
@@ -77,10 +78,10 @@ def cmd_export(args) -> int:
 
     out = Path(args.output)
     check_replaceable(out, "--output")
+    _check_finished(args.run, args.allow_failed)
     source = resolve_adapter(args.run)
     if source.run is None:
         raise ConfigError(f"{args.run}: export takes a RunDir (the model card is written from its manifest)")
-    _check_finished(source, args.allow_failed)
     left_out = []
     with atomic_dir(out) as tmp:
         for item in sorted(source.adapter_dir.iterdir()):
@@ -200,9 +201,9 @@ def cmd_combine(args) -> int:
     check_replaceable(Path(args.output), "--output")
     if args.weights is not None and not all(math.isfinite(w) for w in args.weights):
         raise ConfigError(f"--weights: must be finite numbers, got {args.weights}")
+    for spec in args.sources:
+        _check_finished(spec, args.allow_failed)
     sources = [resolve_adapter(s, args.base, trust_remote_code=args.trust_remote_code) for s in args.sources]
-    for source in sources:
-        _check_finished(source, args.allow_failed)
     weights = args.weights if args.weights is not None else [1.0 / len(sources)] * len(sources)
     out = combine_adapters(sources, weights, args.type, Path(args.output))
     print(f"combined {len(sources)} adapters ({args.type}, weights {weights}) -> {out} ({_mb(out)})")

@@ -257,7 +257,8 @@ def plan(cfg: SweepConfig, stage_overrides: dict[str, Any], base_dir: Path, sour
     config_path = Path(cfg.config) if Path(cfg.config).is_absolute() else base_dir / cfg.config
     if not config_path.is_file():
         raise ConfigError(f"{source}: config: {config_path}: config file not found")
-    check_stage_file(config_path, Path(source), f"{source}: config", "sweep")
+    sweep_file = Path(source) if _is_sweep_file(Path(source)) else Path()  # `source` is the stage YAML on a command line
+    check_stage_file(config_path, sweep_file, f"{source}: config", "sweep")
     stage = _stage_of(cfg, config_path)
     stage_cls = get_stage(stage).config
     if not issubclass(stage_cls, StageConfig):
