@@ -204,3 +204,12 @@ def test_a_learning_rate_above_1_warns_when_the_config_is_checked(tiny_model_dir
         load_stage_config("sft", None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "x", **{"train.learning_rate": 2.5}))
         load_stage_config("sft", None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "x", **{"train.learning_rate": 0.5}))
     assert [r.getMessage().split(",")[0] for r in caplog.records] == ["sft: train.learning_rate: 2.5 is above 1"]
+
+
+def test_evaluation_and_sample_judges_refuse_nan_scores_too():
+    from align.evaluation.judges import check_finite_scores
+
+    prompts = [[{"role": "user", "content": "Say one."}], "Say two."]
+    check_finite_scores("judges[0]: judge 'x'", [1.0, None], prompts)
+    with pytest.raises(DataError, match=r"^judges\[0\]: judge 'x' returned -inf for the prompt 'Say two.'; a judge returns a finite"):
+        check_finite_scores("judges[0]: judge 'x'", [1.0, -math.inf], prompts)

@@ -177,6 +177,7 @@ class Rewards:
     def score(self, prompts: list[list[dict]], responses: list[str]) -> Scores:
         import torch
 
+        from align.evaluation.judges import shown_prompt
         from align.rlhf.scoring import score_conversations
 
         n = len(responses)
@@ -199,7 +200,7 @@ class Rewards:
                 if len(bad):
                     i = int(bad[0])
                     raise DataError(f"{where}.reward_run: the reward model scored {raw[i].item()} for the prompt "
-                                    f"{_shown(prompts[i])}; is its adapter (or score head) non-finite?")
+                                    f"{shown_prompt(prompts[i])}; is its adapter (or score head) non-finite?")
                 if stats is not None:
                     raw = (raw - stats["mean"]) / max(stats["std"], 1e-6)
                 columns.append(raw.float())
@@ -211,29 +212,17 @@ class Rewards:
         return Scores(self.names, per_source, total)
 
 
-def _shown(prompt: list[dict]) -> str:
-    text = " ".join(str(prompt[-1].get("content", "")).split()) if prompt else ""
-    return repr(text if len(text) <= 80 else text[:77] + "...")
-
-
 def judge_column(raw: list, default: float | None, nonfinite_to_default: bool, who: str, prompts: list[list[dict]]) -> list[float]:
     """A judge's scores as floats, NaN where it did not apply (None) and the source has no `default`.
 
     A NaN or inf from a judge is not "does not apply": it is an error naming the judge (`who`) and a prompt
     it gave it for, unless the source maps non-finite scores to its default (nonfinite: default)."""
+    from align.evaluation.judges import check_finite_scores
+
+    if not nonfinite_to_default:
+        check_finite_scores(who, raw, prompts, " (set nonfinite: default on the source to score such responses with its default)")
     missing = math.nan if default is None else float(default)
-    column = []
-    for score, prompt in zip(raw, prompts):
-        value = missing if score is None else float(score)
-        if not math.isfinite(value) and score is not None:
-            if not nonfinite_to_default:
-                raise DataError(
-                    f"{who} returned {value} for the prompt {_shown(prompt)}; a judge returns a finite number, or None "
-                    "where it does not apply (set nonfinite: default on the source to score such responses with its default)"
-                )
-            value = missing
-        column.append(value)
-    return column
+    return [missing if score is None or not math.isfinite(float(score)) else float(score) for score in raw]
 
 
 class UnscoredWatch:

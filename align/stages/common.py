@@ -840,10 +840,12 @@ def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step:
     rows = [[p[-1]["content"], b, a] for p, b, a in zip(prompts, before, after)]
     out: dict[str, Any] = {}
     if samples.judge:
-        from align.evaluation.judges import load_judge
+        from align.evaluation.judges import check_finite_scores, load_judge
 
         judge = load_judge(samples.judge)
         scores_before, scores_after = judge.score(prompts, before), judge.score(prompts, after)
+        for scores in (scores_before, scores_after):
+            check_finite_scores(f"samples.judge: judge {judge.name!r}", scores, prompts)
         columns += [f"{judge.name} ({before_label})", f"{judge.name} ({stage.stage})"]
         rows = [r + [sb, sa] for r, sb, sa in zip(rows, scores_before, scores_after)]
         applied = [(b, a) for b, a in zip(scores_before, scores_after) if b is not None and a is not None]

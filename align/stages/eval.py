@@ -138,6 +138,7 @@ def implicit_reward_margins(policies, name: str, pairs, batch_size: int) -> list
 def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, cfg: EvalConfig):
     """Everything measured for one policy: (results, per-prompt scores by judge, responses)."""
     from align.evaluation.degeneration import degeneration
+    from align.evaluation.judges import check_finite_scores
     from align.evaluation.metrics import bootstrap_interval, perplexity
     from align.evaluation.policies import run_beta
 
@@ -145,8 +146,9 @@ def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, 
     texts, kls, lengths = sample_policy(policies, name, prompts, cfg)
     conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
     scores = {"reward_model": policies.reward_scores(conversations, cfg.batch_size)} if policies.score_head is not None else {}
-    for judge in judges:
+    for i, judge in enumerate(judges):
         scores[judge.name] = judge.score(prompts, texts)
+        check_finite_scores(f"judges[{i}]: judge {judge.name!r}", scores[judge.name], prompts)
     with policies.policy(name):
         ppl = perplexity(policies.model, policies.tokenizer, sft_rows, cfg.max_length, cfg.batch_size)
     margins = implicit_reward_margins(policies, name, pairs, cfg.batch_size)
