@@ -449,7 +449,7 @@ def cases() -> list[Case]:
              r"has no rows left after leaving out 4 that align-data validate rejects"),
         # ----- errors while a stage runs, secrets
         Case("a library error mid-run (a chat template that raises)", f"{sft} output_dir={{w}}/out/raising model.name_or_path={{raising}}", 1,
-             r"error: sft failed .*this template refuses every conversation.*--debug", check=manifest_status("w", "out/raising", "failed")),
+             r"error: sft failed .*this template refuses every conversation.*--debug", check=nothing_at("out/raising")),
         Case("the same with --debug", f"{sft} output_dir={{w}}/out/raising model.name_or_path={{raising}} --debug", 1, r"Traceback",
              traceback_ok=True),
         Case("secrets in the environment and on the command line (were in W&B's files before)",
@@ -538,6 +538,13 @@ def a_file(p: dict) -> None:
     if path.is_dir():
         shutil.rmtree(path)
     path.write_text("x")
+
+
+def nothing_at(rel: str):
+    """The data is tokenized before the run dir is created: a library error there leaves nothing behind."""
+    def check(p: dict, proc) -> str | None:
+        return f"$W/{rel} was written" if Path(p["w"], rel).exists() else None
+    return check
 
 
 def _not_written(p: dict) -> str | None:
@@ -677,9 +684,27 @@ def distinct_runs(p: dict, proc) -> str | None:
 def issue22_cases() -> list[Case]:
     sft, dpo, ppo, grpo = "recipes/sft.py --config {sft}", "recipes/dpo.py --config {dpo}", "recipes/ppo.py --config {ppo}", "recipes/grpo.py --config {grpo}"
     V = "{w}/victims/"
-    onto = lambda name: f"output_dir={V}{name}"  # noqa: E731 - a finished run, replaced on purpose with --force (last: argparse)
+    too_short, too_long = r"no training row is left within max_length=8", r"long_prompts.jsonl:2: the prompt is \d+ tokens"
+    long_prompts = "data.path={data}/long_prompts.jsonl"
+
+    def late(what: str, recipe: str, name: str, args: str, expect: str, extra=None, note: str = "") -> Case:
+        """A check that ran after the run dir was reset: with --force (last: argparse) onto the finished run victims/<name>,
+        which must stay byte-identical; `extra` sets up more (a reward run without its stats)."""
+        def setup(p: dict) -> None:
+            victim(name)(p)
+            if extra:
+                extra(p)
+        label = f"{what} ({note}; {late_note})" if note else f"{what} ({late_note})"
+        return Case(label, f"{recipe} output_dir={V}{name} {args} --force", 2, expect, setup=setup, check=intact(name))
+
+    def without_stats(name: str):
+        def setup(p: dict) -> None:
+            victim(name, "reward")(p)
+            (Path(p["w"]) / "victims" / name / "reward_stats.json").unlink()
+        return setup
+
     judge = lambda spec, extra="": "'rewards=[{{judge: \"" + spec + "\"" + extra + "}}]'"  # noqa: E731
-    late = "late check: the target run must stay byte-identical"
+    late_note = "late check: the target run must stay byte-identical"
     c = [
         # ----- a run dir is owned by one run
         Case("DPO `output_dir` equal to its `parent_run` (emptied the parent before)", f"{dpo} parent_run={V}own output_dir={V}own", 2,
@@ -709,43 +734,24 @@ def issue22_cases() -> list[Case]:
         Case("DPO into the folder of a finished SFT run (not its parent) without --force", f"{dpo} output_dir={V}other-stage", 2,
              r"output_dir: .* holds a finished sft run", setup=victim("other-stage"), check=intact("other-stage")),
         # ----- every check before the first write (each with --force onto a finished run, which must survive)
-        Case(f"SFT: no row fits `train.max_length` ({late})", f"{sft} {onto('late-sft')} train.max_length=8 --force", 2,
-             r"no training row is left within max_length=8", setup=victim("late-sft"), check=intact("late-sft")),
-        Case(f"DPO: no pair fits `train.max_length` ({late})", f"{dpo} {onto('late-dpo')} train.max_length=8 --force", 2,
-             r"no training row is left within max_length=8", setup=victim("late-dpo"), check=intact("late-dpo")),
-        Case(f"reward: no pair fits `train.max_length` ({late})", f"recipes/reward.py --config {{reward}} {onto('late-rm')} train.max_length=8 --force",
-             2, r"no training row is left within max_length=8", setup=victim("late-rm"), check=intact("late-rm")),
-        Case(f"KTO: no row fits `train.max_length` ({late})", f"recipes/kto.py --config {{kto}} {onto('late-kto')} train.max_length=8 --force", 2,
-             r"no training row is left within max_length=8", setup=victim("late-kto"), check=intact("late-kto")),
-        Case(f"ORPO: no pair fits `train.max_length` ({late})", f"recipes/orpo.py --config {{orpo}} {onto('late-orpo')} train.max_length=8 --force",
-             2, r"no training row is left within max_length=8", setup=victim("late-orpo"), check=intact("late-orpo")),
-        Case(f"SimPO: no pair fits `train.max_length` ({late})",
-             f"recipes/simpo.py --config {{simpo}} {onto('late-simpo')} train.max_length=8 --force", 2,
-             r"no training row is left within max_length=8", setup=victim("late-simpo"), check=intact("late-simpo")),
-        Case(f"GRPO: a prompt longer than `train.max_length` (an out-of-memory error mid-run before; {late})",
-             f"{grpo} {onto('late-grpo')} data.path={{data}}/long_prompts.jsonl --force", 2,
-             r"long_prompts.jsonl:2: the prompt is \d+ tokens", setup=victim("late-grpo"), check=intact("late-grpo")),
-        Case(f"RLOO: a prompt longer than `train.max_length` ({late})",
-             f"recipes/rloo.py --config {{rloo}} {onto('late-rloo')} data.path={{data}}/long_prompts.jsonl --force", 2,
-             r"long_prompts.jsonl:2: the prompt is \d+ tokens", setup=victim("late-rloo"), check=intact("late-rloo")),
-        Case(f"online DPO: a prompt longer than `train.max_length` ({late})",
-             f"recipes/online_dpo.py --config {{online_dpo}} {onto('late-odpo')} data.path={{data}}/long_prompts.jsonl --force", 2,
-             r"long_prompts.jsonl:2: the prompt is \d+ tokens", setup=victim("late-odpo"), check=intact("late-odpo")),
-        Case(f"PPO: a prompt longer than `train.max_length` ({late})", f"{ppo} {onto('late-ppo')} data.path={{data}}/long_prompts.jsonl --force",
-             2, r"long_prompts.jsonl:2: the prompt is \d+ tokens", setup=victim("late-ppo"), check=intact("late-ppo")),
-        Case(f"GRPO: a judge given arguments it does not take ({late})",
-             f"{grpo} {onto('late-args')} 'rewards=[{{{{judge: length, args: {{{{max_wordz: 3}}}}}}}}]' --force", 2,
-             r"rewards\[0\].judge: judge 'length' does not take these arguments", setup=victim("late-args"), check=intact("late-args")),
-        Case(f"GRPO: a reward run without reward_stats.json ({late})",
-             f"{grpo} {onto('late-stats')} 'rewards=[{{{{reward_run: {V}no-stats}}}}]' --force", 2,
-             r"rewards\[0\].reward_run: cannot read .*reward_stats.json",
-             setup=lambda p: (victim("late-stats")(p), victim("no-stats", "reward")(p), (Path(p["w"]) / "victims/no-stats/reward_stats.json").unlink()),
-             check=intact("late-stats")),
-        Case(f"PPO: a reward run without reward_stats.json (a library error after the reset before; {late})",
-             f"{ppo} {onto('late-ppo-stats')} reward_run={V}no-stats-ppo --force", 2, r"reward_run: cannot read .*reward_stats.json",
-             setup=lambda p: (victim("late-ppo-stats")(p), victim("no-stats-ppo", "reward")(p),
-                              (Path(p["w"]) / "victims/no-stats-ppo/reward_stats.json").unlink()),
-             check=intact("late-ppo-stats")),
+        late("SFT: no row fits `train.max_length`", sft, "late-sft", "train.max_length=8", too_short),
+        late("DPO: no pair fits `train.max_length`", dpo, "late-dpo", "train.max_length=8", too_short),
+        late("reward: no pair fits `train.max_length`", "recipes/reward.py --config {reward}", "late-rm", "train.max_length=8", too_short),
+        late("KTO: no row fits `train.max_length`", "recipes/kto.py --config {kto}", "late-kto", "train.max_length=8", too_short),
+        late("ORPO: no pair fits `train.max_length`", "recipes/orpo.py --config {orpo}", "late-orpo", "train.max_length=8", too_short),
+        late("SimPO: no pair fits `train.max_length`", "recipes/simpo.py --config {simpo}", "late-simpo", "train.max_length=8", too_short),
+        late("GRPO: a prompt longer than `train.max_length`", grpo, "late-grpo", long_prompts, too_long,
+             note="an out-of-memory error mid-run before"),
+        late("RLOO: a prompt longer than `train.max_length`", "recipes/rloo.py --config {rloo}", "late-rloo", long_prompts, too_long),
+        late("online DPO: a prompt longer than `train.max_length`", "recipes/online_dpo.py --config {online_dpo}", "late-odpo",
+             long_prompts, too_long),
+        late("PPO: a prompt longer than `train.max_length`", ppo, "late-ppo", long_prompts, too_long),
+        late("GRPO: a judge given arguments it does not take", grpo, "late-args", "'rewards=[{{judge: length, args: {{max_wordz: 3}}}}]'",
+             r"rewards\[0\].judge: judge 'length' does not take these arguments"),
+        late("GRPO: a reward run without reward_stats.json", grpo, "late-stats", f"'rewards=[{{{{reward_run: {V}no-stats}}}}]'",
+             r"rewards\[0\].reward_run: cannot read .*reward_stats.json", extra=without_stats("no-stats")),
+        late("PPO: a reward run without reward_stats.json", ppo, "late-ppo-stats", f"reward_run={V}no-stats-ppo",
+             r"reward_run: cannot read .*reward_stats.json", extra=without_stats("no-stats-ppo"), note="a library error after the reset before"),
         Case("SFT --resume from a checkpoint whose optimizer.pt holds a code-running pickle (the trainer's own loading)",
              "recipes/sft.py --config {sft} output_dir={runs}/sft-tampered train.save_steps=1 --resume", 2,
              r"optimizer.pt: refused: .*pickle", check=both(no_marker("sft_pickle_marker"), clean_message,
