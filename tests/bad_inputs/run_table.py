@@ -681,32 +681,42 @@ def distinct_runs(p: dict, proc) -> str | None:
     return None if len(names) >= 2 and len(set(names)) == len(names) else f"run names {names}"
 
 
+SFT, DPO, PPO, GRPO = "recipes/sft.py --config {sft}", "recipes/dpo.py --config {dpo}", "recipes/ppo.py --config {ppo}", "recipes/grpo.py --config {grpo}"
+V = "{w}/victims/"
+LATE_NOTE = "late check: the target run must stay byte-identical"
+
+
+def with_judge(spec: str, extra: str = "") -> str:
+    """A `rewards=[...]` override with one judge source (YAML flow syntax, braces doubled for str.format)."""
+    return "'rewards=[{{judge: \"" + spec + "\"" + extra + "}}]'"
+
+
+def late(what: str, recipe: str, name: str, args: str, expect: str, extra=None, note: str = "") -> Case:
+    """A check that ran after the run dir was reset: with --force (last: argparse) onto the finished run victims/<name>,
+    which must stay byte-identical; `extra` sets up more (a reward run without its stats)."""
+    def setup(p: dict) -> None:
+        victim(name)(p)
+        if extra:
+            extra(p)
+    label = f"{what} ({note}; {LATE_NOTE})" if note else f"{what} ({LATE_NOTE})"
+    return Case(label, f"{recipe} output_dir={V}{name} {args} --force", 2, expect, setup=setup, check=intact(name))
+
+
+def without_stats(name: str):
+    """A setup: a copy of the reward run at victims/<name> without its reward_stats.json."""
+    def setup(p: dict) -> None:
+        victim(name, "reward")(p)
+        (Path(p["w"]) / "victims" / name / "reward_stats.json").unlink()
+    return setup
+
+
 def issue22_cases() -> list[Case]:
-    sft, dpo, ppo, grpo = "recipes/sft.py --config {sft}", "recipes/dpo.py --config {dpo}", "recipes/ppo.py --config {ppo}", "recipes/grpo.py --config {grpo}"
-    V = "{w}/victims/"
-    too_short, too_long = r"no training row is left within max_length=8", r"long_prompts.jsonl:2: the prompt is \d+ tokens"
-    long_prompts = "data.path={data}/long_prompts.jsonl"
+    return ownership_cases() + late_check_cases() + nonfinite_cases() + wording_cases()
 
-    def late(what: str, recipe: str, name: str, args: str, expect: str, extra=None, note: str = "") -> Case:
-        """A check that ran after the run dir was reset: with --force (last: argparse) onto the finished run victims/<name>,
-        which must stay byte-identical; `extra` sets up more (a reward run without its stats)."""
-        def setup(p: dict) -> None:
-            victim(name)(p)
-            if extra:
-                extra(p)
-        label = f"{what} ({note}; {late_note})" if note else f"{what} ({late_note})"
-        return Case(label, f"{recipe} output_dir={V}{name} {args} --force", 2, expect, setup=setup, check=intact(name))
 
-    def without_stats(name: str):
-        def setup(p: dict) -> None:
-            victim(name, "reward")(p)
-            (Path(p["w"]) / "victims" / name / "reward_stats.json").unlink()
-        return setup
-
-    judge = lambda spec, extra="": "'rewards=[{{judge: \"" + spec + "\"" + extra + "}}]'"  # noqa: E731
-    late_note = "late check: the target run must stay byte-identical"
-    c = [
-        # ----- a run dir is owned by one run
+def ownership_cases() -> list[Case]:
+    sft, dpo, ppo, grpo = SFT, DPO, PPO, GRPO
+    return [
         Case("DPO `output_dir` equal to its `parent_run` (emptied the parent before)", f"{dpo} parent_run={V}own output_dir={V}own", 2,
              r"output_dir: .* is the parent_run", setup=victim("own"), check=intact("own")),
         Case("DPO `output_dir` inside its `parent_run`", f"{dpo} parent_run={V}host output_dir={V}host/dpo", 2,
@@ -733,7 +743,14 @@ def issue22_cases() -> list[Case]:
              r"output_dir: .* holds a finished sft run .*--force", setup=victim("changed"), check=intact("changed")),
         Case("DPO into the folder of a finished SFT run (not its parent) without --force", f"{dpo} output_dir={V}other-stage", 2,
              r"output_dir: .* holds a finished sft run", setup=victim("other-stage"), check=intact("other-stage")),
-        # ----- every check before the first write (each with --force onto a finished run, which must survive)
+    ]
+
+
+def late_check_cases() -> list[Case]:
+    sft, dpo, ppo, grpo = SFT, DPO, PPO, GRPO
+    too_short, too_long = r"no training row is left within max_length=8", r"long_prompts.jsonl:2: the prompt is \d+ tokens"
+    long_prompts = "data.path={data}/long_prompts.jsonl"
+    return [
         late("SFT: no row fits `train.max_length`", sft, "late-sft", "train.max_length=8", too_short),
         late("DPO: no pair fits `train.max_length`", dpo, "late-dpo", "train.max_length=8", too_short),
         late("reward: no pair fits `train.max_length`", "recipes/reward.py --config {reward}", "late-rm", "train.max_length=8", too_short),
@@ -756,7 +773,12 @@ def issue22_cases() -> list[Case]:
              "recipes/sft.py --config {sft} output_dir={runs}/sft-tampered train.save_steps=1 --resume", 2,
              r"optimizer.pt: refused: .*pickle", check=both(no_marker("sft_pickle_marker"), clean_message,
                                                             manifest_status("runs", "sft-tampered", "interrupted"))),
-        # ----- non-finite results never finish
+    ]
+
+
+def nonfinite_cases() -> list[Case]:
+    sft, dpo, grpo, judge = SFT, DPO, GRPO, with_judge
+    return [
         Case("SFT `train.learning_rate: 1e308` (finished with a NaN adapter before)",
              f"{sft} output_dir={{w}}/out/nan-sft train.learning_rate=1e308 train.max_steps=1", 2, r"non-finite .*step 1",
              setup=fresh("nan-sft"), check=manifest_status("w", "out/nan-sft", "failed")),
@@ -795,7 +817,12 @@ def issue22_cases() -> list[Case]:
         Case("online DPO judge that returns NaN",
              f"recipes/online_dpo.py --config {{online_dpo}} output_dir={{w}}/out/odpo-nan {judge('nonfinite_judges:nan_judge')}", 2,
              r"rewards\[0\]: judge 'nonfinite_judges:nan_judge' returned nan", setup=fresh("odpo-nan")),
-        # ----- the right words
+    ]
+
+
+def wording_cases() -> list[Case]:
+    sft, dpo, grpo = SFT, DPO, GRPO
+    return [
         Case("a reward source's weight given on the command line (blamed on the YAML before)",
              f"{grpo} output_dir={{w}}/out/never 'rewards=[{{{{judge: format, weight: 0}}}}]'", 2,
              r"^error: command line: rewards\[0\].weight: must be a finite non-zero number"),
@@ -826,7 +853,6 @@ def issue22_cases() -> list[Case]:
         Case("SFT on a .parquet.gz", f"{sft} output_dir={{w}}/out/never data.path={{data}}/prefs.parquet.gz", 2,
              r"unsupported file type '\.parquet\.gz'.*align-data and the recipes read"),
     ]
-    return c
 
 
 # --------------------------------------------------------------------------- running
