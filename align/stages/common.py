@@ -442,7 +442,8 @@ def train_adapter(
     interrupt = InterruptCallback()
     timer = StepTimer()
     last_checkpoint = lambda: latest_complete(stage.run_dir.path)  # noqa: E731
-    guards = [MarkCompleteCallback(), NonFiniteGuard(last_checkpoint), NonFiniteWeightsGuard(last_checkpoint), interrupt, timer]
+    # The weights guard after the interrupt callback: it sees a save that Ctrl-C asked for too.
+    guards = [MarkCompleteCallback(), NonFiniteGuard(last_checkpoint), interrupt, NonFiniteWeightsGuard(last_checkpoint), timer]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
     params = models.count_parameters(trainer.model)
     log.info(
