@@ -37,13 +37,14 @@ def latest_complete(run_path: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_plain(path: Path, numpy_arrays: bool = False):
+def load_plain(path: Path, numpy_arrays: bool = False, mmap: bool = False):
     """A file written with torch.save, read as data only.
 
     `torch.load(weights_only=True)` unpickles nothing but tensors, storages, torch dtypes/sizes/devices
     and plain containers and scalars (dict, OrderedDict, list, tuple, set, str, bytes, int, float,
     bool, None): what an optimizer, scheduler or RNG state holds; `numpy_arrays` also allows numpy
-    arrays and dtypes (the NumPy generator state in the HF trainer's rng_state.pth). A file that needs
+    arrays and dtypes (the NumPy generator state in the HF trainer's rng_state.pth); `mmap` maps the tensors
+    bytes instead of reading them (a check of what a file holds, not a load). A file that needs
     anything else (a class or function to import and call: how a tampered pickle runs code) is refused
     with one line naming the file and what it asked for.
     """
@@ -56,7 +57,12 @@ def load_plain(path: Path, numpy_arrays: bool = False):
     allowed = torch.serialization.safe_globals(_numpy_globals()) if numpy_arrays else contextlib.nullcontext()
     try:
         with allowed:
-            return torch.load(path, weights_only=True)
+            try:
+                return torch.load(path, weights_only=True, mmap=mmap)
+            except RuntimeError as exc:  # a file in torch's legacy (non-zip) format cannot be mapped: read it
+                if not mmap or "zipfile" not in str(exc):
+                    raise
+                return torch.load(path, weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: missing from the checkpoint") from None
     except Exception as exc:  # noqa: BLE001 - UnpicklingError for a forbidden type, others for a damaged file
@@ -89,7 +95,7 @@ def check_plain_checkpoint(folder: Path) -> None:
     checked before a resume changes anything, so a tampered file is refused with the run left as it was."""
     for path in sorted(Path(folder).iterdir()):
         if path.is_file() and path.suffix in (".pt", ".pth"):
-            load_plain(path, numpy_arrays=path.name.startswith("rng_state"))
+            load_plain(path, numpy_arrays=path.name.startswith("rng_state"), mmap=True)
 
 
 def _barrier() -> None:
