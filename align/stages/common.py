@@ -81,6 +81,21 @@ def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
     return parent
 
 
+def check_training_setup(cfg: StageConfig, base: ModelRef, head: str) -> None:
+    """What a training stage can check about its model before anything is written: target modules PEFT would
+    find, and a device for Liger's kernels (known before the model loads)."""
+    import importlib.util
+
+    from align.modeling.adapters import check_target_modules
+    from align.modeling.models import default_device
+
+    check_target_modules(cfg, base, head)
+    if cfg.train.liger_kernel:
+        problem = liger_problem(default_device(), importlib.util.find_spec("liger_kernel") is not None)
+        if problem:
+            raise ConfigError(f"train.liger_kernel: {problem}")
+
+
 def reset_peak_memory() -> None:
     """Start a stage's peak-memory count afresh: a pipeline runs every stage in one process."""
     import torch
@@ -193,17 +208,7 @@ class StageRun:
         if not self.skipped and is_main_process():
             check_output_dir(self.run_dir.path)  # a file, a foreign folder, no write access: refused before any work
         if not self.skipped and isinstance(cfg, StageConfig):
-            from align.modeling.adapters import check_target_modules
-
-            check_target_modules(cfg, base, head)  # a module name PEFT would not find, refused before anything is written
-            if cfg.train.liger_kernel:  # the trainers need a GPU for Liger's kernels: known before the model loads
-                import importlib.util
-
-                from align.modeling.models import default_device
-
-                problem = liger_problem(default_device(), importlib.util.find_spec("liger_kernel") is not None)
-                if problem:
-                    raise ConfigError(f"train.liger_kernel: {problem}")
+            check_training_setup(cfg, base, head)
         self.resume_from = self._checkpoint_to_resume() if resumable and not self.skipped else None
         self.tracker: Tracker | None = None
         self.prepared: tuple | None = None  # (tokenizer, train_ds, eval_ds, token stats) from prepare_data
