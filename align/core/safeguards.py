@@ -147,9 +147,9 @@ def _kept(checkpoint) -> str:
 
 
 class NonFiniteWeightsGuard(TrainerCallback):
-    """Checks the trainable weights (and a forward pass) before every checkpoint, after every evaluation
-    and at the end of training, and the held-out loss of every evaluation: a non-finite state fails the run
-    before it is checkpointed or saved, so the checkpoints on disk stay finite.
+    """Checks the trainable weights and a forward pass before every checkpoint and at the end of training, and
+    the weights and held-out loss of every evaluation (whose loss already is a forward pass): a non-finite state
+    fails the run before it is checkpointed or saved, so the checkpoints on disk stay finite.
 
     `step_offset`: steps taken before this trainer started (online DPO trains one trainer per round)."""
 
@@ -157,9 +157,9 @@ class NonFiniteWeightsGuard(TrainerCallback):
         self.last_checkpoint = last_checkpoint  # () -> Path | None, read when it fires
         self.step_offset = step_offset
 
-    def _check(self, args, state, model) -> None:
+    def _check(self, args, state, model, probe: bool = True) -> None:
         sharded = bool(getattr(args, "fsdp", None) or getattr(args, "deepspeed", None))  # no single-rank forward there
-        check_finite(model, f"after step {self.step_offset + state.global_step}", self.last_checkpoint, probe=not sharded)
+        check_finite(model, f"after step {self.step_offset + state.global_step}", self.last_checkpoint, probe=probe and not sharded)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save:  # the checkpoint about to be written must hold finite weights
@@ -173,7 +173,7 @@ class NonFiniteWeightsGuard(TrainerCallback):
                 f"non-finite held-out loss ({loss}) after step {self.step_offset + state.global_step}; "
                 f"{_kept(self.last_checkpoint())}; lower train.learning_rate or check the data"
             )
-        self._check(args, state, model)
+        self._check(args, state, model, probe=False)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
