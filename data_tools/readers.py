@@ -10,25 +10,15 @@ a dict, so the caller decides whether to stop or to skip and count it.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from align.core.data import FILE_TYPES, file_stem, file_suffix, open_binary, unsupported_type
 from align.core.errors import DataError
 from data_tools.sources.base import RowError, kind
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
 RowOrError = tuple[str, Any]
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
-
-
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def _decode(raw: bytes, where: str) -> str | RowError:
@@ -39,7 +29,7 @@ def _decode(raw: bytes, where: str) -> str | RowError:
 
 
 def read_jsonl(path: Path) -> Iterator[RowOrError]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             line = _decode(raw, where)
@@ -61,7 +51,7 @@ def read_jsonl(path: Path) -> Iterator[RowOrError]:
 
 def read_json(path: Path) -> Iterator[RowOrError]:
     """A JSON array of objects, element by element, each with the line it starts on."""
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         data = f.read()
     try:
         text = data.decode("utf-8")
@@ -133,7 +123,7 @@ class _LineCounter:
 
 
 def read_csv(path: Path) -> Iterator[RowOrError]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         lines = _LineCounter(f, path)
         reader = csv.reader(lines)
         try:
@@ -250,11 +240,7 @@ def _hub_splits(spec: str, splits: list[str] | None, config: str | None):
 
 
 def looks_like_hub_id(spec: str) -> bool:
-    return spec.count("/") == 1 and not spec.startswith(("/", ".", "~")) and not _suffix(Path(spec))
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(_suffix(path))]
+    return spec.count("/") == 1 and not spec.startswith(("/", ".", "~")) and not file_suffix(Path(spec))
 
 
 def iter_splits(spec: str, splits: list[str] | None = None, config: str | None = None) -> list[tuple[str, Iterator[RowOrError]]]:
@@ -263,20 +249,20 @@ def iter_splits(spec: str, splits: list[str] | None = None, config: str | None =
     a hub dataset id (`splits` picks splits; default all)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        suffix = _suffix(path)
+        suffix = file_suffix(path)
         if suffix not in READERS:
-            raise DataError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
+            raise unsupported_type(path)
         if splits:
             raise DataError(f"{path}: --split applies to folders, saved datasets and hub ids, not to one file")
-        return [(_stem(path), READERS[suffix](path))]
+        return [(file_stem(path), READERS[suffix](path))]
     if path.is_dir():
         if is_saved_dataset(path):
             return _saved_splits(path, splits)
-        files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in READERS)
+        files = sorted(p for p in path.iterdir() if p.is_file() and file_suffix(p) in READERS)
         if not files:
-            raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) and no saved dataset")
-        chosen = _pick_splits(sorted({_stem(p) for p in files}), splits, str(path))
-        return [(_stem(p), READERS[_suffix(p)](p)) for p in files if _stem(p) in chosen]
+            raise DataError(f"{path}: no data files and no saved dataset ({FILE_TYPES})")
+        chosen = _pick_splits(sorted({file_stem(p) for p in files}), splits, str(path))
+        return [(file_stem(p), READERS[file_suffix(p)](p)) for p in files if file_stem(p) in chosen]
     if looks_like_hub_id(spec):
         return _hub_splits(spec, splits, config)
     raise DataError(f"--input '{spec}': no such file or directory")

@@ -1,4 +1,4 @@
-"""Pipelines: stages in order, finished matching stages skipped, changed stages rerun, no secrets."""
+"""Pipelines: stages in order, finished matching stages skipped, changed stages replaced with --force, no secrets."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run_ids(folder):
     return {s: json.loads((folder / "runs" / s / "manifest.json").read_text())["run_id"] for s in ("sft", "dpo")}
 
 
-def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, tiny_model_dir, tiny_data):
+def test_pipeline_runs_then_skips_then_replaces_a_changed_stage_only_with_force(tmp_path, tiny_model_dir, tiny_data):
     import os
 
     path = write_pipeline(tmp_path, tiny_model_dir, tiny_data)
@@ -54,17 +54,22 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, tiny_model_
     assert second.stdout.count("skipped, already finished") == 2
     assert "sft: skipped" in second.stderr and "dpo: skipped" in second.stderr
 
-    third = run_pipeline(path, "dpo.dpo.beta=0.2", env=env)
+    # A changed stage would replace its finished run: that takes --force (which reruns every stage).
+    refused = run_pipeline(path, "dpo.dpo.beta=0.2", env=env)
+    assert refused.returncode == 2 and run_ids(tmp_path) == ids
+    assert f"error: output_dir: {tmp_path / 'runs' / 'dpo'} holds a finished dpo run of another config" in refused.stderr
+    assert "--force replaces it" in refused.stderr
+    third = run_pipeline(path, "dpo.dpo.beta=0.2", "--force", env=env)
     assert third.returncode == 0, third.stderr[-3000:]
     after = run_ids(tmp_path)
-    assert after["sft"] == ids["sft"] and after["dpo"] != ids["dpo"]
+    assert after["sft"] != ids["sft"] and after["dpo"] != ids["dpo"]
 
     # Secrets in the environment never reach a RunDir, its W&B files or the logs.
     for file in (tmp_path / "runs").rglob("*"):
         if file.is_file():
             blob = file.read_bytes()
             assert b"fake-key-0123456789abcdef" not in blob and b"hf_fake_token_0123456789" not in blob, file
-    for proc in (first, second, third):
+    for proc in (first, second, refused, third):
         assert "fake-key-0123456789abcdef" not in proc.stdout + proc.stderr
 
 

@@ -89,8 +89,9 @@ def test_stage_trains_the_adapter_with_no_reference_forward(sft_parent, tiny_dat
     run = spec.run(load_config(spec.config, None, overrides), callbacks=[rec])
     assert run.is_finished()
     assert_only_adapter_changed(rec)
-    # 3 training steps + the held-out set (6 pairs, batch 4: 2 batches) at step 0 and at the end + the recorder's probe.
-    assert len(counter.calls) == 3 + 2 * 2 + 1 and counter.reference == 0, counter.calls
+    # 3 training steps + the held-out set (6 pairs, batch 4: 2 batches) at step 0 and at the end + the recorder's probe
+    # + the non-finite guard's probe at the end of training (align/core/safeguards.py).
+    assert len(counter.calls) == 3 + 2 * 2 + 1 + 1 and counter.reference == 0, counter.calls
     assert counter.instances == 1
     summary = json.loads((run.path / "manifest.json").read_text())["summary"]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):

@@ -3,6 +3,7 @@ that share the reference cache, then an eval over both and the baseline; a rerun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -62,7 +63,7 @@ def test_values_names_and_grid_order():
     with pytest.raises(ConfigError, match="given twice"):
         S.parse_values(["beta=1", "beta=2"])
     assert [S.format_value(v) for v in (3e-4, 0.1, 1e-05, 16, True, "a b/c", ["x", "y"], None)] == [
-        "0.0003", "0.1", "1e-05", "16", "true", "a-b-c", "x+y", "null"]
+        "0.0003", "0.1", "1e-05", "16", "true", "a-b-c-" + hashlib.sha256(b"a b/c").hexdigest()[:6], "x+y", "null"]
     assert S.labels(["dpo.beta", "train.learning_rate", "lora.dropout", "train.dropout"]) == {
         "dpo.beta": "beta", "train.learning_rate": "lr", "lora.dropout": "lora.dropout", "train.dropout": "train.dropout"}
     a = S.Axis("dpo.beta", "beta", (0.1, 0.3), "")

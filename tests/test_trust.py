@@ -7,8 +7,9 @@
   run dir); run dirs of earlier align versions are recognized by their manifest and adopted.
 - One run at a time per run dir: a second run exits 2 naming the holder, the first finishes
   intact; a lock left by a dead process is cleared with a message.
-- A library error mid-run is one line and the run is marked failed; no secret from the
-  environment or the command line lands anywhere under the run dir, W&B's files included.
+- A library error mid-run is one line and the run is marked failed (one while the data is prepared
+  writes nothing); no secret from the environment or the command line lands anywhere under the run
+  dir, W&B's files included.
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ def test_two_concurrent_runs_the_second_exits_2_and_the_first_finishes_intact(tm
 # --------------------------------------------------------------------------- errors mid-run, secrets
 
 
-def test_a_library_error_mid_run_is_one_line_and_the_run_is_marked_failed(tmp_path, tiny_model_dir, tiny_data, capsys):
+def test_a_library_error_while_preparing_data_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, tiny_data, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     tok_config = json.loads((model / "tokenizer_config.json").read_text())
@@ -379,15 +380,31 @@ def test_a_library_error_mid_run_is_one_line_and_the_run_is_marked_failed(tmp_pa
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     (line,) = error_lines(proc)
-    assert line.startswith("error: sft failed") and "this template refuses every conversation" in line and "--debug" in line
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "this template refuses" in manifest["error"] and manifest["traceback"]
+    assert line.startswith("error: sft failed while preparing its data") and "this template refuses every conversation" in line
+    assert "--debug" in line and f"nothing was written to {out}" in line
+    assert not out.exists()  # the data is tokenized before the run dir is created
     from align.cli.recipes import recipe_main
 
     capsys.readouterr()
     assert recipe_main("sft", ["--config", str(config), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "raise_exception" in err, "--debug keeps the full trace"
+
+
+def test_a_library_error_mid_run_is_one_line_and_the_run_is_marked_failed(tmp_path, tiny_model_dir, tiny_data, capsys, monkeypatch):
+    from align.cli.recipes import recipe_main
+    from align.stages import sft
+
+    def broken_trainer(*args, **kwargs):  # as a TRL/transformers error raised once the run has started would
+        raise RuntimeError("the trainer refuses this model")
+
+    monkeypatch.setattr(sft, "build_trainer", broken_trainer)
+    out = tmp_path / "run"
+    assert recipe_main("sft", ["--config", str(sft_yaml(tmp_path, tiny_model_dir, tiny_data["sft"], out))]) == 1
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert line.startswith("error: sft failed before the first step: RuntimeError: the trainer refuses this model") and "--debug" in line
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "the trainer refuses this model" in manifest["error"] and manifest["traceback"]
 
 
 def test_no_secret_from_the_environment_or_the_command_line_lands_under_the_run_dir(tmp_path, tiny_model_dir, tiny_data):

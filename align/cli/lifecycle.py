@@ -9,8 +9,9 @@
 A SOURCE is a RunDir (its adapter/, base model and model settings are read from it) or
 a plain PEFT adapter folder (its base from adapter_config.json). What a run dir says is data:
 its `model.trust_remote_code` is never honoured; `--trust-remote-code` (merge, generate,
-combine) is the only way a base's own code runs. `--output` is a new or empty folder, or one
-this command wrote before. Bad input prints one line and exits with status 2; any other error
+combine) is the only way a base's own code runs. A RunDir that did not finish (failed,
+interrupted) is refused by merge, export and combine unless `--allow-failed` is given; one still
+running is refused always. `--output` is a new or empty folder, or one this command wrote before. Bad input prints one line and exits with status 2; any other error
 is one line with exit status 1, and `--debug` prints its traceback.
 """
 
@@ -23,6 +24,15 @@ import sys
 from pathlib import Path
 
 from align.core.errors import ConfigError
+
+
+def _check_finished(spec: str, allow_failed: bool) -> None:
+    """A RunDir source must have finished (a failed run's adapter may be partial or non-finite); --allow-failed overrides."""
+    from align.core.artifacts import RunDir, check_finished
+
+    run = RunDir(Path(spec))
+    if run.is_run_dir():
+        check_finished(run, allow_failed)
 
 
 def _mb(folder: Path) -> str:
@@ -42,6 +52,7 @@ def cmd_merge(args) -> int:
 
     out = Path(args.output)
     check_replaceable(out, "--output")
+    _check_finished(args.source, args.allow_failed)
     source = resolve_adapter(args.source, args.base, trust_remote_code=args.trust_remote_code)
     tokenizer = models.load_tokenizer(source.base, source.model_cfg)
     merge_adapter(source.base, source.model_cfg, source.adapter_dir, out, tokenizer, mark="merge")
@@ -67,6 +78,7 @@ def cmd_export(args) -> int:
 
     out = Path(args.output)
     check_replaceable(out, "--output")
+    _check_finished(args.run, args.allow_failed)
     source = resolve_adapter(args.run)
     if source.run is None:
         raise ConfigError(f"{args.run}: export takes a RunDir (the model card is written from its manifest)")
@@ -189,6 +201,8 @@ def cmd_combine(args) -> int:
     check_replaceable(Path(args.output), "--output")
     if args.weights is not None and not all(math.isfinite(w) for w in args.weights):
         raise ConfigError(f"--weights: must be finite numbers, got {args.weights}")
+    for spec in args.sources:
+        _check_finished(spec, args.allow_failed)
     sources = [resolve_adapter(s, args.base, trust_remote_code=args.trust_remote_code) for s in args.sources]
     weights = args.weights if args.weights is not None else [1.0 / len(sources)] * len(sources)
     out = combine_adapters(sources, weights, args.type, Path(args.output))
@@ -204,19 +218,24 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
+    unfinished = argparse.ArgumentParser(add_help=False)
+    unfinished.add_argument(
+        "--allow-failed", action="store_true",
+        help="also take a run that failed or was interrupted (its adapter may be partial or non-finite); never one still running",
+    )
     loads = argparse.ArgumentParser(add_help=False)
     loads.add_argument(
         "--trust-remote-code", action="store_true",
         help="let the base model's own Python code run (its auto_map); never taken from a run dir's config",
     )
 
-    m = sub.add_parser("merge", help=cmd_merge.__doc__, parents=[common, loads])
+    m = sub.add_parser("merge", help=cmd_merge.__doc__, parents=[common, loads, unfinished])
     m.add_argument("source", help="a RunDir or an adapter folder")
     m.add_argument("--output", required=True, help="folder for the merged safetensors model")
     m.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     m.set_defaults(func=cmd_merge)
 
-    e = sub.add_parser("export", help=cmd_export.__doc__, parents=[common])
+    e = sub.add_parser("export", help=cmd_export.__doc__, parents=[common, unfinished])
     e.add_argument("run", help="a RunDir with adapter/")
     e.add_argument("--output", required=True, help="folder for the adapter and its README.md")
     e.set_defaults(func=cmd_export)
@@ -234,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="also write the responses as JSON lines")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("combine", help=cmd_combine.__doc__, parents=[common, loads])
+    c = sub.add_parser("combine", help=cmd_combine.__doc__, parents=[common, loads, unfinished])
     c.add_argument("sources", nargs="+", help="LoRA adapters (RunDirs or folders) trained on the same base")
     c.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: equal, summing to 1)")
     c.add_argument("--type", default="linear", help="linear (equal ranks), cat (exact weighted sum) or svd")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.core.config import PipelineConfig, RunConfig, StageConfig, load_config
+from align.core.config import PipelineConfig, RunConfig, StageConfig, check_stage_file, load_config
 from align.core.errors import ConfigError
 from align.stages.registry import all_stages, get_stage, load_stage_config
 
@@ -73,6 +73,8 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
         stage_overrides.update(per_stage[st.name])
         where.update({key: "command line" for key in per_stage[st.name]})
         stage_file = (path.parent / st.config).resolve() if not Path(st.config).is_absolute() else Path(st.config)
+        if stage_file.is_file():
+            check_stage_file(stage_file, path, f"{path}: stages[{i}].config", "pipeline")
         configs[st.name] = (st.stage, load_stage_config(st.stage, stage_file, stage_overrides, override_where=where))
     return Pipeline(cfg, configs)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import itertools
 import logging
 import re
@@ -34,7 +35,9 @@ from typing import Any
 
 import yaml
 
-from align.core.config import RunConfig, StageConfig, describe, load_config, opt, parse_overrides, to_yaml
+from align.core.config import (
+    RunConfig, StageConfig, check_stage_file, config_file_kind, describe, load_config, opt, parse_overrides, to_yaml,
+)
 from align.core.errors import AlignError, ConfigError
 from align.stages.registry import get_stage, load_stage_config
 
@@ -177,16 +180,23 @@ def parse_values(items: list[str]) -> dict[str, list]:
 
 
 def format_value(value: Any) -> str:
-    """A value as it appears in a run's folder name: short, and only [A-Za-z0-9.+-] characters."""
+    """A value as it appears in a run's folder name: short, only [A-Za-z0-9.+-] characters, and distinct for
+    distinct values (a float keeps every digit that tells it apart; a string whose characters had to be
+    replaced, or that reads as another value's name, gets a short hash of itself)."""
     if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float):
-        text = f"{value:g}"
-    elif isinstance(value, (list, tuple)):
-        text = "+".join(format_value(v) for v in value)
-    else:
-        text = "null" if value is None else str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "empty"
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)  # repr: the shortest text that reads back exactly
+    if isinstance(value, (list, tuple)):
+        return "+".join(format_value(v) for v in value) or "empty"
+    text = str(value)
+    cleaned = re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-") or "empty"
+    if isinstance(value, str) and (cleaned != text or text in ("true", "false", "null", "empty")):
+        cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return cleaned
 
 
 def labels(keys: list[str]) -> dict[str, str]:
@@ -247,6 +257,8 @@ def plan(cfg: SweepConfig, stage_overrides: dict[str, Any], base_dir: Path, sour
     config_path = Path(cfg.config) if Path(cfg.config).is_absolute() else base_dir / cfg.config
     if not config_path.is_file():
         raise ConfigError(f"{source}: config: {config_path}: config file not found")
+    sweep_file = Path(source) if _is_sweep_file(Path(source)) else Path()  # `source` is the stage YAML on a command line
+    check_stage_file(config_path, sweep_file, f"{source}: config", "sweep")
     stage = _stage_of(cfg, config_path)
     stage_cls = get_stage(stage).config
     if not issubclass(stage_cls, StageConfig):
@@ -405,11 +417,7 @@ def run_sweep(sweep: Sweep, force: bool = False) -> tuple[list[dict], Path | Non
 
 def _is_sweep_file(path: Path) -> bool:
     """A sweep YAML has `values:` at its top level (no stage config has that key)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False  # the loader reports it with its line
-    return isinstance(data, dict) and "values" in data
+    return config_file_kind(path) == "sweep"
 
 
 def _route(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:

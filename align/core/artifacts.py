@@ -247,6 +247,7 @@ def check_output_dir(path: Path, key: str = "output_dir") -> str:
     """Refuse, before anything is written, an output dir align may not write: a file, a foreign
     folder, one that cannot be created or written. Returns its kind (see folder_kind)."""
     path = Path(path)
+    check_not_a_link(path, key)
     kind = folder_kind(path)
     if kind == "file":
         raise ConfigError(f"{key}: {path} is a file, not a folder")
@@ -264,6 +265,43 @@ def check_output_dir(path: Path, key: str = "output_dir") -> str:
         what = "is a file" if not probe.is_dir() else "is not writable"
         raise ConfigError(f"{key}: cannot write {path}: {probe} {what}")
     return kind
+
+
+def check_not_a_link(path: Path, key: str = "output_dir") -> None:
+    """A run dir is the folder it is named by: a symbolic link in its place would have a run write, and empty,
+    whatever folder the link points to (another run, someone's files)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise ConfigError(
+            f"{key}: {path} is a symbolic link to {os.path.realpath(path)}; align writes a run only into the folder "
+            "it is given: name that folder itself, or choose another output_dir"
+        )
+
+
+def check_owned(path: Path, reads: dict[str, str | Path], key: str = "output_dir", may_hold: tuple[str, ...] = ()) -> None:
+    """Refuse an output dir that is, contains, or lies inside a run (or file) the stage reads.
+
+    `reads`: config key -> path of every run and local file the stage reads (its parent run, reward runs,
+    evaluated runs, data). Paths are compared resolved (symbolic links followed), so a link cannot hide
+    a parent: a stage resets its output dir before it writes, and would empty what it was about to read.
+    `may_hold`: keys of folders a run dir may sit inside (a data folder: only its files are read).
+    """
+    out = Path(os.path.realpath(Path(path)))
+    shown = f"{path} (a symbolic link to {out})" if Path(path).is_symlink() else str(path)
+    for source, read in reads.items():
+        target = Path(os.path.realpath(Path(read)))
+        if out == target:
+            relation = "is"
+        elif target in out.parents and source not in may_hold:
+            relation = "is inside"
+        elif out in target.parents:
+            relation = "contains"
+        else:
+            continue
+        raise ConfigError(
+            f"{key}: {shown} {relation} the {source} ({read}) this stage reads; a run resets its output_dir before "
+            "writing, which would destroy what it reads: choose another output_dir"
+        )
 
 
 OUTPUT_MARKER = ".align-output.json"  # in folders `align merge/export/combine` write; {"align_output": kind}
@@ -344,6 +382,35 @@ def _holder_alive(holder: dict) -> bool | None:
 def _describe_holder(holder: dict) -> str:
     return (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started_at')}"
             + (f": {holder['command']}" if holder.get("command") else ""))
+
+
+def live_holder(run_path: Path) -> dict | None:
+    """The process writing a run dir now (its lock's holder, alive or on another host), or None."""
+    holder = _read_json_dict(Path(run_path) / LOCK)
+    if not holder:
+        return None
+    return holder if _holder_alive(holder) in (True, None) else None
+
+
+def check_finished(run: "RunDir", allow_unfinished: bool = False, flag: str = "--allow-failed") -> None:
+    """Refuse a run that did not finish as the source of a merge, export or combination: a failed run's
+    adapter may be partial or non-finite. A run still being written is refused always; with `flag` set, a
+    failed, interrupted or abandoned one is used, with a warning."""
+    status = run.status
+    if status == "finished":
+        return
+    holder = live_holder(run.path) if status == "running" else None
+    if holder is not None:
+        raise ConfigError(f"{run.path}: the run is still running ({_describe_holder(holder)}); wait for it to finish")
+    m = run.manifest() or {}
+    if status == "running":
+        state = "the run is still running, or its process died (status: running, no process holds it)"
+    else:
+        error = " ".join(str(m.get("error") or "").split())
+        state = f"the run {status}" + (f" ({error[:150]}{'...' if len(error) > 150 else ''})" if error else "")
+    if not allow_unfinished:
+        raise ConfigError(f"{run.path}: {state}; its adapter may be partial or non-finite; {flag} uses it anyway")
+    log.warning("%s: %s; used anyway (%s)", run.path, state, flag)
 
 
 class RunLock:

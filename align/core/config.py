@@ -231,8 +231,8 @@ class PeftConfig:
 class DataConfig:
     path: str | None = opt(
         None,
-        "Dataset: 'bundled:<name>', a .jsonl/.json/.csv/.parquet file, a directory of split files or a "
-        "save_to_disk dataset, or a hub dataset id.",
+        "Dataset: 'bundled:<name>', a .jsonl/.json/.csv/.parquet file (.jsonl/.json/.csv also gzipped: .gz), a directory "
+        "of split files or a save_to_disk dataset, or a hub dataset id.",
     )
     train_split: str = opt("train", "Split to train on.")
     eval_split: str | None = opt("test", "Held-out split; null carves eval_fraction off the training split.")
@@ -416,8 +416,8 @@ class _Source:
         self.override_where = override_where or {}  # overridden key -> where it was set (default: the command line)
 
     def where(self, path: str) -> str:
-        for k in self.overridden:
-            if path == k or path.startswith(k + ".") or k.startswith(path + "."):
+        for k in self.overridden:  # a key set on the command line, a value inside it (rewards[0].weight), or its section
+            if path == k or path.startswith((k + ".", k + "[")) or k.startswith((path + ".", path + "[")):
                 return self.override_where.get(k, "command line")
         probe = path
         while probe:
@@ -641,19 +641,47 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+_INDEXED = re.compile(r"^(.+)\[(\d+)\]$")
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any], source: str = "command line") -> None:
-    """Set dotted keys in a nested dict in place."""
+    """Set dotted keys in a nested dict in place; `name[i]` steps into entry i of a list (rewards[0].weight=2)."""
     for dotted, value in overrides.items():
         parts = dotted.split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            indexed = _INDEXED.match(part)
+            key = indexed.group(1) if indexed else part
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {dotted}: '{'.'.join(parts[:i])}' is not a section")
+            if indexed:
+                entries, index = _list_entry(node.get(key), int(indexed.group(2)), dotted, where.rpartition("[")[0], source)
+                if last:
+                    entries[index] = value
+                node = entries[index]
+                continue
+            if last:
+                node[key] = value
+                continue
+            child = node.get(key)
             if child is None:
-                child = node[part] = {}
+                child = node[key] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"{source}: {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
+                raise ConfigError(f"{source}: {dotted}: '{where}' is not a section")
             node = child
-        node[parts[-1]] = value
+
+
+def _list_entry(entries: Any, index: int, dotted: str, name: str, source: str) -> tuple[list, int]:
+    """(the list, index) an indexed override sets, or a ConfigError saying how many entries there are."""
+    if not isinstance(entries, list):
+        what = "is not set" if entries is None else "is not a list"
+        raise ConfigError(f"{source}: {dotted}: {name} {what}; give the whole list ({name}=[...])")
+    if index >= len(entries):
+        count = f"{len(entries)} entry" if len(entries) == 1 else f"{len(entries)} entries"
+        raise ConfigError(f"{source}: {dotted}: {name} has {count} (index {index} is past its end); give the whole list ({name}=[...])")
+    return entries, index
 
 
 def check_values(cfg: Any, where: typing.Callable[[str], str] | None = None, prefix: str = "") -> None:
@@ -733,6 +761,28 @@ def load_config(
     except ConfigError as exc:
         raise ConfigError(f"{_locate(str(exc), src)}: {exc}") from None
     return cfg
+
+
+def config_file_kind(path: str | Path) -> str | None:
+    """"sweep" (a `values:` key at the top level), "pipeline" (`stages:`), or None (a stage config, or unreadable:
+    its loader names the problem)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return "sweep" if "values" in data else "pipeline" if "stages" in data else None
+
+
+def check_stage_file(path: Path, including: Path, where: str, kind: str) -> None:
+    """`path`, named as a stage config by the `kind` file `including` (a sweep or pipeline), is a stage config:
+    not that file itself, nor another sweep or pipeline (their keys would read as unknown stage keys)."""
+    if Path(including).is_file() and Path(path).resolve() == Path(including).resolve():
+        raise ConfigError(f"{where}: {path} is this {kind} file: a {kind} that includes itself; name the stage YAML it runs")
+    other = config_file_kind(path)
+    if other is not None:
+        raise ConfigError(f"{where}: {path} is a {other} file, not a stage config; name the stage YAML it runs")
 
 
 def config_from_dict(cls: type[T], data: dict, name: str) -> T:

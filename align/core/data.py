@@ -29,7 +29,10 @@ from align.core.rows import REASONS, pair_serial, preference_problems, serial, u
 from align.modeling.templates import instruction_user_content
 
 BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# The file types align-data and the recipes both read (data_tools.readers takes this list): gzip too, except Parquet,
+# which compresses inside the file.
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
+FILE_TYPES = f"align-data and the recipes read {', '.join(FILE_SUFFIXES)}"
 ROLES = ("system", "user", "assistant")
 
 
@@ -42,6 +45,15 @@ class Splits:
     eval: list[dict]
     notes: list[str] = field(default_factory=list)
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> rows left out
+    # Where each row came from (file:line or split and row), for errors about one row; empty where rows
+    # were regrouped (unpaired rows are merged across the input rows they came from).
+    train_where: list[str] = field(default_factory=list)
+    eval_where: list[str] = field(default_factory=list)
+
+    def where(self, split: str, index: int) -> str:
+        """file:line (or split and row) of row `index` of split "train" or "eval"; the source when unknown."""
+        wheres = self.train_where if split == "train" else self.eval_where
+        return wheres[index] if index < len(wheres) else f"data.path '{self.source}' ({split} row {index})"
 
     def info(self) -> dict:
         out = {
@@ -61,8 +73,33 @@ class Splits:
 Row = tuple[str, Any]  # (where, raw row) - `where` names file:line or split+row for errors
 
 
+def file_suffix(path: Path) -> str:
+    """The data file type of a path: one of FILE_SUFFIXES (the longest that matches), or "" for none."""
+    name = Path(path).name.lower()
+    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+
+
+def file_stem(path: Path) -> str:
+    """A data file's name without its type: the split it holds in a folder of split files (train.jsonl.gz -> train)."""
+    path = Path(path)
+    return path.name[: len(path.name) - len(file_suffix(path))] if file_suffix(path) else path.stem
+
+
+def unsupported_type(path: Path) -> DataError:
+    path = Path(path)
+    shown = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix
+    return DataError(f"{path}: unsupported file type '{shown}' ({FILE_TYPES})")
+
+
+def open_binary(path: Path):
+    """A data file opened for reading bytes, decompressed when it ends in .gz."""
+    import gzip
+
+    return gzip.open(path, "rb") if Path(path).name.lower().endswith(".gz") else open(path, "rb")
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
@@ -79,7 +116,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 def _read_json(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        with open_binary(path) as f:
+            data = json.loads(f.read().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
@@ -93,7 +131,7 @@ def _read_json(path: Path) -> Iterator[Row]:
 def _read_tabular(path: Path) -> Iterator[Row]:
     import datasets
 
-    kind = "csv" if path.suffix == ".csv" else "parquet"
+    kind = "parquet" if file_suffix(path) == ".parquet" else "csv"  # datasets reads .csv.gz as it is
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for bad files
@@ -105,8 +143,12 @@ def _read_tabular(path: Path) -> Iterator[Row]:
 
 
 def _read_file(path: Path) -> list[Row]:
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_tabular, ".parquet": _read_tabular}[path.suffix]
-    return list(reader(path))
+    kind = file_suffix(path).removesuffix(".gz")
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_tabular, ".parquet": _read_tabular}[kind]
+    try:
+        return list(reader(path))
+    except (OSError, EOFError) as exc:  # a damaged .gz (BadGzipFile is an OSError) or an unreadable file
+        raise DataError(f"{path}: cannot read: {type(exc).__name__}: {exc}") from None
 
 
 def _read_dataset_dict(ds_dict: Any, label: str) -> dict[str, list[Row]]:
@@ -126,12 +168,12 @@ def read_splits(spec: str) -> dict[str, list[Row]]:
         return _read_folder(folder)
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix not in FILE_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_SUFFIXES)})")
+        if not file_suffix(path):
+            raise unsupported_type(path)
         return {"train": _read_file(path)}
     if path.is_dir():
         return _read_folder(path)
-    if spec.startswith(("/", ".", "~")) or Path(spec).suffix in FILE_SUFFIXES or spec.count("/") > 1:
+    if spec.startswith(("/", ".", "~")) or file_suffix(Path(spec)) or spec.count("/") > 1:
         raise DataError(f"data.path '{spec}': file not found")
     return _read_hub(spec)
 
@@ -146,12 +188,12 @@ def _read_folder(folder: Path) -> dict[str, list[Row]]:
         return _read_dataset_dict(loaded, str(folder))
     splits: dict[str, list[Row]] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in FILE_SUFFIXES:
-            if path.stem in splits:
-                raise DataError(f"{folder}: two files for split '{path.stem}'")
-            splits[path.stem] = _read_file(path)
+        if path.is_file() and file_suffix(path):
+            if file_stem(path) in splits:
+                raise DataError(f"{folder}: two files for split '{file_stem(path)}'")
+            splits[file_stem(path)] = _read_file(path)
     if not splits:
-        raise DataError(f"{folder}: no split files (<split>{'|'.join(FILE_SUFFIXES)}) and no saved dataset")
+        raise DataError(f"{folder}: no split files (<split>{'|'.join(FILE_SUFFIXES)}) and no saved dataset ({FILE_TYPES})")
     return splits
 
 
@@ -466,9 +508,9 @@ class _RowChecks:
         self.dropped: dict[str, dict[str, int]] = {}
         self.formed: dict[str, int] = {}
 
-    def __call__(self, rows: list[Row], split: str) -> list[list[dict]]:
-        """The split's kept rows, grouped by the input row they came from."""
-        groups: list[list[dict]] = []
+    def __call__(self, rows: list[Row], split: str) -> list[tuple[str, list[dict]]]:
+        """The split's kept rows, grouped by the input row they came from (with its where)."""
+        groups: list[tuple[str, list[dict]]] = []
         counts: dict[str, int] = {}
         formed = 0
         for where, raw in rows:
@@ -481,7 +523,7 @@ class _RowChecks:
                 else:
                     counts[reason] = counts.get(reason, 0) + 1
             if kept:
-                groups.append(kept)
+                groups.append((where, kept))
         self.formed[split] = formed
         if counts:
             self.dropped[split] = counts
@@ -534,11 +576,11 @@ def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float
     notes: list[str] = []
     checks = _RowChecks(kind, normalize) if kind in ("preference", "unpaired") else None
 
-    def load(split: str) -> list[list[dict]]:
-        """The split's rows, grouped by the input row they came from."""
+    def load(split: str) -> list[tuple[str, list[dict]]]:
+        """The split's rows, grouped by the input row they came from, each group with that row's where."""
         if checks is not None:
             return checks(raw[split], split)
-        return [normalize(row, where) for where, row in raw[split]]
+        return [(where, normalize(row, where)) for where, row in raw[split]]
 
     train = load(cfg.train_split)
     if checks is not None and (note := checks.note(cfg.train_split)):
@@ -548,8 +590,8 @@ def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float
         if checks is not None and (note := checks.note(cfg.eval_split)):
             notes.append(note)
         if kind == "preference":
-            train_prompts = {serial(g[0]["prompt"]) for g in train}
-            shared = sum(serial(g[0]["prompt"]) in train_prompts for g in held_out)
+            train_prompts = {serial(g[0]["prompt"]) for _, g in train}
+            shared = sum(serial(g[0]["prompt"]) in train_prompts for _, g in held_out)
             if shared:
                 notes.append(f"{cfg.eval_split}: {shared} held-out rows share their prompt with a training row "
                              "(align-data validate flags these; kept)")
@@ -566,12 +608,14 @@ def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float
         held_out = []
         notes.append("no held-out data: evaluation is skipped")
     if kind == "unpaired":
-        (train, train_notes), (held_out, eval_notes) = merge_unpaired(train), merge_unpaired(held_out)
+        (train, train_notes), (held_out, eval_notes) = merge_unpaired([g for _, g in train]), merge_unpaired([g for _, g in held_out])
         notes += [f"train: {n}" for n in train_notes] + [f"held-out: {n}" for n in eval_notes]
         good = sum(r["label"] for r in train)
         notes.append(f"training rows: {good} desirable, {len(train) - good} undesirable")
+        train_where, eval_where = [], []
     else:
-        train, held_out = [r for g in train for r in g], [r for g in held_out for r in g]
+        train_where, eval_where = [w for w, g in train for _ in g], [w for w, g in held_out for _ in g]
+        train, held_out = [r for _, g in train for r in g], [r for _, g in held_out for r in g]
     if not train:
         left_out = sum((checks.dropped.get(cfg.train_split) or {}).values()) if checks is not None else 0
         why = f" left after leaving out {left_out} that align-data validate rejects" if left_out else ""
@@ -582,11 +626,11 @@ def load_splits(cfg: DataConfig, kind: str, seed: int, *, score_threshold: float
             notes.append(f"SFT on the chosen answers of {preference} preference rows (their rejected answers are not used)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         notes.append(f"using the first {cfg.max_train_samples} of {len(train)} training rows (max_train_samples)")
-        train = train[: cfg.max_train_samples]
+        train, train_where = train[: cfg.max_train_samples], train_where[: cfg.max_train_samples]
     if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(held_out):
         notes.append(f"using the first {cfg.max_eval_samples} of {len(held_out)} held-out rows (max_eval_samples)")
-        held_out = held_out[: cfg.max_eval_samples]
-    return Splits(cfg.path, train, held_out, notes, checks.dropped if checks is not None else {})
+        held_out, eval_where = held_out[: cfg.max_eval_samples], eval_where[: cfg.max_eval_samples]
+    return Splits(cfg.path, train, held_out, notes, checks.dropped if checks is not None else {}, train_where, eval_where)
 
 
 def _is_preference_row(row: Any) -> bool:

@@ -45,12 +45,13 @@ data generation, tests and evaluation alike.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from align.core.errors import ConfigError
+from align.core.errors import ConfigError, DataError
 
 Message = Mapping[str, Any]
 Prompt = Sequence[Message]
@@ -672,6 +673,22 @@ def load_judge(spec: str, **kwargs: Any) -> Judge:
             "expected a function (prompt, response) -> float | None"
         )
     return FunctionJudge(obj, name=spec)
+
+
+def shown_prompt(prompt: Prompt | str) -> str:
+    """A prompt's last message, quoted and cut to 80 characters, for an error message."""
+    messages = _as_messages(prompt)
+    text = " ".join(str(messages[-1].get("content", "")).split()) if messages else ""
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def check_finite_scores(who: str, scores: Sequence[float | None], prompts: Sequence[Prompt], hint: str = "") -> None:
+    """A judge's scores are finite numbers or None ("does not apply"): a NaN or inf is an error naming the judge
+    (`who`) and a prompt it returned one for, never a silent "does not apply" or a NaN mean."""
+    for score, prompt in zip(scores, prompts):
+        if score is not None and not math.isfinite(float(score)):
+            raise DataError(f"{who} returned {float(score)} for the prompt {shown_prompt(prompt)}; a judge returns a finite "
+                            f"number, or None where it does not apply{hint}")
 
 
 ANSWER = "answer"  # the verifiable-answer judge: its references come from the data, not the spec

@@ -69,12 +69,26 @@ class Policies:
         return score_conversations(backbone, self.score_head, self.tokenizer, conversations, batch_size).tolist()
 
 
+def check_adapter_types(runs: dict[str, RunDir], reward: RunDir | None) -> None:
+    """The policies' adapters (and the reward model's) are of one PEFT type: one base holds them all.
+    Reads adapter_config.json only, so an evaluation checks it before it writes anything."""
+    from align.modeling.adapters import peft_type
+
+    sources = {name: policy_source(name, run) for name, run in runs.items()}
+    kinds = {name: peft_type(path) for name, (_, path) in sources.items() if path is not None}
+    if reward is not None:
+        kinds["reward_run"] = peft_type(reward.adapter_dir)
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+        raise ConfigError(f"runs: {listing}: one shared base holds adapters of a single PEFT type; evaluate each type separately")
+
+
 def load_policies(runs: dict[str, RunDir], reward: RunDir | None, model_cfg) -> Policies:
     """One base with every policy (and the reward model) as a named adapter."""
     from peft import PeftModel
 
     from align.modeling import models
-    from align.modeling.adapters import load_frozen_adapter, peft_type
+    from align.modeling.adapters import load_frozen_adapter
 
     sources = {name: policy_source(name, run) for name, run in runs.items()}
     location = shared_base(runs, reward)
@@ -85,12 +99,7 @@ def load_policies(runs: dict[str, RunDir], reward: RunDir | None, model_cfg) -> 
     # Adapter names of their own: PEFT refuses dots in them, and a policy may be called "reward" or
     # "beta=0.1_lr=0.0003" (a sweep run).
     adapter_names = {name: f"policy_{i}" for i, name in enumerate(adapters)}
-    kinds = {name: peft_type(path) for name, path in adapters.items()}
-    if reward is not None:
-        kinds["reward_run"] = peft_type(reward.adapter_dir)
-    if len(set(kinds.values())) > 1:
-        listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
-        raise ConfigError(f"runs: {listing}: one shared base holds adapters of a single PEFT type; evaluate each type separately")
+    check_adapter_types(runs, reward)
     for name, path in adapters.items():
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=adapter_names[name])

@@ -392,14 +392,15 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
     from transformers import set_seed
 
     from align.core.artifacts import ADAPTER
+    from align.core.checkpoints import CHECKPOINTS, latest_complete
     from align.core.data import distinct_prompts
+    from align.core.safeguards import check_finite
     from align.core.tracking import is_main_process
     from align.modeling.adapters import adapter_bytes
     from align.rlhf import loop
-    from align.core.checkpoints import CHECKPOINTS
     from align.rlhf.keep_best import KeepBest, adapter_weights, keep_last_then_restore
     from align.rlhf.ppo import batch_prompts
-    from align.rlhf.rewards import answers_of
+    from align.rlhf.rewards import UnscoredWatch, answers_of, scored_before
 
     o = options(cfg)
     set_seed(cfg.train.seed)
@@ -418,10 +419,21 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
     if keep.active and not eval_prompts:
         raise DataError(f"{cfg.stage}.keep_best_within_kl: needs held-out prompts; data '{stage.splits.source}' has no held-out rows")
 
+    responses, unscored_key = o.prompts_per_step * o.group_size, f"{estimator}/reward/unscored"
+    earlier = start > 0 and scored_before(stage.run_dir.metrics_path, unscored_key, responses)
+    watch = UnscoredWatch(estimator, cfg.unscored_warning, scored_before=earlier)
+
     def step(i: int) -> dict:
-        return group_step(gp, cfg, batch_prompts(prompts, i, o.prompts_per_step, cfg.train.seed), optimizer, scheduler, estimator, step=i)
+        metrics = group_step(gp, cfg, batch_prompts(prompts, i, o.prompts_per_step, cfg.train.seed), optimizer, scheduler, estimator, step=i)
+        watch.observe(metrics[unscored_key], responses, f"step {i + 1}")
+        return metrics
+
+    def finite(when: str) -> None:  # never a checkpoint, an evaluation or the adapter of non-finite weights
+        gp.model.set_adapter(POLICY)
+        check_finite(gp.model, when, lambda: latest_complete(stage.run_dir.path))
 
     def save(done: int):
+        finite(f"after step {done}")
         return loop.save_checkpoint(stage.run_dir.path, done, gp.model, [POLICY], optimizer, scheduler, {}, cfg.train.save_total_limit,
                                     extra=keep.save)
 
@@ -429,11 +441,17 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
         kl = f", kl {m[f'{estimator}/kl']:.3f}" if f"{estimator}/kl" in m else ""
         return f"reward {m[f'{estimator}/reward/total']:.3f}{kl}, groups without signal {m[f'{estimator}/groups_without_signal']}"
 
+    def evaluate() -> dict:
+        finite(f"after step {stage.step or 0}")
+        return held_out(gp, eval_prompts, cfg, cfg.train.seed)
+
     final = loop.run_steps(
         stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save, describe=describe, desc=estimator,
-        eval_fn=(lambda: held_out(gp, eval_prompts, cfg, cfg.train.seed)) if eval_prompts else None,
+        eval_fn=evaluate if eval_prompts else None,
         on_eval=lambda done, metrics: keep.offer(done, metrics, lambda: adapter_weights(gp.model, POLICY)),
     )
+    watch.finish()
+    finite(f"after step {cfg.train.max_steps}")
     loop.notify_train_end(callbacks, gp.model)
     last = stage.run_dir.path / CHECKPOINTS / f"checkpoint-{cfg.train.max_steps}"
     keep_last_then_restore(keep, last, lambda: save(cfg.train.max_steps), gp.model, POLICY)

@@ -43,6 +43,11 @@ class RewardSource:
         "instruction); null: the source adds nothing there, and a response no source scores is left out and counted.",
         any_value="any score the source could give",
     )
+    nonfinite: Literal["error", "default"] = opt(
+        "error",
+        "A NaN or inf score from the judge: error = the run fails, naming the judge and a prompt; default = scored "
+        "with `default` (left unscored when default is null).",
+    )
     name: str | None = opt(None, "Name in metrics (reward/<name>); null = the judge's name, or rm<i> for a reward_run.")
 
 
@@ -74,6 +79,8 @@ def validate_sources(sources: list[RewardSource], key: str = "rewards") -> None:
             raise ConfigError(f"{where}.args: only a judge takes arguments")
         if src.default is not None and src.reward_run:
             raise ConfigError(f"{where}.default: a reward model scores every response; default applies to judges only")
+        if src.nonfinite != "error" and src.reward_run:
+            raise ConfigError(f"{where}.nonfinite: applies to judges only; a reward model's NaN or inf score is always an error")
         if src.judge and src.judge.strip() == ANSWER and src.args:
             raise ConfigError(f"{where}.args: judge 'answer' takes no arguments (its references come from the data's 'answer' field)")
     names = source_names(sources)
@@ -176,8 +183,14 @@ class OnlineStageConfig(ChildStageConfig):
     rewards: list[RewardSource] = opt(
         [],
         "Reward sources, summed with their weights: a list of {judge: ...} or {reward_run: ...} entries, "
-        "each with weight (default 1), args, normalize, default, name.",
+        "each with weight (default 1), args, normalize, default, nonfinite, name.",
         any_value="at least one source; checked with the sources (the error shows an example)",
+    )
+    unscored_warning: float = opt(
+        1.0,
+        "Warn when at least this share of a step's (online DPO: a round's) sampled responses went unscored (no "
+        "source scored them); 1.0 = only when none was. A run in which no response at all was scored fails.",
+        gt=0, max=1,
     )
 
     def validate(self) -> None:

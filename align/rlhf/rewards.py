@@ -18,6 +18,7 @@ Config: align/rlhf/options.py (RewardSource).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from align.core.artifacts import RunDir
 from align.core.errors import ConfigError, DataError
 from align.rlhf.options import RewardSource, source_names
+
+log = logging.getLogger("align")
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +140,7 @@ class Rewards:
                 self._scorers.append(self._reward_adapter(i, runs[i], src.normalize, key))
             else:
                 judge = build_judge(src.judge, src.args, answers, where=f"{key}[{i}].judge")
-                self._scorers.append(("judge", judge, src.default))
+                self._scorers.append(("judge", judge, src.default, f"{key}[{i}]", src.nonfinite))
 
     def _reward_adapter(self, i: int, run: RunDir, normalize: bool, key: str):
         import torch
@@ -160,7 +163,7 @@ class Rewards:
                 stats = read_stats(run)
             except (OSError, ValueError) as exc:
                 raise DataError(f"{key}[{i}].reward_run: cannot read {run.path}/reward_stats.json ({exc}); set normalize: false") from None
-        return ("adapter", name, head, stats)
+        return ("adapter", name, head, stats, f"{key}[{i}]")
 
     @property
     def adapter_names(self) -> list[str]:
@@ -174,24 +177,30 @@ class Rewards:
     def score(self, prompts: list[list[dict]], responses: list[str]) -> Scores:
         import torch
 
+        from align.evaluation.judges import shown_prompt
         from align.rlhf.scoring import score_conversations
 
         n = len(responses)
         columns = []
         for scorer in self._scorers:
             if scorer[0] == "judge":
-                _, judge, default = scorer
+                _, judge, default, where, nonfinite = scorer
                 raw = judge.score(prompts, responses)
                 if len(raw) != n:
                     raise DataError(f"judge {judge.name!r} returned {len(raw)} scores for {n} responses")
-                column = [default if s is None else float(s) for s in raw]
-                columns.append(torch.tensor([math.nan if s is None else s for s in column], dtype=torch.float32))
+                column = judge_column(raw, default, nonfinite == "default", f"{where}: judge {judge.name!r}", prompts)
+                columns.append(torch.tensor(column, dtype=torch.float32))
             else:
-                _, name, head, stats = scorer
+                _, name, head, stats, where = scorer
                 conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
                 base = self.model.get_base_model()
                 with active_adapter(self.model, name):
                     raw = score_conversations(getattr(base, base.base_model_prefix), head, self.tokenizer, conversations).cpu()
+                bad = (~torch.isfinite(raw)).nonzero()
+                if len(bad):
+                    i = int(bad[0])
+                    raise DataError(f"{where}.reward_run: the reward model scored {raw[i].item()} for the prompt "
+                                    f"{shown_prompt(prompts[i])}; is its adapter (or score head) non-finite?")
                 if stats is not None:
                     raw = (raw - stats["mean"]) / max(stats["std"], 1e-6)
                 columns.append(raw.float())
@@ -203,6 +212,55 @@ class Rewards:
         return Scores(self.names, per_source, total)
 
 
+def judge_column(raw: list, default: float | None, nonfinite_to_default: bool, who: str, prompts: list[list[dict]]) -> list[float]:
+    """A judge's scores as floats, NaN where it did not apply (None) and the source has no `default`.
+
+    A NaN or inf from a judge is not "does not apply": it is an error naming the judge (`who`) and a prompt
+    it gave it for, unless the source maps non-finite scores to its default (nonfinite: default)."""
+    from align.evaluation.judges import check_finite_scores
+
+    if not nonfinite_to_default:
+        check_finite_scores(who, raw, prompts, " (set nonfinite: default on the source to score such responses with its default)")
+    missing = math.nan if default is None else float(default)
+    return [missing if score is None or not math.isfinite(float(score)) else float(score) for score in raw]
+
+
+class UnscoredWatch:
+    """Responses no reward source scored: a warning for a step (or round) where at least `share` of them
+    were, and an error at the end of a run in which not one response was scored."""
+
+    def __init__(self, stage: str, share: float, scored_before: bool = False):
+        self.stage, self.share = stage, share
+        self.responses, self.scored = 0, int(scored_before)  # a resumed run that scored earlier has scored
+
+    def observe(self, unscored: int, n: int, when: str) -> None:
+        """`unscored` of the `n` responses of one step (or round) had no score (Scores.metrics' <prefix>/unscored)."""
+        unscored = int(unscored)
+        self.responses += n
+        self.scored += n - unscored
+        if n and unscored / n >= self.share:
+            log.warning("%s %s: %d of %d responses went unscored (no reward source scored them); a judge's `default` "
+                        "scores the responses it does not apply to", self.stage, when, unscored, n)
+
+    def finish(self) -> None:
+        if self.responses and not self.scored:
+            raise DataError(
+                f"{self.stage}: no response was scored in the whole run ({self.responses} responses): every reward source "
+                "returned None for every response, so nothing was learned; check the judges against the data (a judge's "
+                "`default` scores responses it does not apply to)"
+            )
+
+
+def scored_before(metrics_path: Path, key: str, responses: int) -> bool:
+    """Whether a resumed run's logged steps (metrics.jsonl) scored any response: `key` counts each step's unscored."""
+    import json
+
+    if not metrics_path.is_file():
+        return False
+    rows = (json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return any(key in row and row[key] < responses for row in rows)
+
+
 def check_answers(sources: list[RewardSource], splits, key: str = "rewards") -> None:
     """An `answer` judge needs rows with an `answer` field; checked when the data is loaded, before anything is written."""
     from align.evaluation.judges import ANSWER
@@ -210,6 +268,19 @@ def check_answers(sources: list[RewardSource], splits, key: str = "rewards") -> 
     for i, src in enumerate(sources):
         if src.judge and src.judge.strip() == ANSWER and not answers_of(splits.train + splits.eval):
             raise ConfigError(f"{key}[{i}].judge: judge 'answer' needs reference answers: no row of data.path '{splits.source}' has an 'answer' field")
+
+
+def check_sources_ready(sources: list[RewardSource], runs: dict[int, RunDir], answers: dict, key: str = "rewards") -> None:
+    """Before anything is written: every judge builds with its arguments, and every reward run has its score
+    head and (normalize: true) readable stats. Reward-model judges (rm:) load a model and are built later."""
+    from align.evaluation.judges import build_judge
+    from align.rlhf.scoring import check_reward_files
+
+    for i, src in enumerate(sources):
+        if src.judge and not src.judge.strip().startswith("rm:"):
+            build_judge(src.judge, src.args, answers, where=f"{key}[{i}].judge")
+        elif i in runs:
+            check_reward_files(runs[i], f"{key}[{i}].reward_run", src.normalize, f"or set {key}[{i}].normalize: false")
 
 
 def run_inputs(runs: dict[int, RunDir]) -> dict | None:

@@ -91,6 +91,31 @@ def read_stats(run: "RunDir") -> dict:
     return json.loads((run.path / STATS).read_text())
 
 
+def check_reward_files(run: "RunDir", where: str, need_stats: bool, stats_hint: str) -> None:
+    """A reward run's adapter holds its score head and, when scores are normalized, its stats are readable:
+    checked before a stage that scores with it writes anything. `stats_hint` says how to do without the stats."""
+    from safetensors import safe_open
+
+    from align.core.errors import DataError
+
+    weights = run.adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - missing, truncated or not safetensors
+        raise DataError(f"{where}: cannot read {weights} ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not any(k.endswith("score.weight") for k in keys):
+        raise DataError(f"{where}: {weights} has no score head; is {run.path} a reward-model run?")
+    if not need_stats:
+        return
+    try:
+        stats = read_stats(run)
+        if not all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std")):
+            raise ValueError("no numeric mean and std")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{where}: cannot read {run.path / STATS} ({type(exc).__name__}: {exc}); {stats_hint}") from None
+
+
 def completion_logprobs(model, tokenizer, prompts: list[list[dict]], completions: list[list[dict]], batch_size: int) -> list[float]:
     """Summed log-prob of each completion after its prompt (the implicit-reward building block).
 

@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from align.modeling.adapters import adapter_bytes
-from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, check_output_dir, hash_json, redact
+from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, check_output_dir, check_owned, hash_json, redact
 from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
 from align.core.data import Splits, distinct_prompts
-from align.core.checkpoints import MarkCompleteCallback, checkpoint_dirs, latest_complete
+from align.core.checkpoints import MarkCompleteCallback, check_plain_checkpoint, checkpoint_dirs, latest_complete
 from align.core.errors import AlignError, ConfigError, DataError
 from align.modeling.models import ModelRef, content_hash
-from align.core.safeguards import InterruptCallback, Interrupted, NonFiniteGuard, check_disk_space, oom_advice
+from align.core.safeguards import (
+    InterruptCallback, Interrupted, NonFiniteGuard, NonFiniteWeightsGuard, check_disk_space, oom_advice,
+)
 from align.core.tracking import Tracker, is_main_process, trainer_metric_name
 
 log = logging.getLogger("align")
@@ -41,6 +43,27 @@ def run_key(cfg: RunConfig, base_hash: str, data_hash: str) -> str:
     """Identity of what a run computes: config (minus reporting), base model, data."""
     computed = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_RUN_KEY}
     return hash_json({"config": computed, "base_model": base_hash, "data": data_hash})
+
+
+def runs_read(cfg) -> dict[str, str]:
+    """Config key -> path of every run and local data file a stage's config reads: its parent run, reward
+    runs (of PPO, the reward sources, rm: judges), the runs an evaluation compares, its data."""
+    reads: dict[str, str] = {}
+    for key in ("parent_run", "reward_run"):
+        if getattr(cfg, key, None):
+            reads[key] = getattr(cfg, key)
+    for name, path in (getattr(cfg, "runs", None) or {}).items():
+        reads[f"runs.{name}"] = path
+    judges = {"samples.judge": getattr(getattr(cfg, "samples", None), "judge", None)}
+    judges.update({f"judges[{i}]": spec for i, spec in enumerate(getattr(cfg, "judges", None) or [])})
+    for i, src in enumerate(getattr(cfg, "rewards", None) or []):
+        if src.reward_run:
+            reads[f"rewards[{i}].reward_run"] = src.reward_run
+        judges[f"rewards[{i}].judge"] = src.judge
+    reads.update({key: spec.strip()[3:] for key, spec in judges.items() if spec and spec.strip().startswith("rm:")})
+    data = {"data.path": getattr(getattr(cfg, "data", None), "path", None), "perplexity_data": getattr(cfg, "perplexity_data", None)}
+    reads.update({key: path for key, path in data.items() if path and Path(path).expanduser().exists()})
+    return reads
 
 
 def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
@@ -56,6 +79,21 @@ def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
         state = "has no readable manifest.json" if status is None else f"is not finished (status: {status})"
         raise ConfigError(f"{key}: {parent.path} {state}; run the parent stage first")
     return parent
+
+
+def check_training_setup(cfg: StageConfig, base: ModelRef, head: str) -> None:
+    """What a training stage can check about its model before anything is written: target modules PEFT would
+    find, and a device for Liger's kernels (known before the model loads)."""
+    import importlib.util
+
+    from align.modeling.adapters import check_target_modules
+    from align.modeling.models import default_device
+
+    check_target_modules(cfg, base, head)
+    if cfg.train.liger_kernel:
+        problem = liger_problem(default_device(), importlib.util.find_spec("liger_kernel") is not None)
+        if problem:
+            raise ConfigError(f"train.liger_kernel: {problem}")
 
 
 def reset_peak_memory() -> None:
@@ -147,6 +185,8 @@ class StageRun:
         self.splits = splits
         self.parent = parent
         self.run_dir = RunDir(Path(cfg.output_dir))
+        # Never an output_dir that is, holds or sits in a run it reads (a data folder may hold it).
+        check_owned(self.run_dir.path, runs_read(cfg), may_hold=("data.path", "perplexity_data"))
         self.step: int | None = None  # the optimizer step in progress, for error messages
         self.phase = "setup"
         self._lock = None
@@ -163,15 +203,43 @@ class StageRun:
             source = "parent run" if parent else "base model"
             log.info("%s: skipped: the finished run in %s matches its config, %s and data", self.stage, self.run_dir.path, source)
         resumable = isinstance(cfg, StageConfig) and cfg.resume
+        if not self.skipped:
+            self._refuse_replacing_finished(force, resumable)
         if not self.skipped and is_main_process():
             check_output_dir(self.run_dir.path)  # a file, a foreign folder, no write access: refused before any work
         if not self.skipped and isinstance(cfg, StageConfig):
-            from align.modeling.adapters import check_target_modules
-
-            check_target_modules(cfg, base, head)  # a module name PEFT would not find, refused before anything is written
+            check_training_setup(cfg, base, head)
         self.resume_from = self._checkpoint_to_resume() if resumable and not self.skipped else None
         self.tracker: Tracker | None = None
+        self.prepared: tuple | None = None  # (tokenizer, train_ds, eval_ds, token stats) from prepare_data
         self._started = 0.0
+
+    def prepare_data(self, prepare) -> None:
+        """Tokenize the data with `prepare(splits, tokenizer, max_length)` -> (train_ds, eval_ds, token stats),
+        before the run dir is touched: a data check that fails here (no row fits max_length) leaves it as it was."""
+        from align.modeling import models
+
+        try:
+            tokenizer = models.load_tokenizer(self.base, self.cfg.model)
+            report_folded_system_messages(self, tokenizer)
+            self.prepared = (tokenizer, *prepare(self.splits, tokenizer, self.cfg.train.max_length))
+        except Exception as exc:
+            if not isinstance(exc, AlignError):  # a library error: one line on the command line, nothing written
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.align_stage_failure = (f"{self.stage} failed while preparing its data: {redact(_one_line(exc))}; "
+                                               f"nothing was written to {self.run_dir.path} (--debug prints the traceback)")
+            raise
+
+    def _refuse_replacing_finished(self, force: bool, resumable: bool) -> None:
+        """A finished run that does not match this one is replaced with --force only (resume included)."""
+        previous = self.run_dir.manifest() or {}
+        if force or previous.get("status") != "finished":
+            return
+        what = f"a finished {previous.get('stage')} run of another config, base model, data or parent run"
+        if resumable:
+            raise ConfigError(f"resume: {self.run_dir.path} holds {what}: nothing to resume; --force replaces it, "
+                              "or choose another output_dir")
+        raise ConfigError(f"output_dir: {self.run_dir.path} holds {what}; --force replaces it, or choose another output_dir")
 
     def _checkpoint_to_resume(self) -> Path | None:
         previous = self.run_dir.manifest()
@@ -186,6 +254,8 @@ class StageRun:
         checkpoint = latest_complete(self.run_dir.path)
         if checkpoint is None:
             log.info("%s: no complete checkpoint in %s; starting fresh", self.stage, self.run_dir.path)
+        else:
+            check_plain_checkpoint(checkpoint)  # a checkpoint holding pickled code is refused before the run reopens
         return checkpoint
 
     def __enter__(self) -> "StageRun":
@@ -351,11 +421,11 @@ class Trained:
 
 
 def train_adapter(
-    stage: StageRun, *, prepare, build_trainer, before_label: str, callbacks=(), head: str = "causal", samples=None
+    stage: StageRun, *, build_trainer, before_label: str, callbacks=(), head: str = "causal", samples=None
 ) -> Trained:
-    """The part every stage shares: data -> model -> trainer -> eval, train, eval -> adapter, samples.
+    """The part every stage shares: model -> trainer -> eval, train, eval -> adapter, samples, on the data
+    `stage.prepare_data` tokenized before the run started.
 
-    `prepare(splits, tokenizer, max_length)` returns (train_ds, eval_ds, token stats);
     `build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, callbacks)` returns a TRL trainer.
     `samples(stage, model, tokenizer, before_label, step)` logs the end-of-stage table
     (default: generations before/after). Training resumes from `stage.resume_from` when set;
@@ -367,16 +437,18 @@ def train_adapter(
     from align.modeling import models
 
     cfg = stage.cfg
-    tokenizer = models.load_tokenizer(stage.base, cfg.model)
-    report_folded_system_messages(stage, tokenizer)
-    train_ds, eval_ds, token_stats = prepare(stage.splits, tokenizer, cfg.train.max_length)
+    if stage.prepared is None:
+        raise RuntimeError(f"{stage.stage}: call StageRun.prepare_data before the run starts (its data checks come first)")
+    tokenizer, train_ds, eval_ds, token_stats = stage.prepared
     set_seed(cfg.train.seed)  # new heads and adapters initialize the same way on every run and rank
     model = models.load_model(stage.base, cfg.model, head=head)
     # Full fine-tuning has no adapter to switch off afterwards: sample the starting weights now.
     before_samples = reference_generations(stage, model, tokenizer) if cfg.peft.method == "full" and samples is None else None
     interrupt = InterruptCallback()
     timer = StepTimer()
-    guards = [MarkCompleteCallback(), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)), interrupt, timer]
+    last_checkpoint = lambda: latest_complete(stage.run_dir.path)  # noqa: E731
+    # The weights guard after the interrupt callback: it sees a save that Ctrl-C asked for too.
+    guards = [MarkCompleteCallback(), NonFiniteGuard(last_checkpoint), interrupt, NonFiniteWeightsGuard(last_checkpoint), timer]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
     params = models.count_parameters(trainer.model)
     log.info(
@@ -445,8 +517,9 @@ def train_and_finish(
     cfg = stage.cfg
     if stage.skipped:
         return stage.run_dir
+    stage.prepare_data(prepare)
     with stage:
-        trained = train_adapter(stage, prepare=prepare, build_trainer=build_trainer, before_label=before_label, callbacks=callbacks)
+        trained = train_adapter(stage, build_trainer=build_trainer, before_label=before_label, callbacks=callbacks)
         summary = {**held_out_summary(trained, eval_keys), **trained.summary}
         if extra_summary is not None:
             summary.update(extra_summary(trained.trainer))
@@ -461,7 +534,7 @@ def open_online_stage(cfg, force: bool, check_processes=None) -> tuple["StageRun
     checked before anything is written. Returns (stage, reward runs)."""
     from align.core.data import load_splits
     from align.rlhf.distributed import launched_size
-    from align.rlhf.rewards import check_answers, reward_runs, run_inputs
+    from align.rlhf.rewards import answers_of, check_answers, check_sources_ready, reward_runs, run_inputs
 
     if check_processes is not None:
         check_processes(launched_size())
@@ -469,9 +542,34 @@ def open_online_stage(cfg, force: bool, check_processes=None) -> tuple["StageRun
     check_answers(cfg.rewards, splits)
     base, parent = resolve_base(cfg)
     runs = reward_runs(cfg.rewards, base)
+    check_sources_ready(cfg.rewards, runs, answers_of(splits.train + splits.eval))
     stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
     join_processes(stage)
+    if not stage.skipped:
+        check_prompts_fit(stage)
     return stage, runs
+
+
+def check_prompts_fit(stage: "StageRun") -> None:
+    """An online stage samples responses of up to <section>.max_new_tokens after each prompt: a prompt whose
+    responses cannot fit train.max_length is refused before the run starts, naming its file and line (it
+    would otherwise be a memory error, or a cut prompt, mid-run)."""
+    from align.modeling import models
+    from align.modeling.templates import chat_ids
+
+    cfg = stage.cfg
+    section = next(name for name in ("online", cfg.stage) if hasattr(getattr(cfg, name, None), "max_new_tokens"))
+    new_tokens, limit = getattr(cfg, section).max_new_tokens, cfg.train.max_length
+    tokenizer = models.load_tokenizer(stage.base, cfg.model)
+    for split, rows in (("train", stage.splits.train), ("eval", stage.splits.eval)):
+        for i, row in enumerate(rows):
+            n = len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True))
+            if n + new_tokens > limit:
+                raise DataError(
+                    f"{stage.splits.where(split, i)}: the prompt is {n} tokens; with {section}.max_new_tokens={new_tokens} its "
+                    f"responses need {n + new_tokens} > train.max_length={limit}: shorten or leave out this prompt, or raise "
+                    "train.max_length"
+                )
 
 
 def join_processes(stage: "StageRun") -> None:
@@ -760,10 +858,12 @@ def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step:
     rows = [[p[-1]["content"], b, a] for p, b, a in zip(prompts, before, after)]
     out: dict[str, Any] = {}
     if samples.judge:
-        from align.evaluation.judges import load_judge
+        from align.evaluation.judges import check_finite_scores, load_judge
 
         judge = load_judge(samples.judge)
         scores_before, scores_after = judge.score(prompts, before), judge.score(prompts, after)
+        for scores in (scores_before, scores_after):
+            check_finite_scores(f"samples.judge: judge {judge.name!r}", scores, prompts)
         columns += [f"{judge.name} ({before_label})", f"{judge.name} ({stage.stage})"]
         rows = [r + [sb, sa] for r, sb, sa in zip(rows, scores_before, scores_after)]
         applied = [(b, a) for b, a in zip(scores_before, scores_after) if b is not None and a is not None]

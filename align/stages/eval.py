@@ -141,6 +141,7 @@ def implicit_reward_margins(policies, name: str, pairs, batch_size: int) -> list
 def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, cfg: EvalConfig):
     """Everything measured for one policy: (results, per-prompt scores by judge, responses)."""
     from align.evaluation.degeneration import degeneration
+    from align.evaluation.judges import check_finite_scores
     from align.evaluation.metrics import bootstrap_interval, perplexity
     from align.evaluation.policies import run_beta
 
@@ -148,8 +149,9 @@ def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, 
     texts, kls, lengths = sample_policy(policies, name, prompts, cfg)
     conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
     scores = {"reward_model": policies.reward_scores(conversations, cfg.batch_size)} if policies.score_head is not None else {}
-    for judge in judges:
+    for i, judge in enumerate(judges):
         scores[judge.name] = judge.score(prompts, texts)
+        check_finite_scores(f"judges[{i}]: judge {judge.name!r}", scores[judge.name], prompts)
     with policies.policy(name):
         ppl = perplexity(policies.model, policies.tokenizer, sft_rows, cfg.max_length, cfg.batch_size)
     margins = implicit_reward_margins(policies, name, pairs, cfg.batch_size)
@@ -228,7 +230,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     from align.evaluation.harness import score_policies
     from align.evaluation.judges import load_judge
     from align.evaluation.metrics import compute_table, win_rate
-    from align.evaluation.policies import load_policies, shared_base
+    from align.evaluation.policies import check_adapter_types, load_policies, shared_base
     from align.modeling.models import ModelRef
     from align.stages.common import StageRun, finished_parent
 
@@ -237,6 +239,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     reward = finished_parent(cfg.reward_run, key="reward_run") if cfg.reward_run else None
     splits, prompts, pairs, sft_rows = held_out_inputs(cfg)
     location = shared_base(runs, reward)
+    check_adapter_types(runs, reward)
     inputs = {name: (run.manifest() or {}).get("run_id") for name, run in runs.items()}
     inputs["reward"] = (reward.manifest() or {}).get("run_id") if reward else None
     stage = StageRun(cfg, base=ModelRef(location, location, True), splits=splits, force=force, inputs=inputs)

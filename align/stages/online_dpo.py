@@ -79,7 +79,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     from datasets import Dataset
 
     from align.core.checkpoints import latest_complete
-    from align.core.safeguards import NonFiniteGuard
+    from align.core.safeguards import NonFiniteGuard, NonFiniteWeightsGuard
     from align.dpo.training import dpo_trainer, fast_path_summary, pair_converter
     from align.rlhf.online_dpo import restored_forward, stop_on_signal
     from align.stages.common import TrackerCallback, convert_rows, trainer_kwargs
@@ -92,8 +92,9 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     scratch = stage.run_dir.path / ".round-trainer"  # the HF trainer's own folder; rounds are checkpointed whole instead
     base_args = trainer_kwargs(cfg, stage.run_dir, device, has_eval=False, model=model.get_base_model(), rows_per_example=2)
     base_args.update(output_dir=str(scratch), save_strategy="no")
-    guards = [TrackerCallback(stage.tracker, stage, step_offset), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)),
-              stop_on_signal(interrupt), timer]
+    last_checkpoint = lambda: latest_complete(stage.run_dir.path)  # noqa: E731
+    guards = [TrackerCallback(stage.tracker, stage, step_offset), NonFiniteGuard(last_checkpoint),
+              NonFiniteWeightsGuard(last_checkpoint, step_offset), stop_on_signal(interrupt), timer]
     try:
         with restored_forward(model.get_base_model()):
             trainer = dpo_trainer(cfg, model, tokenizer, Dataset.from_list(kept), None, base_args, [*guards, *callbacks])
@@ -144,7 +145,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     import torch
 
     from align.core.data import distinct_prompts
-    from align.core.safeguards import InterruptCallback, Interrupted, oom_advice
+    from align.core.safeguards import InterruptCallback, Interrupted, check_finite, oom_advice
     from align.core.checkpoints import latest_complete
     from align.core.errors import AlignError
     from align.modeling import models
@@ -153,7 +154,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
     from align.rlhf.ppo import batch_prompts
     from align.rlhf.distributed import world
-    from align.rlhf.rewards import held_out_metrics
+    from align.rlhf.rewards import UnscoredWatch, held_out_metrics
     from align.stages.common import StepTimer
 
     o, t = cfg.online, cfg.train
@@ -178,6 +179,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
         return metrics
 
     def save(round_no: int):
+        check_finite(model, f"after round {round_no} (step {step})", lambda: latest_complete(stage.run_dir.path))
         state = {"round": round_no, "pairs": totals["pairs"]}
         return loop.save_checkpoint(stage.run_dir.path, step, model, [loop.DEFAULT_ADAPTER], None, None, state, t.save_total_limit,
                                     extra=keep.save)
@@ -185,6 +187,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     interrupt, timer = InterruptCallback(), StepTimer()
     interrupt.install()
     totals = {"pairs": pairs_so_far}
+    watch = UnscoredWatch("online_dpo", cfg.unscored_warning, scored_before=pairs_so_far > 0)
     fast_path = None
     try:
         if done_rounds == 0:
@@ -197,6 +200,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
                 write_round(stage.run_dir.path, r, samples, pairs)
             metrics = {"online/round": r, "online/prompts": len(round_prompts), "online/pairs": len(pairs),
                        **{f"online/unpaired/{k}": v for k, v in outcome.items()}, **samples.scores.metrics("online/reward")}
+            watch.observe(metrics["online/reward/unscored"], len(samples.scores.total), f"round {r}")
             if not pairs:
                 log.warning("online_dpo round %d: no pairs (every prompt's samples tied or were unscored); the adapter is unchanged", r)
             if ranks.any(bool(interrupt.signal_name)):  # caught while sampling: the policy is still round r-1's
@@ -227,6 +231,9 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
         raise AlignError(oom_advice(cfg, step + 1)) from exc
     finally:
         interrupt.uninstall()
+    watch.finish()
+    model.set_adapter(loop.DEFAULT_ADAPTER)
+    check_finite(model, f"after round {o.rounds} (step {step})", lambda: latest_complete(stage.run_dir.path))
     _finish(stage, cfg, model, tokenizer, {"counts": counts, "final": final, "pairs": totals["pairs"], "steps": step,
                                            "timer": timer, "fast_path": fast_path}, keep, lambda: save(o.rounds))
 

@@ -105,10 +105,12 @@ def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats,
         return metrics
 
     def save(done: int):
+        finite(pvr, f"after step {done}", stage)
         return rl.save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit,
                                   extra=keep.save)
 
     def evaluate() -> dict:
+        finite(pvr, f"after step {stage.step or 0}", stage)
         return rl.held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed)
 
     final = run_steps(
@@ -117,9 +119,24 @@ def train_steps(stage, pvr, cfg: PPOConfig, optimizer, scheduler, kl_ctl, stats,
         describe=lambda done, m: f"reward {m['ppo/reward_raw']:.3f}, kl {m['ppo/kl']:.3f}, eos {m['ppo/eos_share']:.2f}",
         on_eval=lambda done, metrics: keep.offer(done, metrics, lambda: adapter_weights(pvr.model, "policy")),
     )
+    finite(pvr, f"after step {cfg.train.max_steps}", stage)
     last = stage.run_dir.path / CHECKPOINTS / f"checkpoint-{cfg.train.max_steps}"
     keep_last_then_restore(keep, last, lambda: save(cfg.train.max_steps), pvr.model, "policy")
     return final
+
+
+def finite(pvr, when: str, stage) -> None:
+    """The policy and value adapters (and the value head) hold finite weights: checked before every checkpoint,
+    evaluation and the final save, so nothing non-finite is kept."""
+    from align.core.checkpoints import latest_complete
+    from align.core.safeguards import NonFiniteWeightsError, check_finite
+
+    last = lambda: latest_complete(stage.run_dir.path)  # noqa: E731
+    pvr.use("policy")
+    check_finite(pvr.model, when, last)
+    for name, param in pvr.value_head.named_parameters():
+        if not param.isfinite().all():
+            raise NonFiniteWeightsError(f"non-finite weights {when} (first in value_head.{name}); lower train.learning_rate")
 
 
 def save_final(stage, pvr):
@@ -147,19 +164,21 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.rlhf.distributed import launched_size
     from align.rlhf.keep_best import KeepBest
     from align.rlhf.loop import notify_train_end
-    from align.rlhf.scoring import read_stats
-    from align.stages.common import finished_parent, join_processes, log_sample_table, open_stage
+    from align.rlhf.scoring import check_reward_files, read_stats
+    from align.stages.common import check_prompts_fit, finished_parent, join_processes, log_sample_table, open_stage
 
     cfg = prepare_config(cfg)
     rl.check_processes(cfg, launched_size())
     reward_run = finished_parent(cfg.reward_run, key="reward_run")
     if (reward_run.manifest() or {}).get("stage") != "reward":
         raise DataError(f"reward_run: {reward_run.path} is not a reward-model run")
+    check_reward_files(reward_run, "reward_run", need_stats=True, stats_hint="rerun the reward stage")
     stage = open_stage(cfg, "prompt", force, inputs={"reward_run": (reward_run.manifest() or {}).get("run_id")})
     join_processes(stage)
     base, splits = stage.base, stage.splits
     if stage.skipped:
         return stage.run_dir
+    check_prompts_fit(stage)
     with stage:
         from transformers import set_seed
 

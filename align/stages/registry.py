@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import importlib.util
 import pkgutil
 from dataclasses import dataclass, field
@@ -123,7 +124,22 @@ def training_checks(methods: tuple[str, ...] | None = None, why: str = "") -> tu
                 "or pip install liger-kernel); or set train.liger_kernel: false"
             )
 
-    return peft_method, samples_judge, liger_kernel
+    return peft_method, samples_judge, liger_kernel, warn_learning_rate
+
+
+_WARNED_RATES: set[tuple[str, float]] = set()
+
+
+def warn_learning_rate(cfg: StageConfig) -> None:
+    """A learning rate above 1 is far outside any sane range (LoRA: about 1e-5 to 1e-3): a warning before
+    training, once per stage and value (the checks run again when a stage starts)."""
+    lr = cfg.train.learning_rate
+    if lr > 1 and (cfg.stage, lr) not in _WARNED_RATES:
+        _WARNED_RATES.add((cfg.stage, lr))
+        logging.getLogger("align").warning(
+            "%s: train.learning_rate: %g is above 1, far outside any sane range (LoRA trains with about 1e-5 to 1e-3): "
+            "expect the weights to diverge, which fails the run", cfg.stage, lr,
+        )
 
 
 def fmt(value: Any) -> str:

@@ -112,9 +112,10 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
     stage = open_stage(cfg, "preference", force, head="score")
     if stage.skipped:
         return stage.run_dir
+    stage.prepare_data(prepare)
     with stage:
         trained = train_adapter(
-            stage, prepare=prepare, build_trainer=build_trainer, before_label="untrained", callbacks=callbacks,
+            stage, build_trainer=build_trainer, before_label="untrained", callbacks=callbacks,
             head="score", samples=log_pair_table,
         )
         summary = {**held_out_summary(trained, _EVAL_KEYS), **trained.summary}

@@ -93,8 +93,9 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()):
     base = stage.base
     if stage.skipped:
         return stage.run_dir
+    stage.prepare_data(tokenize)
     with stage:
-        trained = train_adapter(stage, prepare=tokenize, build_trainer=build_trainer, before_label="base", callbacks=callbacks)
+        trained = train_adapter(stage, build_trainer=build_trainer, before_label="base", callbacks=callbacks)
         tokenizer, adapter_dir = trained.tokenizer, trained.adapter_dir
         trained.trainer = None  # free the training copy before loading the base again to merge
         method = cfg.peft.method

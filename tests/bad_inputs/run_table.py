@@ -210,6 +210,7 @@ def build_workspace(w: Path) -> dict[str, str]:
         "compare": str(REPO / "recipes" / "configs" / "smollm2-135m" / "compare_methods.yaml"),
         "remote_run": str(rc / "run"), "raising": str(raising), "marker": str(w / "REMOTE_CODE_RAN"),
         "pickle_marker": str(marker_pickle),
+        **build_issue22_workspace(w, c, d, runs),
     }
 
 
@@ -448,7 +449,7 @@ def cases() -> list[Case]:
              r"has no rows left after leaving out 4 that align-data validate rejects"),
         # ----- errors while a stage runs, secrets
         Case("a library error mid-run (a chat template that raises)", f"{sft} output_dir={{w}}/out/raising model.name_or_path={{raising}}", 1,
-             r"error: sft failed .*this template refuses every conversation.*--debug", check=manifest_status("w", "out/raising", "failed")),
+             r"error: sft failed .*this template refuses every conversation.*--debug", check=nothing_at("out/raising")),
         Case("the same with --debug", f"{sft} output_dir={{w}}/out/raising model.name_or_path={{raising}} --debug", 1, r"Traceback",
              traceback_ok=True),
         Case("secrets in the environment and on the command line (were in W&B's files before)",
@@ -506,7 +507,7 @@ def cases() -> list[Case]:
         Case("`align-data generate --max-new-tokens 0`", "-m data_tools generate --model {tiny} --prompts {data}/sft.jsonl --max-new-tokens 0 "
              "--judge format --output {w}/out/g", 2, r"--max-new-tokens: must be at least 1"),
     ]
-    return c
+    return c + issue22_cases()
 
 
 YAML_FILES = {
@@ -539,6 +540,13 @@ def a_file(p: dict) -> None:
     path.write_text("x")
 
 
+def nothing_at(rel: str):
+    """The data is tokenized before the run dir is created: a library error there leaves nothing behind."""
+    def check(p: dict, proc) -> str | None:
+        return f"$W/{rel} was written" if Path(p["w"], rel).exists() else None
+    return check
+
+
 def _not_written(p: dict) -> str | None:
     return f"{p['w']}/out/never was written" if Path(p["w"], "out", "never").exists() else None
 
@@ -546,6 +554,305 @@ def _not_written(p: dict) -> str | None:
 def _no_py(folder: Path) -> str | None:
     found = list(folder.glob("*.py"))
     return f"code copied: {found}" if found else None
+
+
+# --------------------------------------------------------------------------- round two (issue 22)
+
+NONFINITE_JUDGES = """\
+def nan_judge(prompt, response):
+    return float("nan")
+
+
+def inf_judge(prompt, response):
+    return float("inf")
+
+
+def none_judge(prompt, response):
+    return None
+"""
+
+
+def build_issue22_workspace(w: Path, c: Path, d: Path, runs: Path) -> dict[str, str]:
+    """What the round-two cases add: online-stage configs, a judge module, long prompts, .gz data, an SFT
+    run whose checkpoint holds a code-running pickle."""
+    import gzip
+
+    import torch
+    from align.core.artifacts import RunDir
+    from align.core.config import load_config
+    from align.stages import sft
+    from align.stages.sft import SFTConfig
+
+    (w / "pymods").mkdir(exist_ok=True)
+    (w / "pymods" / "nonfinite_judges.py").write_text(NONFINITE_JUDGES)
+    long_text = " ".join(f"word{i}" for i in range(300))
+    jsonl(d / "long_prompts.jsonl", [{"prompt": msgs("user", "What is 1 plus one?")}, {"prompt": msgs("user", long_text)},
+                                      *({"prompt": msgs("user", f"What is {i} plus one?")} for i in range(2, 8))])
+    (d / "sft.jsonl.gz").write_bytes(gzip.compress((d / "sft.jsonl").read_bytes()))
+    (d / "prefs.jsonl.gz").write_bytes(gzip.compress((d / "prefs.jsonl").read_bytes()))
+    (d / "prefs.parquet.gz").write_bytes(gzip.compress(b"not parquet"))
+    common = {"samples": {"num_prompts": 2, "max_new_tokens": 4}, "tracking": "none"}
+    child = {"parent_run": str(runs / "sft"), "data": {"path": str(d / "prefs.jsonl"), "eval_split": None, "eval_fraction": 0.25},
+             "train": tiny_train(), **common}
+    group = {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "eval_prompts": 0}
+    for stage, extra in (("grpo", {"grpo": group}), ("rloo", {"rloo": group}),
+                         ("online_dpo", {"online": {"rounds": 1, "num_samples": 2, "max_new_tokens": 4, "prompts_per_round": 4,
+                                                    "generation_batch_size": 4, "eval_prompts": 0}})):
+        write_yaml(c / f"{stage}.yaml", {"output_dir": str(w / "out" / stage), **child, "rewards": [{"judge": "format"}], **extra},
+                   f"python recipes/{stage}.py --config {stage}.yaml")
+    for stage in ("kto", "orpo", "simpo"):
+        write_yaml(c / f"{stage}.yaml", {"output_dir": str(w / "out" / stage), **child}, f"python recipes/{stage}.py --config {stage}.yaml")
+    write_yaml(c / "sweep_self.yaml", {"config": "sweep_self.yaml", "stage": "dpo", "values": {"beta": [0.1, 0.2]}},
+               "python recipes/sweep.py --config sweep_self.yaml")
+    write_yaml(c / "pipeline_self.yaml", {"name": "self", "output_dir": str(w / "out" / "pipeline-self"), "tracking": "none",
+                                          "stages": [{"name": "sft", "stage": "sft", "config": "pipeline_self.yaml"}]},
+               "python recipes/pipeline.py --config pipeline_self.yaml")
+    write_yaml(c / "pipeline_sweep.yaml", {"name": "via-sweep", "output_dir": str(w / "out" / "pipeline-sweep"), "tracking": "none",
+                                           "stages": [{"name": "dpo", "stage": "dpo", "config": "sweep_self.yaml"}]},
+               "python recipes/pipeline.py --config pipeline_sweep.yaml")
+    tampered = runs / "sft-tampered"
+    if not (tampered / "checkpoints" / "checkpoint-2").is_dir():
+        cfg = load_config(SFTConfig, c / "sft.yaml", {"output_dir": str(tampered), "train.save_steps": 1})
+        sft.run(cfg)
+    RunDir(tampered).update(status="interrupted")  # also after a replay that changed it
+    torch.save({"state": LeavesAMarker(str(w / "SFT_PICKLE_RAN"))}, tampered / "checkpoints" / "checkpoint-2" / "optimizer.pt")
+    return {name: str(c / f"{name}.yaml") for name in ("grpo", "rloo", "online_dpo", "kto", "orpo", "simpo", "sweep_self",
+                                                        "pipeline_self", "pipeline_sweep")} | {
+        "sft_pickle_marker": str(w / "SFT_PICKLE_RAN")}
+
+
+def victim(name: str, source: str = "sft", status: str | None = None, inside: str | None = None, link: str | None = None):
+    """A setup: a fresh copy of a finished run (runs/<source>) at victims/<name> (optionally with another status,
+    with a second copy nested at <name>/<inside>, or with a symbolic link victims/<link> to it), its bytes recorded."""
+    def setup(p: dict) -> None:
+        from align.core.artifacts import RunDir
+
+        root = Path(p["w"]) / "victims"
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(Path(p["runs"]) / source, folder, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+        if status:
+            RunDir(folder).update(status=status)
+        if inside:
+            shutil.copytree(Path(p["runs"]) / source, folder / inside, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+        if link:
+            (root / link).unlink(missing_ok=True)
+            (root / link).symlink_to(folder, target_is_directory=True)
+        p[f"victim:{name}"] = snapshot(folder)
+    return setup
+
+
+def intact(name: str):
+    def check(p: dict, proc) -> str | None:
+        folder = Path(p["w"]) / "victims" / name
+        if not folder.is_dir():
+            return f"{folder} is gone"
+        now = snapshot(folder)
+        before = p[f"victim:{name}"]
+        if now == before:
+            return None
+        changed = sorted(set(now) ^ set(before)) or sorted(k for k in now if now[k] != before[k])
+        return f"{folder} changed ({', '.join(changed[:3])})"
+    return check
+
+
+def fresh(rel: str):
+    """A setup: <w>/out/<rel> removed (a case that writes a new run there)."""
+    def setup(p: dict) -> None:
+        shutil.rmtree(Path(p["w"]) / "out" / rel, ignore_errors=True)
+    return setup
+
+
+def both(*checks):
+    def check(p: dict, proc) -> str | None:
+        return next((found for found in (c(p, proc) for c in checks) if found), None)
+    return check
+
+
+def clean_message(p: dict, proc) -> str | None:
+    """One plain line: no terminal colour codes, no advice on how to load a pickle anyway."""
+    if "\x1b[" in proc.stderr:
+        return "ANSI codes in the message"
+    return "advice to load it anyway" if "weights_only" in proc.stderr else None
+
+
+def distinct_runs(p: dict, proc) -> str | None:
+    names = re.findall(r"^# run (\S+)$", proc.stdout, re.M)
+    return None if len(names) >= 2 and len(set(names)) == len(names) else f"run names {names}"
+
+
+SFT, DPO, PPO, GRPO = "recipes/sft.py --config {sft}", "recipes/dpo.py --config {dpo}", "recipes/ppo.py --config {ppo}", "recipes/grpo.py --config {grpo}"
+V = "{w}/victims/"
+LATE_NOTE = "late check: the target run must stay byte-identical"
+
+
+def with_judge(spec: str, extra: str = "") -> str:
+    """A `rewards=[...]` override with one judge source (YAML flow syntax, braces doubled for str.format)."""
+    return "'rewards=[{{judge: \"" + spec + "\"" + extra + "}}]'"
+
+
+def late(what: str, recipe: str, name: str, args: str, expect: str, extra=None, note: str = "") -> Case:
+    """A check that ran after the run dir was reset: with --force (last: argparse) onto the finished run victims/<name>,
+    which must stay byte-identical; `extra` sets up more (a reward run without its stats)."""
+    def setup(p: dict) -> None:
+        victim(name)(p)
+        if extra:
+            extra(p)
+    label = f"{what} ({note}; {LATE_NOTE})" if note else f"{what} ({LATE_NOTE})"
+    return Case(label, f"{recipe} output_dir={V}{name} {args} --force", 2, expect, setup=setup, check=intact(name))
+
+
+def without_stats(name: str):
+    """A setup: a copy of the reward run at victims/<name> without its reward_stats.json."""
+    def setup(p: dict) -> None:
+        victim(name, "reward")(p)
+        (Path(p["w"]) / "victims" / name / "reward_stats.json").unlink()
+    return setup
+
+
+def issue22_cases() -> list[Case]:
+    return ownership_cases() + late_check_cases() + nonfinite_cases() + wording_cases()
+
+
+def ownership_cases() -> list[Case]:
+    sft, dpo, ppo, grpo = SFT, DPO, PPO, GRPO
+    return [
+        Case("DPO `output_dir` equal to its `parent_run` (emptied the parent before)", f"{dpo} parent_run={V}own output_dir={V}own", 2,
+             r"output_dir: .* is the parent_run", setup=victim("own"), check=intact("own")),
+        Case("DPO `output_dir` inside its `parent_run`", f"{dpo} parent_run={V}host output_dir={V}host/dpo", 2,
+             r"output_dir: .* is inside the parent_run", setup=victim("host"), check=intact("host")),
+        Case("DPO `output_dir` a symbolic link to its `parent_run`", f"{dpo} parent_run={V}linked output_dir={V}link-to-linked", 2,
+             r"output_dir: .* is the parent_run", setup=victim("linked", link="link-to-linked"), check=intact("linked")),
+        Case("DPO `output_dir` a run dir that contains its `parent_run`", f"{dpo} parent_run={V}outer/nested output_dir={V}outer", 2,
+             r"output_dir: .* contains the parent_run", setup=victim("outer", inside="nested"), check=intact("outer")),
+        Case("PPO `output_dir` equal to its `reward_run`", f"{ppo} reward_run={V}own-reward output_dir={V}own-reward", 2,
+             r"output_dir: .* is the reward_run", setup=victim("own-reward", "reward"), check=intact("own-reward")),
+        Case("PPO `output_dir` inside its `reward_run`", f"{ppo} reward_run={V}host-reward output_dir={V}host-reward/ppo", 2,
+             r"output_dir: .* is inside the reward_run", setup=victim("host-reward", "reward"), check=intact("host-reward")),
+        Case("eval `output_dir` equal to one of its `runs`", f"recipes/eval.py --config {{eval}} 'runs={{{{sft: {V}evaluated}}}}' output_dir={V}evaluated",
+             2, r"output_dir: .* is the runs.sft", setup=victim("evaluated"), check=intact("evaluated")),
+        Case("GRPO `output_dir` equal to a reward source's `reward_run`",
+             f"{grpo} 'rewards=[{{{{reward_run: {V}scorer}}}}]' output_dir={V}scorer", 2, r"output_dir: .* is the rewards\[0\].reward_run",
+             setup=victim("scorer", "reward"), check=intact("scorer")),
+        Case("SFT `output_dir` a symbolic link to another finished run (--force)", f"{sft} output_dir={V}link-to-elsewhere --force", 2,
+             r"output_dir: .* is a symbolic link", setup=victim("elsewhere", link="link-to-elsewhere"), check=intact("elsewhere")),
+        Case("--resume with a changed config on a finished run (replaced it before)",
+             f"{sft} output_dir={V}resumed train.learning_rate=0.001 --resume", 2, r"resume: .* finished", setup=victim("resumed"),
+             check=intact("resumed")),
+        Case("a changed config into a finished run's folder without --force", f"{sft} output_dir={V}changed train.learning_rate=0.001", 2,
+             r"output_dir: .* holds a finished sft run .*--force", setup=victim("changed"), check=intact("changed")),
+        Case("DPO into the folder of a finished SFT run (not its parent) without --force", f"{dpo} output_dir={V}other-stage", 2,
+             r"output_dir: .* holds a finished sft run", setup=victim("other-stage"), check=intact("other-stage")),
+    ]
+
+
+def late_check_cases() -> list[Case]:
+    sft, dpo, ppo, grpo = SFT, DPO, PPO, GRPO
+    too_short, too_long = r"no training row is left within max_length=8", r"long_prompts.jsonl:2: the prompt is \d+ tokens"
+    long_prompts = "data.path={data}/long_prompts.jsonl"
+    return [
+        late("SFT: no row fits `train.max_length`", sft, "late-sft", "train.max_length=8", too_short),
+        late("DPO: no pair fits `train.max_length`", dpo, "late-dpo", "train.max_length=8", too_short),
+        late("reward: no pair fits `train.max_length`", "recipes/reward.py --config {reward}", "late-rm", "train.max_length=8", too_short),
+        late("KTO: no row fits `train.max_length`", "recipes/kto.py --config {kto}", "late-kto", "train.max_length=8", too_short),
+        late("ORPO: no pair fits `train.max_length`", "recipes/orpo.py --config {orpo}", "late-orpo", "train.max_length=8", too_short),
+        late("SimPO: no pair fits `train.max_length`", "recipes/simpo.py --config {simpo}", "late-simpo", "train.max_length=8", too_short),
+        late("GRPO: a prompt longer than `train.max_length`", grpo, "late-grpo", long_prompts, too_long,
+             note="an out-of-memory error mid-run before"),
+        late("RLOO: a prompt longer than `train.max_length`", "recipes/rloo.py --config {rloo}", "late-rloo", long_prompts, too_long),
+        late("online DPO: a prompt longer than `train.max_length`", "recipes/online_dpo.py --config {online_dpo}", "late-odpo",
+             long_prompts, too_long),
+        late("PPO: a prompt longer than `train.max_length`", ppo, "late-ppo", long_prompts, too_long),
+        late("GRPO: a judge given arguments it does not take", grpo, "late-args", "'rewards=[{{judge: length, args: {{max_wordz: 3}}}}]'",
+             r"rewards\[0\].judge: judge 'length' does not take these arguments"),
+        late("GRPO: a reward run without reward_stats.json", grpo, "late-stats", f"'rewards=[{{{{reward_run: {V}no-stats}}}}]'",
+             r"rewards\[0\].reward_run: cannot read .*reward_stats.json", extra=without_stats("no-stats")),
+        late("PPO: a reward run without reward_stats.json", ppo, "late-ppo-stats", f"reward_run={V}no-stats-ppo",
+             r"reward_run: cannot read .*reward_stats.json", extra=without_stats("no-stats-ppo"), note="a library error after the reset before"),
+        Case("SFT --resume from a checkpoint whose optimizer.pt holds a code-running pickle (the trainer's own loading)",
+             "recipes/sft.py --config {sft} output_dir={runs}/sft-tampered train.save_steps=1 --resume", 2,
+             r"optimizer.pt: refused: .*pickle", check=both(no_marker("sft_pickle_marker"), clean_message,
+                                                            manifest_status("runs", "sft-tampered", "interrupted"))),
+    ]
+
+
+def nonfinite_cases() -> list[Case]:
+    sft, dpo, grpo, judge = SFT, DPO, GRPO, with_judge
+    return [
+        Case("SFT `train.learning_rate: 1e308` (finished with a NaN adapter before)",
+             f"{sft} output_dir={{w}}/out/nan-sft train.learning_rate=1e308 train.max_steps=1", 2, r"non-finite .*step 1",
+             setup=fresh("nan-sft"), check=manifest_status("w", "out/nan-sft", "failed")),
+        Case("DPO `train.learning_rate: 1e308`", f"{dpo} output_dir={{w}}/out/nan-dpo train.learning_rate=1e308 train.max_steps=1", 2,
+             r"non-finite .*step 1", setup=fresh("nan-dpo"), check=manifest_status("w", "out/nan-dpo", "failed")),
+        Case("GRPO `train.learning_rate: 1e308`", f"{grpo} output_dir={{w}}/out/nan-grpo train.learning_rate=1e308 train.max_steps=1", 2,
+             r"non-finite .*step 1", setup=fresh("nan-grpo"), check=manifest_status("w", "out/nan-grpo", "failed")),
+        Case("a learning rate above 1 warns before training", f"{sft} train.learning_rate=3 --print-config", 0,
+             r"train.learning_rate: 3 is above 1"),
+        Case("DPO whose `parent_run` failed", f"{dpo} parent_run={V}failed-parent output_dir={{w}}/out/never", 2,
+             r"parent_run: .* is not finished \(status: failed\)", setup=victim("failed-parent", status="failed")),
+        Case("`align merge` of a failed run", f"-m align merge {V}failed-merge --output {{w}}/out/merged-failed", 2,
+             r"failed-merge: the run failed .*--allow-failed", setup=victim("failed-merge", status="failed")),
+        Case("`align merge --allow-failed` of a failed run", f"-m align merge {V}failed-merge2 --output {{w}}/out/merged-failed2 --allow-failed",
+             0, r"merged .* into", setup=lambda p: (victim("failed-merge2", status="failed")(p), fresh("merged-failed2")(p))),
+        Case("`align export` of a failed run (exported without a word before)", f"-m align export {V}failed-export --output {{w}}/out/export-failed",
+             2, r"failed-export: the run failed .*--allow-failed", setup=victim("failed-export", status="failed")),
+        Case("`align export` of a run that is still running", f"-m align export {V}running --output {{w}}/out/export-running", 2,
+             r"running: the run is still running", setup=victim("running", status="running")),
+        Case("`align combine` with a failed run", f"-m align combine {{runs}}/sft {V}failed-combine --output {{w}}/out/comb-failed", 2,
+             r"failed-combine: the run failed", setup=victim("failed-combine", status="failed")),
+        Case("GRPO judge that returns NaN (was 'does not apply' before)", f"{grpo} output_dir={{w}}/out/judge-nan {judge('nonfinite_judges:nan_judge')}",
+             2, r"rewards\[0\]: judge 'nonfinite_judges:nan_judge' returned nan for the prompt", setup=fresh("judge-nan"),
+             check=manifest_status("w", "out/judge-nan", "failed")),
+        Case("GRPO judge that returns inf (advantage 0 before)", f"{grpo} output_dir={{w}}/out/judge-inf {judge('nonfinite_judges:inf_judge')}",
+             2, r"rewards\[0\]: judge 'nonfinite_judges:inf_judge' returned inf for the prompt", setup=fresh("judge-inf")),
+        Case("GRPO judge NaN with `nonfinite: default` and `default: 0` (opted in)",
+             f"{grpo} output_dir={{w}}/out/judge-nan-ok {judge('nonfinite_judges:nan_judge', ', nonfinite: default, default: 0')}", 0,
+             r"grpo \(grpo\) finished", setup=fresh("judge-nan-ok")),
+        Case("GRPO judge that scores no response in the whole run (said nothing before)",
+             f"{grpo} output_dir={{w}}/out/judge-none {judge('nonfinite_judges:none_judge')}", 2, r"no response was scored in the whole run",
+             setup=fresh("judge-none"), check=manifest_status("w", "out/judge-none", "failed")),
+        Case("RLOO judge that scores no response in the whole run",
+             f"recipes/rloo.py --config {{rloo}} output_dir={{w}}/out/rloo-none {judge('nonfinite_judges:none_judge')}", 2,
+             r"no response was scored in the whole run", setup=fresh("rloo-none")),
+        Case("online DPO judge that returns NaN",
+             f"recipes/online_dpo.py --config {{online_dpo}} output_dir={{w}}/out/odpo-nan {judge('nonfinite_judges:nan_judge')}", 2,
+             r"rewards\[0\]: judge 'nonfinite_judges:nan_judge' returned nan", setup=fresh("odpo-nan")),
+    ]
+
+
+def wording_cases() -> list[Case]:
+    sft, dpo, grpo = SFT, DPO, GRPO
+    return [
+        Case("a reward source's weight given on the command line (blamed on the YAML before)",
+             f"{grpo} output_dir={{w}}/out/never 'rewards=[{{{{judge: format, weight: 0}}}}]'", 2,
+             r"^error: command line: rewards\[0\].weight: must be a finite non-zero number"),
+        Case("an indexed override `rewards[0].weight=0`", f"{grpo} output_dir={{w}}/out/never rewards[0].weight=0", 2,
+             r"^error: command line: rewards\[0\].weight: must be a finite non-zero number"),
+        Case("an indexed override past the list's end", f"{grpo} output_dir={{w}}/out/never rewards[3].weight=2", 2,
+             r"^error: command line: rewards\[3\].weight: rewards has 1 entry"),
+        Case("an indexed override naming an unknown judge", f"{grpo} output_dir={{w}}/out/never rewards[0].judge=nosuch", 2,
+             r"^error: command line: rewards\[0\].judge: .*unknown judge 'nosuch'"),
+        Case("sweep values that differ past the sixth digit (one folder, 'the same value' before)",
+             f"recipes/sweep.py --config {{dpo}} --values lr=0.1000001,0.1000002 --print-config", 0, r"# run lr=0\.1000001",
+             check=distinct_runs),
+        Case("sweep values that are the same folder name after cleaning", f"recipes/sweep.py --config {{dpo}} '--values=wandb.project=a b,a-b' --print-config",
+             0, r"# run project=a-b", check=distinct_runs),
+        Case("a sweep file that names itself as its stage config", "recipes/sweep.py --config {sweep_self}", 2, r"includes itself"),
+        Case("a pipeline whose stage config is the pipeline file", "recipes/pipeline.py --config {pipeline_self}", 2,
+             r"stages\[0\].config: .* includes itself"),
+        Case("a pipeline whose stage config is a sweep file", "recipes/pipeline.py --config {pipeline_sweep}", 2,
+             r"stages\[0\].config: .* is a sweep file"),
+        Case("PPO tampered checkpoint: the refusal is one plain line (ANSI codes and load-anyway advice before)",
+             "recipes/ppo.py --config {ppo_tampered} --resume", 2, r"optimizer.pt: refused: .*pickle",
+             check=both(no_marker("pickle_marker"), clean_message)),
+        Case("`align-data validate` of a .jsonl.gz", "-m data_tools validate {data}/prefs.jsonl.gz", 0, r"24 rows"),
+        Case("SFT on a .jsonl.gz (align-data read it, the recipes refused it before)",
+             f"{sft} output_dir={{w}}/out/gz data.path={{data}}/sft.jsonl.gz", 0, r"sft \(sft\) finished", setup=fresh("gz")),
+        Case("`align-data validate` of a .parquet.gz (read by neither)", "-m data_tools validate {data}/prefs.parquet.gz", 2,
+             r"unsupported file type '\.parquet\.gz'.*align-data and the recipes read"),
+        Case("SFT on a .parquet.gz", f"{sft} output_dir={{w}}/out/never data.path={{data}}/prefs.parquet.gz", 2,
+             r"unsupported file type '\.parquet\.gz'.*align-data and the recipes read"),
+    ]
 
 
 # --------------------------------------------------------------------------- running
@@ -560,7 +867,7 @@ def run_case(case: Case, p: dict, timeout: int) -> dict:
                     "seconds": 0.0}
     argv = shlex.split(case.command.format(**p))
     argv = [str(REPO / argv[0])] + argv[1:] if argv[0].startswith("recipes/") else argv
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_MODULES_CACHE": str(Path(p["w"]) / "hf-modules"),
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{Path(p['w']) / 'pymods'}", "WANDB_MODE": "offline", "HF_MODULES_CACHE": str(Path(p["w"]) / "hf-modules"),
            "ALIGN_TEST_MARKER": "", **case.env}
     started = time.time()
     try:
