@@ -35,7 +35,8 @@ import torch
 from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
-from align.modeling.adapters import peft_config_for
+from align.modeling.adapters import attach_adapter
+from align.modeling.lora_plus import optimizer_groups
 from align.modeling.generation import Sampled, Sampling, response_logprobs, sample_tokens
 from align.rlhf import losses as P
 from align.rlhf.rewards import Rewards
@@ -47,12 +48,10 @@ class GroupPolicy:
     """The base with the policy adapter and the frozen reward adapters, and the passes the update needs."""
 
     def __init__(self, cfg, base, tokenizer, reward_runs, answers):
-        from peft import get_peft_model
-
         self.tokenizer = tokenizer
         plain = models.load_model(base, cfg.model)
         checkpointing = gradient_checkpointing(cfg, plain)
-        self.model = get_peft_model(plain, peft_config_for(cfg), adapter_name=POLICY)
+        self.model = attach_adapter(plain, cfg, POLICY)
         if checkpointing:  # recompute activations in the update's backward (generation runs in eval mode, with its cache)
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rewards = Rewards(cfg.rewards, model=self.model, tokenizer=tokenizer, runs=reward_runs, answers=answers)
@@ -232,12 +231,12 @@ def held_out(gp: GroupPolicy, prompts: list[list[dict]], cfg, seed: int) -> dict
     return held_out_metrics(gp.model, gp.tokenizer, gp.rewards, prompts, sampling(cfg, 1), seed)
 
 
-def optimizer_and_schedule(cfg, params):
+def optimizer_and_schedule(cfg, params, model=None):
     """AdamW over the policy adapter, the schedule counted in optimizer updates."""
     from transformers import get_scheduler
 
     o = options(cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(cfg, params, model), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     per_step = o.prompts_per_step * o.group_size // (cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
     updates = cfg.train.max_steps * o.epochs * per_step
     scheduler = get_scheduler(
@@ -275,7 +274,7 @@ def train(stage, cfg, estimator: str, reward_runs) -> tuple[GroupPolicy, dict]:
     gp = GroupPolicy(cfg, stage.base, tokenizer, reward_runs, answers_of(stage.splits.train + stage.splits.eval))
     params = gp.trainable_parameters()
     counts = models.count_parameters(gp.model)
-    optimizer, scheduler = optimizer_and_schedule(cfg, params)
+    optimizer, scheduler = optimizer_and_schedule(cfg, params, gp.model)
     start = 0
     if stage.resume_from is not None:
         start = loop.load_checkpoint(stage.resume_from, gp.model, [POLICY], optimizer, scheduler)["step"]

@@ -21,7 +21,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from align.modeling.adapters import adapter_bytes
+from align.modeling.adapters import adapter_bytes, start_adapter
+from align.modeling.lora_init import finish_saved_adapter
 from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, check_output_dir, hash_json, redact
 from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
 from align.core.data import Splits, distinct_prompts
@@ -166,9 +167,9 @@ class StageRun:
         if not self.skipped and is_main_process():
             check_output_dir(self.run_dir.path)  # a file, a foreign folder, no write access: refused before any work
         if not self.skipped and isinstance(cfg, StageConfig):
-            from align.modeling.adapters import check_target_modules
+            from align.modeling.adapters import check_adapter
 
-            check_target_modules(cfg, base, head)  # a module name PEFT would not find, refused before anything is written
+            check_adapter(cfg, base, splits.train, head)  # target modules, lora.init's inputs: refused before anything is written
         self.resume_from = self._checkpoint_to_resume() if resumable and not self.skipped else None
         self.tracker: Tracker | None = None
         self._started = 0.0
@@ -313,6 +314,7 @@ class StageRun:
         trainer.save_model(str(staging))
         trainer.accelerator.wait_for_everyone()
         if is_main_process():
+            finish_saved_adapter(trainer.model, staging)  # PiSSA/OLoRA: converted to a LoRA of the unchanged base
             with atomic_dir(target) as tmp:
                 for item in staging.iterdir():
                     if item.suffix != ".bin":  # training_args.bin is a pickle; RunDirs hold safetensors/text only
@@ -378,6 +380,7 @@ def train_adapter(
     timer = StepTimer()
     guards = [MarkCompleteCallback(), NonFiniteGuard(lambda: latest_complete(stage.run_dir.path)), interrupt, timer]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
+    start_adapter(trainer, cfg, stage.splits.train, tokenizer)
     params = models.count_parameters(trainer.model)
     log.info(
         "%s (%s): %s trainable of %s parameters (%.4g%%)", stage.stage, cfg.peft.method,

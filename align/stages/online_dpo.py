@@ -73,6 +73,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     from align.core.checkpoints import latest_complete
     from align.core.safeguards import NonFiniteGuard
     from align.dpo.training import dpo_trainer, fast_path_summary, pair_converter
+    from align.modeling.lora_plus import use_param_groups
     from align.rlhf.online_dpo import restored_forward, stop_on_signal
     from align.stages.common import TrackerCallback, convert_rows, trainer_kwargs
 
@@ -89,6 +90,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     try:
         with restored_forward(model.get_base_model()):
             trainer = dpo_trainer(cfg, model, tokenizer, Dataset.from_list(kept), None, base_args, [*guards, *callbacks])
+            use_param_groups(trainer, cfg)  # LoRA+
             result = trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -111,7 +113,6 @@ def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
 
 def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     import torch
-    from peft import get_peft_model
     from transformers import set_seed
 
     from align.core.artifacts import ADAPTER
@@ -120,7 +121,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     from align.core.checkpoints import latest_complete
     from align.core.errors import AlignError
     from align.modeling import models
-    from align.modeling.adapters import adapter_bytes, peft_config_for
+    from align.modeling.adapters import adapter_bytes, attach_adapter
     from align.rlhf import loop
     from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
     from align.rlhf.ppo import batch_prompts
@@ -132,7 +133,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     base_model = models.load_model(stage.base, cfg.model)
     # The policy is PEFT's "default" adapter: TRL's DPOTrainer trains that one.
-    model = get_peft_model(base_model, peft_config_for(cfg, base_location=stage.base.location), adapter_name=loop.DEFAULT_ADAPTER)
+    model = attach_adapter(base_model, cfg, loop.DEFAULT_ADAPTER, base_location=stage.base.location)
     rewards = Rewards(cfg.rewards, model=model, tokenizer=tokenizer, runs=runs, answers=answers_of(stage.splits.train + stage.splits.eval))
     model.set_adapter(loop.DEFAULT_ADAPTER)
     for name, param in model.named_parameters():
