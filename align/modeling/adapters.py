@@ -144,15 +144,19 @@ def check_adapter(cfg: "StageConfig", base: "ModelRef", rows: list[dict], head: 
     check_target_modules(cfg, base, head)
     if cfg.peft.method not in ("lora", "qlora", "dora"):
         return
-    from align.modeling.lora_init import has_responses
+    from align.modeling.lora_init import eva_batches, has_responses
 
     init = cfg.lora.init
-    if init == "eva" and not has_responses(rows):
-        raise ConfigError(
-            "lora.init: eva starts A from the activations of the training rows, and this stage's rows are prompts "
-            "alone (an online stage trains on its own samples, which do not exist before the adapter); use default, "
-            "gaussian, pissa, olora or loftq"
-        )
+    if init == "eva":
+        if not has_responses(rows):
+            raise ConfigError(
+                "lora.init: eva starts A from the activations of the training rows, and this stage's rows are prompts "
+                "alone (an online stage trains on its own samples, which do not exist before the adapter); use default, "
+                "gaussian, pissa, olora or loftq"
+            )
+        from align.modeling.models import load_tokenizer
+
+        eva_batches(rows, load_tokenizer(base, cfg.model), cfg)  # too few tokens: a DataError naming lora.init
     if init == "loftq" and base.is_local and not any(Path(base.location).glob("*.safetensors")):
         raise ConfigError(
             f"lora.init: loftq reads the full-precision weights from the base's safetensors files; {base.location} has none"
