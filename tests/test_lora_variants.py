@@ -29,6 +29,7 @@ from align.cli import lifecycle
 from align.core.config import ModelConfig, apply_overrides, load_config
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
+from test_online import runs as online_runs  # noqa: F401 - the fixture: SFT run, reward run on it
 
 LORA_R, RATIO = 4, 8.0
 VARIANTS = {
@@ -166,6 +167,7 @@ def test_export_loads_onto_the_original_base_with_plain_peft(variant_runs, sft_p
     if variant in CONVERTED:
         assert config["r"] == 2 * LORA_R and config["init_lora_weights"] is True and facts["trained_rank"] == LORA_R
         assert facts["lora_init"] == VARIANTS[variant]["lora.init"]
+        assert "- saved as: a standard LoRA of the unchanged base: PEFT's PiSSA/OLoRA conversion" in (out / "README.md").read_text()
     else:
         assert config["r"] == LORA_R and facts.get("lora_init") == ("loftq" if variant == "loftq" else None)
     loaded = PeftModel.from_pretrained(base_model(sft_parent, variant == "loftq"), str(out)).eval()
@@ -315,6 +317,57 @@ def test_grpo_trains_pissa_with_lora_plus_from_its_reference(tmp_path, sft_paren
     assert first["_step"] == 0 and first["eval/kl"] == 0.0, "the reference is the policy training started from"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 * LORA_R and json.loads((out / "adapter" / "align_adapter.json").read_text())["lora_init"] == "pissa"
+
+
+def test_online_dpo_trains_olora_with_lora_plus_from_its_reference(tmp_path, online_runs, tiny_data):
+    from align.stages import online_dpo
+    from align.stages.online_dpo import OnlineDPOConfig
+
+    out = tmp_path / "online"
+    rewards = [{"judge": "online_scorers:chars", "weight": 0.1}]  # the test_online fixture's scorer module
+    overrides = tiny_overrides(None, tiny_data["prefs"], out, parent_run=str(online_runs["sft"]), tracking="none", rewards=rewards, **{
+        "online.rounds": 1, "online.prompts_per_round": 4, "online.num_samples": 3, "online.max_new_tokens": 6, "online.eval_prompts": 3,
+        "train.batch_size": 2, "lora.dropout": 0.0, "samples.num_prompts": 1, "lora.r": LORA_R, "lora.init": "olora", "lora.plus_ratio": RATIO,
+    })
+    assert online_dpo.run(load_config(OnlineDPOConfig, None, overrides)).is_finished()
+    rows = read_metrics(out)
+    assert rows[0]["_step"] == 0 and rows[0]["eval/kl"] == 0.0
+    first = next(r for r in rows if "train/loss" in r)
+    assert first["train/loss"] == pytest.approx(LN2, rel=1e-6), "round 1 starts at its reference"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * LORA_R
+
+
+def test_ppo_policy_and_value_start_at_the_reference_with_lora_plus_groups(online_runs, tiny_data):
+    """PPO's two trained adapters (policy, value) both start from PiSSA on the kept base; the policy is its reference."""
+    from align.core.artifacts import RunDir
+    from align.modeling import models
+    from align.modeling.lora_init import StartOffset
+    from align.rlhf.ppo import PolicyValueReward
+    from align.stages.common import resolve_base
+    from align.stages.ppo import PPOConfig, optimizer_and_schedule
+
+    overrides = tiny_overrides(None, tiny_data["prefs"], online_runs["root"] / "ppo", parent_run=str(online_runs["sft"]),
+                               reward_run=str(online_runs["reward"]), tracking="none", **{
+                                   "train.max_steps": 2, "ppo.rollout_batch_size": 4, "ppo.minibatch_size": 2, "lora.r": LORA_R,
+                                   "lora.init": "pissa", "lora.plus_ratio": RATIO})
+    cfg = load_config(PPOConfig, None, overrides)
+    base, _ = resolve_base(cfg)
+    pvr = PolicyValueReward(cfg, base, RunDir(cfg.reward_run), models.load_tokenizer(base, cfg.model))
+    layers = [m for m in pvr.model.modules() if hasattr(m, "lora_variant")]
+    assert all(isinstance(m.lora_variant.get(a), StartOffset) for m in layers for a in ("policy", "value"))
+    ids = probe_ids(Path(base.location))
+    pvr.use("policy")
+    pvr.model.eval()  # LoRA dropout acts on the adapter's whole input, the start included (PiSSA's formulation)
+    policy = logits(pvr.model, ids)
+    with pvr.model.disable_adapter():
+        assert torch.equal(logits(pvr.model, ids), policy)
+    optimizer, _ = optimizer_and_schedule(cfg, pvr.trainable_parameters(), pvr.model)
+    names = {id(p): n for n, p in pvr.model.named_parameters()}
+    lr = cfg.train.learning_rate
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            b_side = ".lora_B." in names.get(id(p), "") or p.ndim == 1  # the value head's bias is 1-D: PEFT's rule
+            assert group["lr"] == pytest.approx(lr * RATIO if b_side else lr), names.get(id(p), "value head")
 
 
 # --------------------------------------------------------------------------- refusals

@@ -242,6 +242,12 @@ def initialize(model, cfg: "StageConfig", adapter: str, *, rows=None, tokenizer=
             return
     log.info("lora.init %s: %d layers of adapter '%s' start from their %s", init, layers, adapter,
              "quantization error" if kind.name == "loftq" else "base weights (the base is kept; the start is subtracted)")
+    if cfg.lora.dropout > 0:
+        log.warning(
+            "lora.init %s with lora.dropout %g: in training, dropout acts on the adapter's whole input, its start "
+            "(not small, unlike B = 0) included, as in PEFT; lora.dropout 0 keeps the start's output exact while "
+            "training", init, cfg.lora.dropout,
+        )
 
 
 def reference_start_key(cfg: "StageConfig") -> dict:
@@ -386,12 +392,16 @@ def _write_sidecar(folder: Path, facts: dict) -> None:
     (folder / SIDECAR).write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
 
 
-def saved_init(adapter_dir: Path) -> str | None:
-    """The `lora.init` recorded beside a saved adapter (align_adapter.json), if any."""
-    path = Path(adapter_dir) / SIDECAR
+def saved_facts(adapter_dir: Path) -> dict:
+    """What align_adapter.json beside a saved adapter says ({} when there is none or it is not a JSON object)."""
     try:
-        facts = json.loads(path.read_text(encoding="utf-8"))
+        facts = json.loads((Path(adapter_dir) / SIDECAR).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    value = facts.get("lora_init") if isinstance(facts, dict) else None
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
+def saved_init(adapter_dir: Path) -> str | None:
+    """The `lora.init` recorded beside a saved adapter, if any."""
+    value = saved_facts(adapter_dir).get("lora_init")
     return value if isinstance(value, str) else None

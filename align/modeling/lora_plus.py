@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from align.core.errors import ConfigError
 from align.modeling.methods import LORA_FAMILY
 
 if TYPE_CHECKING:
@@ -55,15 +56,28 @@ def optimizer_groups(cfg: "StageConfig", params: list[torch.nn.Parameter], model
 
 
 def use_param_groups(trainer, cfg: "StageConfig") -> None:
-    """Have an HF/TRL trainer build its optimizer on the LoRA+ groups (its own optimizer class and settings);
-    nothing changes without lora.plus_ratio. Call once the adapter is final (after `lora_init.initialize`)."""
+    """Have an HF/TRL trainer build its optimizer (its own class and settings) on the LoRA+ groups of the
+    model it builds it for; nothing changes without lora.plus_ratio.
+
+    The groups are made when the trainer creates its optimizer (an optimizer factory in
+    `optimizer_cls_and_kwargs`), so they hold the parameters it trains, also once FSDP or DeepSpeed
+    has wrapped the model.
+    """
     ratio = plus_ratio(cfg)
     if ratio is None:
         return
-    model = trainer.model
-    groups = param_groups(
-        model.named_parameters(), trainer.args.learning_rate, trainer.args.weight_decay, ratio,
-        decay=set(trainer.get_decay_parameter_names(model)),
-    )
-    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
-    trainer.optimizer_cls_and_kwargs = (optimizer_cls, {**kwargs, "params": groups})
+    try:
+        from transformers.trainer_optimizer import is_optimizer_factory  # noqa: F401 - the Trainer takes factories
+    except ImportError:
+        raise ConfigError(
+            "lora.plus_ratio: this transformers' Trainer takes no optimizer factory (transformers.trainer_optimizer); "
+            "upgrade transformers, or remove lora.plus_ratio"
+        ) from None
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+
+    def build(model, **optimizer_kwargs):
+        decay = set(trainer.get_decay_parameter_names(model))
+        groups = param_groups(model.named_parameters(), trainer.args.learning_rate, trainer.args.weight_decay, ratio, decay)
+        return optimizer_cls(groups, **optimizer_kwargs)
+
+    trainer.optimizer_cls_and_kwargs = (lambda: build, kwargs)

@@ -34,6 +34,14 @@ def _lineage(run: RunDir) -> list[str]:
     return out
 
 
+def _saved_as(run: RunDir) -> list[str]:
+    """How a LoRA that started away from zero was saved (align_adapter.json), as a card line."""
+    from align.modeling.lora_init import saved_facts
+
+    facts = saved_facts(run.adapter_dir)
+    return [f"- saved as: {facts['saved_as']} (lora.init {facts.get('lora_init')})"] if isinstance(facts.get("saved_as"), str) else []
+
+
 def _metrics(summary: dict) -> list[tuple[str, str, str]]:
     """(metric, before, after) for every held-out figure the stage recorded."""
     rows = []
@@ -79,6 +87,7 @@ def model_card(run: RunDir) -> str:
         f"- `{method}`: trains {METHODS[method].trains}" if method in METHODS else f"- `{method}`",
         f"- options: `{options}`" if options else "- options: none",
         f"- DPO reference for this method: {METHODS[method].reference}" if method in METHODS else "",
+        *_saved_as(run),
         f"- trainable parameters: {params.get('trainable', 0):,} of {params.get('total', 0):,} ({_fmt(params.get('trainable_pct'))}%)",
         f"- adapter size on disk: {params.get('adapter_bytes', 0) / 2**20:.2f} MB",
         "",
