@@ -6,7 +6,8 @@
 
 Each variant runs recipes/configs/smollm2-135m/sft.yaml and then dpo.yaml on that SFT run (the demo
 pipeline), both stages with the variant's lora keys, each stage in its own process (its peak memory
-is its own), with the same steps, data and seed. Then `align merge` folds the DPO adapter into its
+is its own), with the same steps, data, seed and lora.dropout (0 by default: dropout acts on the
+adapter's whole input, so with PiSSA, OLoRA and LoftQ it also hits their start). Then `align merge` folds the DPO adapter into its
 base, and the merged model's logits on the held-out prompts are compared with the adapter on the
 base (plain PEFT). Printed and written to <output>/lora_variants.md (+ .json): trainable parameters,
 SFT and DPO seconds per step, DPO peak memory, DPO step-0 loss, held-out DPO reward accuracy and
@@ -50,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--output", default="runs/bench-lora-variants")
     p.add_argument("--sft-steps", type=int, default=16)
     p.add_argument("--dpo-steps", type=int, default=12)
+    p.add_argument(
+        "--dropout", type=float, default=0.0,
+        help="lora.dropout of every variant (the demo's is 0.05; dropout also hits the large start of PiSSA/OLoRA/LoftQ)",
+    )
     return p.parse_args(argv)
 
 
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
     started, load_before = time.time(), os.getloadavg()
     rows = []
     for name in names:
-        keys = VARIANTS[name]
+        keys = {"lora.dropout": args.dropout, **VARIANTS[name]}
         sft = run_stage("sft", out / name / "sft", {**keys, "train.max_steps": args.sft_steps})
         dpo = run_stage("dpo", out / name / "dpo", {**keys, "train.max_steps": args.dpo_steps, "parent_run": str(out / name / "sft")})
         merge = merge_check(out / name / "dpo", out / "merged")
@@ -151,7 +156,8 @@ def main(argv=None) -> int:
     minutes = (time.time() - started) / 60
     load_after = os.getloadavg()
     note = (
-        f"SFT {args.sft_steps} steps, DPO {args.dpo_steps} steps (demo configs otherwise), {minutes:.0f} min in all; "
+        f"SFT {args.sft_steps} steps, DPO {args.dpo_steps} steps, lora.dropout {args.dropout:g} (demo configs otherwise), "
+        f"{minutes:.0f} min in all; "
         f"load average (1/5/15 min) {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f} at the start, "
         f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} at the end, on {os.cpu_count()} cores"
     )
