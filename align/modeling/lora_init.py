@@ -210,11 +210,11 @@ def _loftq_init(model, adapter: str, reference: bool) -> int:
 
 
 def _eva_init(model, adapter: str, batches: list[dict]) -> None:
+    """PEFT's EVA on the given batches (it runs them in eval mode and restores the mode); every process of a
+    multi-process run computes the same from the same rows, so nothing is gathered."""
     from peft import initialize_lora_eva_weights
 
-    model.eval()
     initialize_lora_eva_weights(model, batches, adapter_name=adapter, gather_distributed_inputs=False, show_progress_bar=False)
-    model.train()
 
 
 def initialize(model, cfg: "StageConfig", adapter: str, *, rows=None, tokenizer=None, reference: bool = True) -> None:
