@@ -319,6 +319,27 @@ def test_grpo_trains_pissa_with_lora_plus_from_its_reference(tmp_path, sft_paren
     assert config["r"] == 2 * LORA_R and json.loads((out / "adapter" / "align_adapter.json").read_text())["lora_init"] == "pissa"
 
 
+def test_reward_model_with_pissa_saves_its_score_head_beside_the_converted_adapter(tmp_path, sft_parent, tiny_data, tiny_model_dir):
+    """PEFT's conversion keeps only the LoRA factors; the reward head (modules_to_save) is carried over, so plain
+    PEFT on the original base scores as the trained reward model did."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from align.stages import reward
+    from align.stages.reward import RewardConfig
+
+    rec = Recorder(probe_ids(tiny_model_dir))
+    out = tmp_path / "reward"
+    overrides = tiny_overrides(None, tiny_data["prefs"], out, parent_run=str(sft_parent), tracking="none",
+                               **{"lora.r": LORA_R, "lora.init": "pissa", "reward.stats_samples": 8, "samples.num_prompts": 0})
+    assert reward.run(load_config(RewardConfig, None, overrides), callbacks=[rec]).is_finished()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * LORA_R
+    base = AutoModelForSequenceClassification.from_pretrained(sft_parent / "merged", num_labels=1, dtype=torch.float32)
+    base.config.pad_token_id = base.config.eos_token_id
+    loaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    assert_close(logits(loaded, rec.probe_ids), rec.logits)
+
+
 def test_online_dpo_trains_olora_with_lora_plus_from_its_reference(tmp_path, online_runs, tiny_data):
     from align.stages import online_dpo
     from align.stages.online_dpo import OnlineDPOConfig

@@ -351,7 +351,7 @@ def finish_saved_adapter(model, folder: Path, adapter: str | None = None) -> Non
         config = model.peft_config[adapter]
         with tempfile.TemporaryDirectory(prefix="align-start-") as tmp:
             start_dir = Path(tmp) / "align_start"  # its name becomes the temporary adapter's name
-            _save_start(offsets, adapter, start_dir)
+            _save_start(offsets, adapter, start_dir, others=_other_weights(folder))
             converted = Path(tmp) / "converted"
             model.save_pretrained(str(converted), selected_adapters=[adapter], path_initial_model_for_weight_conversion=str(start_dir))
             saved = converted if adapter == "default" else converted / adapter
@@ -364,12 +364,20 @@ def finish_saved_adapter(model, folder: Path, adapter: str | None = None) -> Non
                                 "that base's quantization error, so it belongs with that base"})
 
 
-def _save_start(offsets, adapter: str, folder: Path) -> None:
-    """The start A0, B0 as an adapter folder's weights (PEFT writes its config when it converts)."""
+def _other_weights(folder: Path) -> dict:
+    """The saved adapter's weights that are not LoRA factors (a reward model's score head)."""
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if ".lora_A." not in k and ".lora_B." not in k}
+
+
+def _save_start(offsets, adapter: str, folder: Path, others: dict) -> None:
+    """The start A0, B0 as an adapter folder's weights (PEFT writes its config when it converts), with the
+    adapter's other weights (PEFT loads the start as a whole adapter; only its factors are used)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    weights = {}
+    weights = dict(others)
     for name, layer in offsets:
         a0, b0 = _start(layer, adapter)
         weights[f"{name}.lora_A.weight"] = a0.detach().cpu().contiguous()
@@ -381,9 +389,8 @@ def _merge_other_weights(converted: Path, folder: Path) -> None:
     """PEFT's conversion keeps only the LoRA factors: carry the adapter's other weights (a score head) over."""
     from safetensors.torch import load_file, save_file
 
-    raw = load_file(str(folder / "adapter_model.safetensors"))
     weights = load_file(str(converted / "adapter_model.safetensors"))
-    weights.update({k: v for k, v in raw.items() if ".lora_A." not in k and ".lora_B." not in k})
+    weights.update(_other_weights(folder))
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text((converted / "adapter_config.json").read_text(encoding="utf-8"), encoding="utf-8")
 
