@@ -10,9 +10,9 @@ is its own), with the same steps, data, seed and lora.dropout (0 by default: dro
 adapter's whole input, so with PiSSA, OLoRA and LoftQ it also hits their start). Then `align merge` folds the DPO adapter into its
 base, and the merged model's logits on the held-out prompts are compared with the adapter on the
 base (plain PEFT). Printed and written to <output>/lora_variants.md (+ .json): trainable parameters,
-SFT and DPO seconds per step, DPO peak memory, DPO step-0 loss, held-out DPO reward accuracy and
+SFT and DPO seconds per step, their wall times (loading, the init's SVDs, evaluation, samples), DPO peak memory, DPO step-0 loss, held-out DPO reward accuracy and
 margin, the format judge before (the SFT model) and after DPO, and the merge check (largest logit
-difference over the largest logit). Finished runs that match their config are skipped. A benchmark,
+difference over the largest logit), and the machine's mean load average while each stage ran. Finished runs that match their config are skipped. A benchmark,
 not a test: run it alone (under the lock above on a shared machine).
 """
 
@@ -59,14 +59,19 @@ def parse_args(argv=None):
 
 
 def run_stage(stage: str, out: Path, overrides: dict) -> dict:
-    """One stage through its recipe in a child process; its manifest's summary."""
+    """One stage through its recipe in a child process; its manifest's summary, with the machine's mean 1-minute
+    load average while it ran (`load`; the stage itself accounts for up to the number of cores)."""
     argv = [sys.executable, str(REPO / "recipes" / f"{stage}.py"), "--config", str(CONFIGS / f"{stage}.yaml")]
     argv += [f"{k}={json.dumps(v)}" for k, v in {"output_dir": str(out), "tracking": "none", **overrides}.items()]
-    done = subprocess.run(argv, cwd=REPO)
+    child = subprocess.Popen(argv, cwd=REPO)
+    loads = []
+    while child.poll() is None:
+        loads.append(os.getloadavg()[0])
+        time.sleep(10)
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
-    if done.returncode != 0 or manifest.get("status") != "finished":
-        raise SystemExit(f"{stage} failed for {out} (exit {done.returncode}); see {out}/manifest.json")
-    return manifest["summary"]
+    if child.returncode != 0 or manifest.get("status") != "finished":
+        raise SystemExit(f"{stage} failed for {out} (exit {child.returncode}); see {out}/manifest.json")
+    return {**manifest["summary"], "load": sum(loads) / len(loads) if loads else None}
 
 
 def merge_check(run: Path, scratch: Path) -> float:
@@ -105,6 +110,9 @@ def row(name: str, sft: dict, dpo: dict, merge: float, quantized: bool) -> dict:
         "variant": name,
         "trainable": dpo["parameters"]["trainable"],
         "sft_s_per_step": sft.get("seconds_per_step"),
+        "sft_wall_s": sft.get("wall_time_s"),
+        "dpo_wall_s": dpo.get("wall_time_s"),
+        "load": (sft.get("load"), dpo.get("load")),
         "dpo_s_per_step": dpo.get("seconds_per_step"),
         "dpo_peak_mb": dpo.get("peak_memory_mb"),
         "dpo_step0_loss": dpo.get("eval_loss_before"),
@@ -122,16 +130,18 @@ def table(rows: list[dict]) -> str:
         return "n/a" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
     lines = [
-        "| variant | trainable params | SFT s/step | DPO s/step | DPO peak memory (MB) | DPO step-0 loss | held-out reward accuracy "
-        "| held-out margin | format judge before -> after | merge == adapter on base |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| variant | trainable params | SFT s/step | DPO s/step | SFT / DPO wall (s) | DPO peak memory (MB) | DPO step-0 loss "
+        "| held-out reward accuracy | held-out margin | format judge before -> after | merge == adapter on base "
+        "| load avg SFT / DPO |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in rows:
         check = f"{'yes' if r['merge_ok'] else 'NO'} ({r['merge_rel_diff']:.1e})"
         lines.append(
-            f"| {r['variant']} | {f(r['trainable'])} | {f(r['sft_s_per_step'])} | {f(r['dpo_s_per_step'])} | {f(r['dpo_peak_mb'], 5)} "
+            f"| {r['variant']} | {f(r['trainable'])} | {f(r['sft_s_per_step'])} | {f(r['dpo_s_per_step'])} "
+            f"| {f(r['sft_wall_s'], 4)} / {f(r['dpo_wall_s'], 4)} | {f(r['dpo_peak_mb'], 5)} "
             f"| {f(r['dpo_step0_loss'])} | {f(r['reward_accuracy'], 3)} | {f(r['reward_margin'], 3)} "
-            f"| {f(r['format_before'], 3)} -> {f(r['format_after'], 3)} | {check} |"
+            f"| {f(r['format_before'], 3)} -> {f(r['format_after'], 3)} | {check} | {f(r['load'][0], 2)} / {f(r['load'][1], 2)} |"
         )
     return "\n".join(lines)
 
@@ -144,6 +154,8 @@ def main(argv=None) -> int:
         print(f"error: --variants: unknown {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     out = Path(args.output).resolve()
+    # Every variant's DPO computes its reference afresh (a first pass), not from another run's cache.
+    os.environ["ALIGN_REF_CACHE_DIR"] = str(out / "ref-cache")
     started, load_before = time.time(), os.getloadavg()
     rows = []
     for name in names:

@@ -20,6 +20,7 @@ import logging
 
 from align.core.artifacts import RunDir, atomic_dir, mark_output
 from align.core.errors import ConfigError
+from align.modeling.methods import LORA_FAMILY
 
 log = logging.getLogger("align")
 
@@ -142,7 +143,7 @@ def check_adapter(cfg: "StageConfig", base: "ModelRef", rows: list[dict], head: 
     the base, and its `lora.init` has what it reads (EVA: training rows with responses; LoftQ: the base's
     full-precision safetensors)."""
     check_target_modules(cfg, base, head)
-    if cfg.peft.method not in ("lora", "qlora", "dora"):
+    if cfg.peft.method not in LORA_FAMILY:
         return
     from align.modeling.lora_init import eva_batches, has_responses
 
@@ -476,8 +477,9 @@ def check_combinable_init(source: AdapterSource, config: dict, combination_type:
             "the residual base PEFT made for it; convert it to a standard LoRA first (PEFT's save_pretrained with "
             "path_initial_model_for_weight_conversion)"
         )
-    recorded = (source.run.config().get("lora") or {}).get("init") if source.run is not None else None
-    init = saved_init(source.adapter_dir) or recorded or "default"
+    section = source.run.config().get("lora") if source.run is not None else None
+    init = saved_init(source.adapter_dir) or (section.get("init") if isinstance(section, dict) else None)
+    init = init if isinstance(init, str) else "default"  # a run dir is data: anything else means PEFT's default
     if init == "loftq":
         raise ConfigError(
             f"combine: {source.adapter_dir} was trained with lora.init loftq: it starts at its 4-bit base's quantization "

@@ -143,15 +143,16 @@ def _offset_init(model, adapter: str, init: str) -> int:
     for _, layer in _lora_layers(model, adapter):
         base = layer.get_base_layer()
         weight = base.weight
-        kept = weight.data.clone() if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+        original = weight.data
+        if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            weight.data = original.clone()  # PEFT rewrites this one (OLoRA in place): a scratch copy, one layer at a time
         dtypes = layer.lora_A[adapter].weight.dtype, layer.lora_B[adapter].weight.dtype
         if init.startswith("pissa"):
             layer.pissa_init(adapter, init)
         else:
             layer.olora_init(adapter)
-        base.weight = weight  # PEFT replaces a quantized weight: the original object is the base
-        if kept is not None:
-            weight.data = kept  # and changes a full-precision one in place: its values back
+        base.weight = weight  # PEFT replaces a quantized weight object: the original is the base
+        weight.data = original  # the untouched original values (the loaded storage, not a copy)
         layer.lora_A[adapter].weight.data = layer.lora_A[adapter].weight.data.to(dtypes[0]).contiguous()
         layer.lora_B[adapter].weight.data = layer.lora_B[adapter].weight.data.to(dtypes[1]).contiguous()
         _keep_start(layer, adapter)
@@ -226,8 +227,11 @@ def initialize(model, cfg: "StageConfig", adapter: str, *, rows=None, tokenizer=
     """
     if cfg.peft.method not in LORA_FAMILY:
         return
+    import time
+
     init = cfg.lora.init
     kind = lora_init(init)
+    started = time.perf_counter()
     with torch.no_grad():
         if kind.start == "offset":
             layers = _offset_init(model, adapter, init)
@@ -236,12 +240,14 @@ def initialize(model, cfg: "StageConfig", adapter: str, *, rows=None, tokenizer=
         elif kind.name == "eva":
             _eva_init(model, adapter, eva_batches(rows or [], tokenizer, cfg))
             ranks = model.peft_config[adapter].rank_pattern
-            log.info("lora.init eva: ranks redistributed over the targets (%d differ from r=%d)", len(ranks), cfg.lora.r)
+            log.info("lora.init eva: %d of the targets' ranks moved away from r=%d (%.1f s)", len(ranks), cfg.lora.r,
+                     time.perf_counter() - started)
             return
         else:
             return
-    log.info("lora.init %s: %d layers of adapter '%s' start from their %s", init, layers, adapter,
-             "quantization error" if kind.name == "loftq" else "base weights (the base is kept; the start is subtracted)")
+    log.info("lora.init %s: %d layers of adapter '%s' start from their %s (%.1f s)", init, layers, adapter,
+             "quantization error" if kind.name == "loftq" else "base weights (the base is kept; the start is subtracted)",
+             time.perf_counter() - started)
     if cfg.lora.dropout > 0:
         log.warning(
             "lora.init %s with lora.dropout %g: in training, dropout acts on the adapter's whole input, its start "
