@@ -87,6 +87,8 @@ def invalid_values(check: Check, tp) -> list:
         values += [check.max + step, check.max * 10 + 1000]
     if check.lt is not None:
         values += [check.lt, check.lt + step]
+    if check.pattern:
+        values += ["not-one-of-the-forms"]
     if check.nonempty:
         values += [[]] if "list" in k else []
         values += [{}] if "dict" in k else []
@@ -215,6 +217,8 @@ def test_keys_shows_each_range(capsys):
     assert "train.warmup_ratio (a number, default 0.1; in [0, 1))" in out
     assert "lora.target_modules (a list of a string or a string, default 'all-linear'; non-empty)" in out
     assert "dpo.beta (a number, default 0.1; positive)" in out
+    assert "lora.init (a string, default 'default'; one of default, gaussian, eva, pissa, pissa_niter_<n> (n >= 1), olora, loftq)" in out
+    assert "lora.rslora (true/false, default False)" in out and "lora.plus_ratio (a number or null, default None; at least 1)" in out
     assert "train.max_steps (an integer or null, default None; at least 1)" in out
     assert any("train.seed" in line and "in [0, 4294967295]" in line for line in describe(all_stages()["sft"].config))
 

@@ -27,10 +27,11 @@ _MISSING = dataclasses.MISSING
 
 @dataclass(frozen=True)
 class Check:
-    """The valid values of a config field beyond its type: a numeric range, or a non-empty list.
+    """The valid values of a config field beyond its type: a numeric range, a non-empty list, or a text form.
 
     Declared in the schema with `opt(...)` (`min=`/`max=` inclusive, `gt=`/`lt=` exclusive,
-    `nonempty=True`), checked by the loader before anything runs and shown by `--keys`. A numeric
+    `nonempty=True`, `pattern=(regex, "the forms in words")` for a string that names one of a few
+    forms, some with a number in them), checked by the loader before anything runs and shown by `--keys`. A numeric
     or list field whose every value is valid says so with `any_value="why"`, so a field without a
     declared range is a schema bug that tests/test_schema_ranges.py reports.
     """
@@ -41,6 +42,7 @@ class Check:
     lt: float | None = None
     nonempty: bool = False
     any_value: str | None = None
+    pattern: tuple[str, str] | None = None  # (regex the whole string must match, its forms in words)
 
     def text(self) -> str:
         """The range in words: 'at least 1', 'in [0, 1)', 'positive', 'non-empty'."""
@@ -56,6 +58,8 @@ class Check:
             return f"at most {_num(self.max)}" if self.max is not None else f"less than {_num(self.lt)}"
         if self.nonempty:
             return "non-empty"
+        if self.pattern:
+            return f"one of {self.pattern[1]}"
         return "any value" if self.any_value else ""
 
     def problem(self, value: Any) -> str | None:
@@ -65,6 +69,10 @@ class Check:
         if isinstance(value, (list, dict, str)):
             if self.nonempty and not (value.strip() if isinstance(value, str) else value):
                 return "must not be empty"
+            if self.pattern and isinstance(value, str) and not re.fullmatch(self.pattern[0], value):
+                plain = [form for form in self.pattern[0].split("|") if form.isidentifier()]
+                close = difflib.get_close_matches(value, plain, n=1)
+                return f"must be {self.text()}, got {value!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
@@ -91,15 +99,16 @@ def opt(
     lt: float | None = None,
     nonempty: bool = False,
     any_value: str | None = None,
+    pattern: tuple[str, str] | None = None,
 ) -> Any:
     """A config field with its documentation and valid range; mutable defaults are copied per instance.
 
     `opt(16, "LoRA rank.", min=1)`, `opt(0.1, "...", min=0, lt=1)`, `opt([...], "...", nonempty=True)`,
-    `opt(0, "Seed.", any_value="every integer seeds")`.
+    `opt(0, "Seed.", any_value="every integer seeds")`, `opt("a", "...", pattern=(r"a|b_[1-9][0-9]*", "a or b_<n>"))`.
     """
     metadata: dict[str, Any] = {"help": help}
-    if any(v is not None for v in (min, max, gt, lt, any_value)) or nonempty:
-        metadata["check"] = Check(min, max, gt, lt, nonempty, any_value)
+    if any(v is not None for v in (min, max, gt, lt, any_value, pattern)) or nonempty:
+        metadata["check"] = Check(min, max, gt, lt, nonempty, any_value, pattern)
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -143,6 +152,10 @@ class ModelConfig:
     )
 
 
+# lora.init: PEFT's init_lora_weights forms that align supports (pissa_niter_<n>: n >= 1 iterations).
+LORA_INIT_PATTERN = r"default|gaussian|eva|pissa|pissa_niter_[1-9][0-9]*|olora|loftq"
+
+
 @dataclass
 class LoraConfig:
     r: int = opt(16, "LoRA rank.", min=1)
@@ -152,6 +165,21 @@ class LoraConfig:
         "all-linear",
         "Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj]); each must exist in the model.",
         nonempty=True,
+    )
+    rslora: bool = opt(False, "Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r (for higher ranks).")
+    init: str = opt(
+        "default",
+        "How the adapter starts. default: PEFT's (A Kaiming-uniform, B zero); gaussian: A Gaussian, B zero; eva: A from "
+        "the SVD of the training rows' activations, ranks redistributed (B zero); pissa / pissa_niter_<n>: A and B from "
+        "the principal singular vectors of each weight (exact SVD / n iterations of a randomized one); olora: from a QR "
+        "of each weight; loftq (qlora only): from the 4-bit quantization error of each weight. The base weights stay "
+        "as they are and the reference stays exact (see the README: PEFT methods).",
+        pattern=(LORA_INIT_PATTERN, "default, gaussian, eva, pissa, pissa_niter_<n> (n >= 1), olora, loftq"),
+    )
+    plus_ratio: float | None = opt(
+        None,
+        "LoRA+: B matrices learn at plus_ratio x train.learning_rate (the paper suggests 16); null: one learning rate.",
+        min=1,
     )
 
 

@@ -43,6 +43,7 @@ def reference_cache(cfg, model, device: str, attention: str | None = None):
     from align.core.tracking import process_rank
     from align.dpo.ref_cache import RefLogpCache
     from align.dpo.ref_cache import default_dir as default_cache_dir
+    from align.modeling.lora_init import reference_start_key
     from align.modeling.models import ModelRef, content_hash, resolve_dtype
 
     location = model.name_or_path
@@ -56,6 +57,7 @@ def reference_cache(cfg, model, device: str, attention: str | None = None):
     }
     if cfg.dpo.ld_alpha is not None:  # LD-DPO weights the reference's tail tokens: other values
         key["ld_alpha"] = cfg.dpo.ld_alpha
+    key.update(reference_start_key(cfg))  # LoftQ: the reference is the 4-bit base plus the adapter's start
     directory = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else default_cache_dir()
     return RefLogpCache(directory, key, rank=process_rank())
 

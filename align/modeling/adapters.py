@@ -20,6 +20,7 @@ import logging
 
 from align.core.artifacts import RunDir, atomic_dir, mark_output
 from align.core.errors import ConfigError
+from align.modeling.methods import LORA_FAMILY
 
 log = logging.getLogger("align")
 
@@ -32,7 +33,12 @@ if TYPE_CHECKING:
 
 
 def lora_config(cfg: "LoraConfig", task_type: str = "CAUSAL_LM", use_dora: bool = False) -> "PeftLoraConfig":
+    """PEFT's LoraConfig of a `lora:` section. PiSSA, OLoRA and LoftQ start as PEFT's default and are
+    applied by align.modeling.lora_init.initialize once the adapter exists (the base is kept as it is)."""
+    from peft import EvaConfig
     from peft import LoraConfig as PeftLoraConfig
+
+    from align.modeling.lora_init import peft_init_value
 
     return PeftLoraConfig(
         r=cfg.r,
@@ -40,6 +46,9 @@ def lora_config(cfg: "LoraConfig", task_type: str = "CAUSAL_LM", use_dora: bool 
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         use_dora=use_dora,
+        use_rslora=cfg.rslora,
+        init_lora_weights=peft_init_value(cfg.init),
+        eva_config=EvaConfig() if cfg.init == "eva" else None,
         bias="none",
         task_type=task_type,
     )
@@ -95,7 +104,64 @@ def peft_config_for(cfg: "StageConfig", task_type: str = "CAUSAL_LM", base_locat
     raise ValueError(f"unknown peft.method {method!r}")  # the config's Literal makes this unreachable
 
 
+def attach_adapter(model, cfg: "StageConfig", name: str, *, reference: bool = True, base_location: str | None = None):
+    """A fresh adapter `name` of the stage's `peft:` config on `model` (a plain model becomes a PeftModel; a PEFT
+    model gets one more adapter), with `lora.init` applied; returns the PEFT model. The online stages' way to
+    make their trained adapters; `reference=False` for a second trained adapter that does not define the
+    DPO reference (PPO's value adapter)."""
+    from peft import PeftModel, get_peft_model
+
+    from align.modeling.lora_init import initialize
+
+    config = peft_config_for(cfg, base_location=base_location)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=name)
+    initialize(model, cfg, name, reference=reference)
+    return model
+
+
+def start_adapter(trainer, cfg: "StageConfig", rows: list[dict], tokenizer) -> None:
+    """Finish the adapter a TRL trainer attached from `peft_config_for`, before it trains: `lora.init` (EVA reads
+    `rows`), then LoRA+ param groups for the optimizer it will build."""
+    from peft import PeftModel
+
+    from align.modeling.lora_init import initialize
+    from align.modeling.lora_plus import use_param_groups
+
+    if isinstance(trainer.model, PeftModel):
+        initialize(trainer.model, cfg, trainer.model.active_adapter, rows=rows, tokenizer=tokenizer)
+    use_param_groups(trainer, cfg)
+
+
 _TARGETED = ("lora", "qlora", "dora", "vera", "ia3")  # methods that adapt named modules
+
+
+def check_adapter(cfg: "StageConfig", base: "ModelRef", rows: list[dict], head: str = "causal") -> None:
+    """Pre-flight of the adapter a stage will train, before anything is written: its target modules exist in
+    the base, and its `lora.init` has what it reads (EVA: training rows with responses; LoftQ: the base's
+    full-precision safetensors)."""
+    check_target_modules(cfg, base, head)
+    if cfg.peft.method not in LORA_FAMILY:
+        return
+    from align.modeling.lora_init import eva_batches, has_responses
+
+    init = cfg.lora.init
+    if init == "eva":
+        if not has_responses(rows):
+            raise ConfigError(
+                "lora.init: eva starts A from the activations of the training rows, and this stage's rows are prompts "
+                "alone (an online stage trains on its own samples, which do not exist before the adapter); use default, "
+                "gaussian, pissa, olora or loftq"
+            )
+        from align.modeling.models import load_tokenizer
+
+        eva_batches(rows, load_tokenizer(base, cfg.model), cfg)  # too few tokens: a DataError naming lora.init
+    if init == "loftq" and base.is_local and not any(Path(base.location).glob("*.safetensors")):
+        raise ConfigError(
+            f"lora.init: loftq reads the full-precision weights from the base's safetensors files; {base.location} has none"
+        )
 
 
 def check_target_modules(cfg: "StageConfig", base: "ModelRef", head: str = "causal") -> None:
@@ -389,6 +455,42 @@ class AdapterSet:
 
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
+# PEFT inits whose adapter only means something on the base PEFT changed for it (a residual, a quantization).
+_BASE_BOUND_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def check_combinable_init(source: AdapterSource, config: dict, combination_type: str) -> None:
+    """Refuse adapters whose start a weighted combination would get wrong, naming the adapter and why.
+
+    - PEFT-format PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA adapters (init_lora_weights says so): they belong on the
+      base PEFT rewrote for them, not on this one;
+    - LoftQ (align): each carries its base's quantization error, which weights other than one would scale;
+    - PiSSA/OLoRA saved by align: standard LoRAs [A; A0], [B, -B0]; cat and svd sum their updates exactly,
+      but linear multiplies summed factors, and the starts (the large principal part of W) no longer cancel.
+    """
+    from align.modeling.lora_init import saved_init
+
+    raw = config.get("init_lora_weights")
+    if isinstance(raw, str) and raw.lower().startswith(_BASE_BOUND_INITS):
+        raise ConfigError(
+            f"combine: {source.adapter_dir} is a PEFT {raw} adapter (adapter_config.json init_lora_weights), defined on "
+            "the residual base PEFT made for it; convert it to a standard LoRA first (PEFT's save_pretrained with "
+            "path_initial_model_for_weight_conversion)"
+        )
+    section = source.run.config().get("lora") if source.run is not None else None
+    init = saved_init(source.adapter_dir) or (section.get("init") if isinstance(section, dict) else None)
+    init = init if isinstance(init, str) else "default"  # a run dir is data: anything else means PEFT's default
+    if init == "loftq":
+        raise ConfigError(
+            f"combine: {source.adapter_dir} was trained with lora.init loftq: it starts at its 4-bit base's quantization "
+            "error, which a weighted combination would scale or mix away; combine adapters of other inits"
+        )
+    if combination_type == "linear" and init.startswith(("pissa", "olora")):
+        raise ConfigError(
+            f"combine: --type linear cannot combine {source.adapter_dir} (lora.init {init}): it is saved as [A; A0], "
+            "[B, -B0], and weighting A and B separately leaves the start's cross terms, which are large; use --type cat "
+            "(the exact weighted sum) or svd"
+        )
 
 
 def combine_adapters(sources: list[AdapterSource], weights: list[float], combination_type: str, out_dir: Path) -> Path:
@@ -421,6 +523,7 @@ def combine_adapters(sources: list[AdapterSource], weights: list[float], combina
             raise ConfigError(f"combine: {s.adapter_dir} is a DoRA adapter; its magnitude vectors are not combined by PEFT, so the result would be wrong")
         if config.get("modules_to_save"):
             raise ConfigError(f"combine: {s.adapter_dir} also trains whole modules ({config['modules_to_save']}, e.g. a reward head); those cannot be weighted")
+        check_combinable_init(s, config, combination_type)
         configs.append(config)
     ranks = sorted({c["r"] for c in configs})
     if combination_type == "linear" and len(ranks) > 1:

@@ -74,6 +74,78 @@ METHODS: dict[str, Method] = {
 LORA_FAMILY = ("lora", "qlora", "dora")
 
 
+@dataclass(frozen=True)
+class LoraInit:
+    """One value of `lora.init`: where PEFT's init comes in and what it means for the reference and for merging."""
+
+    name: str
+    what: str
+    # How the fresh adapter relates to the model training starts from:
+    #   zero:   B starts at 0, the adapter has no effect (PEFT's own init, nothing else to do);
+    #   offset: A and B start at factors of the base weight (PiSSA, OLoRA); PEFT would move them out of the
+    #           base (W_res = W - s*B0A0); align keeps W and subtracts s*B0A0 while the adapter is on, and
+    #           saves the adapter converted to a standard LoRA of rank 2r (PEFT's PiSSA/OLoRA conversion);
+    #   restore: A and B start at the 4-bit quantization error (LoftQ): the model starts at Q + s*B0A0, and
+    #           "adapters disabled" gives that model too, so DPO's reference is where training started.
+    start: str
+    bases: tuple[str, ...]  # model.quantization values the init works with
+    dora: bool  # whether it combines with peft.method dora
+    needs_responses: bool = False  # it reads the activations of the training rows (EVA)
+
+
+LORA_INITS: dict[str, LoraInit] = {
+    i.name: i
+    for i in (
+        LoraInit("default", "PEFT's default: A Kaiming-uniform, B zero", "zero", ("none", "4bit", "8bit"), dora=True),
+        LoraInit("gaussian", "A Gaussian (std 1/r), B zero", "zero", ("none", "4bit", "8bit"), dora=True),
+        LoraInit(
+            "eva", "A from the SVD of the layer inputs over training rows, ranks redistributed (PEFT's EVA, rho 2); B zero",
+            "zero", ("none", "4bit"), dora=True, needs_responses=True,
+        ),
+        LoraInit("pissa", "A, B from the principal singular vectors of W (s*BA = its top-r part)", "offset", ("none",), dora=False),
+        LoraInit("olora", "A, B from a QR decomposition of W", "offset", ("none", "4bit"), dora=False),
+        LoraInit("loftq", "A, B from the SVD of the 4-bit quantization error W - Q", "restore", ("4bit",), dora=False),
+    )
+}
+
+
+def lora_init(name: str) -> LoraInit:
+    """The record of a `lora.init` value (pissa_niter_<n> is PiSSA's)."""
+    return LORA_INITS["pissa" if name.startswith("pissa") else name]
+
+
+def check_lora_options(cfg: "StageConfig") -> None:
+    """Refuse `lora.rslora` / `lora.init` / `lora.plus_ratio` settings that cannot work, naming the key."""
+    method, lora = cfg.peft.method, cfg.lora
+    if method not in LORA_FAMILY:
+        for key, value, default in (("init", lora.init, "default"), ("rslora", lora.rslora, False), ("plus_ratio", lora.plus_ratio, None)):
+            if value != default:
+                raise ConfigError(
+                    f"lora.{key}: applies to LoRA adapters (peft.method lora, qlora or dora), and peft.method is {method}; "
+                    f"remove lora.{key} or use one of those methods"
+                )
+        return
+    init = lora_init(lora.init)
+    quant = "4bit" if method == "qlora" else cfg.model.quantization
+    if method == "dora" and not init.dora:
+        raise ConfigError(
+            f"lora.init: {lora.init} does not combine with peft.method dora: DoRA rescales each column of W + BA to a "
+            "learned magnitude, so the starting factors cannot be taken back out of the update (the reference and the "
+            "saved adapter would be wrong); use peft.method lora, or lora.init default, gaussian or eva"
+        )
+    if quant not in init.bases:
+        if init.name == "loftq":
+            why = "LoftQ starts the adapter at the error of the 4-bit quantization, so it needs a 4-bit base"
+            fix = "use peft.method qlora (or model.quantization: 4bit)"
+        elif init.name == "pissa":
+            why = "PiSSA takes the SVD of full-precision weights (PEFT refuses quantized ones)"
+            fix = "use model.quantization: none, or lora.init olora or loftq with qlora"
+        else:
+            why = f"align runs it on {' or '.join(init.bases)} bases only"
+            fix = "choose another lora.init or model.quantization"
+        raise ConfigError(f"lora.init: {lora.init} with a {quant} base (model.quantization / peft.method {method}): {why}; {fix}")
+
+
 def check_method(cfg: "StageConfig", allowed: tuple[str, ...] | None = None, why: str = "") -> None:
     """Reject combinations of peft.method with other keys that cannot work, naming the keys and why.
 
@@ -102,6 +174,7 @@ def check_method(cfg: "StageConfig", allowed: tuple[str, ...] | None = None, why
             "attention cache, and the recomputed forward appends it a second time (attention shape mismatch); "
             "set train.gradient_checkpointing: false"
         )
+    check_lora_options(cfg)
     sft = getattr(cfg, "sft", None)
     if method in ("prompt_tuning", "prefix_tuning") and sft is not None and sft.packing:
         raise ConfigError(

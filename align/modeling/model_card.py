@@ -73,6 +73,14 @@ def _run_label(run: RunDir) -> str:
     return stage if run.path.name == stage else f"{stage} ({run.path.name})"
 
 
+def _saved_as(run: RunDir) -> list[str]:
+    """How a LoRA that started away from zero was saved (align_adapter.json), as a card line."""
+    from align.modeling.lora_init import saved_facts
+
+    facts = saved_facts(run.adapter_dir)
+    return [f"- saved as: {facts['saved_as']} (lora.init {facts.get('lora_init')})"] if isinstance(facts.get("saved_as"), str) else []
+
+
 def _metrics(summary: dict) -> list[tuple[str, str, str]]:
     """(metric, before, after) for every held-out figure the stage recorded."""
     rows = []
@@ -191,7 +199,7 @@ def _objective_options(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in COMMON_SECTIONS and isinstance(v, dict)}
 
 
-def _method_lines(cfg: dict, summary: dict) -> list[str]:
+def _method_lines(run: RunDir, cfg: dict, summary: dict) -> list[str]:
     method = (cfg.get("peft") or {}).get("method", "lora")
     params = summary.get("parameters") or {}
     options = cfg.get("lora") if method in ("lora", "qlora", "dora") else (cfg.get("peft") or {}).get(method)
@@ -200,6 +208,7 @@ def _method_lines(cfg: dict, summary: dict) -> list[str]:
         f"- `{method}`: trains {METHODS[method].trains}" if method in METHODS else f"- `{method}`",
         f"- options: `{options}`" if options else "- options: none",
         f"- DPO reference for this method: {METHODS[method].reference}" if method in METHODS else "",
+        *_saved_as(run),
         f"- trainable parameters: {params.get('trainable', 0):,} of {params.get('total', 0):,} ({_fmt(params.get('trainable_pct'))}%)",
         f"- adapter size on disk: {params.get('adapter_bytes', 0) / 2**20:.2f} MB",
     ]
@@ -343,7 +352,7 @@ def model_card(run: RunDir, options: CardOptions | None = None) -> str:
         "",
         "## Method",
         "",
-        *_method_lines(cfg, summary),
+        *_method_lines(run, cfg, summary),
         "",
         "## Data",
         "",

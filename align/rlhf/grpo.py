@@ -36,7 +36,8 @@ import torch
 from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
-from align.modeling.adapters import peft_config_for
+from align.modeling.adapters import attach_adapter
+from align.modeling.lora_plus import optimizer_groups
 from align.modeling.generation import Sampled, Sampling
 from align.rlhf import group_rows
 from align.rlhf import losses as P
@@ -52,12 +53,10 @@ class GroupPolicy:
     """The base with the policy adapter and the frozen reward adapters, and the passes the update needs."""
 
     def __init__(self, cfg, base, tokenizer, reward_runs, answers):
-        from peft import get_peft_model
-
         self.tokenizer = tokenizer
         plain = models.load_model(base, cfg.model)
         checkpointing = gradient_checkpointing(cfg, plain)
-        self.model = get_peft_model(plain, peft_config_for(cfg), adapter_name=POLICY)
+        self.model = attach_adapter(plain, cfg, POLICY)
         if checkpointing:  # recompute activations in the update's backward (generation runs in eval mode, with its cache)
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rewards = Rewards(cfg.rewards, model=self.model, tokenizer=tokenizer, runs=reward_runs, answers=answers)
@@ -351,12 +350,12 @@ def held_out(gp: GroupPolicy, prompts: list[list[dict]], cfg, seed: int) -> dict
     return held_out_metrics(gp.model, gp.tokenizer, gp.rewards, prompts, sampling(cfg, 1), seed)
 
 
-def optimizer_and_schedule(cfg, params):
+def optimizer_and_schedule(cfg, params, model=None):
     """AdamW over the policy adapter, the schedule counted in optimizer updates."""
     from transformers import get_scheduler
 
     o = options(cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(cfg, params, model), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * current_world().size
     per_step = o.prompts_per_step * o.group_size // per_update
     updates = cfg.train.max_steps * o.epochs * per_step
@@ -408,7 +407,7 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
     gp = GroupPolicy(cfg, stage.base, tokenizer, reward_runs, answers_of(stage.splits.train + stage.splits.eval))
     params = gp.trainable_parameters()
     counts = models.count_parameters(gp.model)
-    optimizer, scheduler = optimizer_and_schedule(cfg, params)
+    optimizer, scheduler = optimizer_and_schedule(cfg, params, gp.model)
     keep = KeepBest(o.keep_best_within_kl, "eval/reward/total")
     start = 0
     if stage.resume_from is not None:

@@ -26,6 +26,7 @@ import torch
 from align.core.artifacts import atomic_dir, atomic_write_json, atomic_write_text
 from align.core.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, load_plain
 from align.core.errors import DataError
+from align.modeling.lora_init import finish_saved_adapter
 
 log = logging.getLogger("align")
 
@@ -144,6 +145,7 @@ def save_standard_adapter(model, name: str, target: Path, modules: dict[str, tor
             for item in (tmp / name).iterdir():
                 item.rename(tmp / item.name)
             (tmp / name).rmdir()
+        finish_saved_adapter(model, tmp, name)  # PiSSA/OLoRA: converted to a LoRA of the unchanged base
         for module_name, module in (modules or {}).items():
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{module_name}.safetensors"))
     return target

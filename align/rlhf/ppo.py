@@ -27,7 +27,7 @@ from align.core.artifacts import RunDir
 from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
-from align.modeling.adapters import load_frozen_adapter, peft_config_for
+from align.modeling.adapters import attach_adapter, load_frozen_adapter
 from align.modeling.generation import Sampled, Sampling, eos_token_ids, position_ids, response_logprobs
 from align.rlhf import loop
 from align.rlhf import losses as P
@@ -56,12 +56,10 @@ class PolicyValueReward:
     """The base with its three adapters, and the forward passes PPO needs."""
 
     def __init__(self, cfg, base, reward_run: RunDir, tokenizer):
-        from peft import get_peft_model
-
         self.tokenizer = tokenizer
         model = models.load_model(base, cfg.model)
-        self.model = get_peft_model(model, peft_config_for(cfg), adapter_name="policy")
-        self.model.add_adapter("value", peft_config_for(cfg))
+        self.model = attach_adapter(model, cfg, "policy")
+        attach_adapter(self.model, cfg, "value", reference=False)
         _, head = load_frozen_adapter(self.model, reward_run.adapter_dir, "reward")
         if head is None:
             raise DataError(f"reward_run: {reward_run.path}/adapter has no score head; is it a reward run?")

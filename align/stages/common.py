@@ -21,7 +21,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from align.modeling.adapters import adapter_bytes
+from align.modeling.adapters import adapter_bytes, start_adapter
+from align.modeling.lora_init import finish_saved_adapter
 from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, check_output_dir, check_owned, hash_json, redact
 from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
 from align.core.data import Splits, distinct_prompts
@@ -81,15 +82,16 @@ def finished_parent(path: str | Path, key: str = "parent_run") -> RunDir:
     return parent
 
 
-def check_training_setup(cfg: StageConfig, base: ModelRef, head: str) -> None:
+def check_training_setup(cfg: StageConfig, base: ModelRef, head: str, rows: list[dict]) -> None:
     """What a training stage can check about its model before anything is written: target modules PEFT would
-    find, and a device for Liger's kernels (known before the model loads)."""
+    find, what `lora.init` reads (align.modeling.adapters.check_adapter), and a device for Liger's kernels
+    (known before the model loads)."""
     import importlib.util
 
-    from align.modeling.adapters import check_target_modules
+    from align.modeling.adapters import check_adapter
     from align.modeling.models import default_device
 
-    check_target_modules(cfg, base, head)
+    check_adapter(cfg, base, rows, head)
     if cfg.train.liger_kernel:
         problem = liger_problem(default_device(), importlib.util.find_spec("liger_kernel") is not None)
         if problem:
@@ -208,7 +210,7 @@ class StageRun:
         if not self.skipped and is_main_process():
             check_output_dir(self.run_dir.path)  # a file, a foreign folder, no write access: refused before any work
         if not self.skipped and isinstance(cfg, StageConfig):
-            check_training_setup(cfg, base, head)
+            check_training_setup(cfg, base, head, splits.train)
         self.resume_from = self._checkpoint_to_resume() if resumable and not self.skipped else None
         self.tracker: Tracker | None = None
         self.prepared: tuple | None = None  # (tokenizer, train_ds, eval_ds, token stats) from prepare_data
@@ -383,6 +385,7 @@ class StageRun:
         trainer.save_model(str(staging))
         trainer.accelerator.wait_for_everyone()
         if is_main_process():
+            finish_saved_adapter(trainer.model, staging)  # PiSSA/OLoRA: converted to a LoRA of the unchanged base
             with atomic_dir(target) as tmp:
                 for item in staging.iterdir():
                     if item.suffix != ".bin":  # training_args.bin is a pickle; RunDirs hold safetensors/text only
@@ -450,6 +453,7 @@ def train_adapter(
     # The weights guard after the interrupt callback: it sees a save that Ctrl-C asked for too.
     guards = [MarkCompleteCallback(), NonFiniteGuard(last_checkpoint), interrupt, NonFiniteWeightsGuard(last_checkpoint), timer]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, stage.run_dir, [stage.callback(), *guards, *callbacks])
+    start_adapter(trainer, cfg, stage.splits.train, tokenizer)
     params = models.count_parameters(trainer.model)
     log.info(
         "%s (%s): %s trainable of %s parameters (%.4g%%)", stage.stage, cfg.peft.method,

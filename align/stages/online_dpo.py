@@ -81,6 +81,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     from align.core.checkpoints import latest_complete
     from align.core.safeguards import NonFiniteGuard, NonFiniteWeightsGuard
     from align.dpo.training import dpo_trainer, fast_path_summary, pair_converter
+    from align.modeling.lora_plus import use_param_groups
     from align.rlhf.online_dpo import restored_forward, stop_on_signal
     from align.stages.common import TrackerCallback, convert_rows, trainer_kwargs
 
@@ -98,6 +99,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     try:
         with restored_forward(model.get_base_model()):
             trainer = dpo_trainer(cfg, model, tokenizer, Dataset.from_list(kept), None, base_args, [*guards, *callbacks])
+            use_param_groups(trainer, cfg)  # LoRA+
             result = trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -120,11 +122,10 @@ def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
 
 def _policy(stage, cfg: OnlineDPOConfig, runs):
     """(tokenizer, the base with the policy as PEFT's "default" adapter and the reward adapters, rewards, engine)."""
-    from peft import get_peft_model
     from transformers import set_seed
 
     from align.modeling import models
-    from align.modeling.adapters import peft_config_for
+    from align.modeling.adapters import attach_adapter
     from align.rlhf import loop
     from align.rlhf.rewards import Rewards, answers_of
     from align.rlhf.rollout import LocalRollout
@@ -133,7 +134,7 @@ def _policy(stage, cfg: OnlineDPOConfig, runs):
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     base_model = models.load_model(stage.base, cfg.model)
     # The policy is PEFT's "default" adapter: TRL's DPOTrainer trains that one.
-    model = get_peft_model(base_model, peft_config_for(cfg, base_location=stage.base.location), adapter_name=loop.DEFAULT_ADAPTER)
+    model = attach_adapter(base_model, cfg, loop.DEFAULT_ADAPTER, base_location=stage.base.location)
     rewards = Rewards(cfg.rewards, model=model, tokenizer=tokenizer, runs=runs, answers=answers_of(stage.splits.train + stage.splits.eval))
     model.set_adapter(loop.DEFAULT_ADAPTER)
     for name, param in model.named_parameters():

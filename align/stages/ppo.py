@@ -74,12 +74,15 @@ class PPOConfig(ChildStageConfig):
             raise ConfigError("train.max_steps: required for PPO (the number of rollout + update steps)")
 
 
-def optimizer_and_schedule(cfg: PPOConfig, params):
-    """AdamW over the trainable parameters, with the learning-rate schedule counted in optimizer updates."""
+def optimizer_and_schedule(cfg: PPOConfig, params, model=None):
+    """AdamW over the trainable parameters (LoRA+ groups with lora.plus_ratio), with the learning-rate schedule
+    counted in optimizer updates."""
     import torch
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    from align.modeling.lora_plus import optimizer_groups
+
+    optimizer = torch.optim.AdamW(optimizer_groups(cfg, params, model), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     updates = cfg.train.max_steps * cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
     updates //= cfg.train.gradient_accumulation_steps
     scheduler = get_scheduler(
@@ -189,7 +192,7 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
         counts = models.count_parameters(pvr.model)
         counts["trainable"] = sum(p.numel() for p in params)
         log.info("ppo: %s trainable (policy + value adapters, value head) of %s parameters", f"{counts['trainable']:,}", f"{counts['total']:,}")
-        optimizer, scheduler = optimizer_and_schedule(cfg, params)
+        optimizer, scheduler = optimizer_and_schedule(cfg, params, pvr.model)
         stats = read_stats(reward_run)
         kl_ctl = P.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
         keep = KeepBest(cfg.ppo.keep_best_within_kl, "eval/reward")
