@@ -330,7 +330,7 @@ def build_variant(name, cfg, model, tokenizer, train_ds, run_dir, cache_dir, dev
             speed = dict(gradient_checkpointing=False, precompute_ref_log_probs=True,
                          use_liger_kernel=device.startswith("cuda") and _liger_available())
             speed["padding_free"] = name == "b-pf"
-        from align.dpo.options import trl_loss_args
+        from align.preference.dpo_options import trl_loss_args
 
         trl_args = TRLDPOConfig(**{**common, **speed}, **trl_loss_args(cfg.dpo), dataset_num_proc=None)
         trainer = DPOTrainer(model=model, args=trl_args, train_dataset=train_ds, processing_class=tokenizer,

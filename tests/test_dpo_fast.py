@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from align.dpo import shared_prefix
-from align.dpo.trainer import AlignDPOTrainer, FastPath
-from align.dpo.ref_cache import RefLogpCache
+from align.preference import shared_prefix
+from align.preference.dpo_trainer import AlignDPOTrainer, FastPath
+from align.preference.ref_cache import RefLogpCache
 
 BATCH = 4
 
@@ -331,7 +331,7 @@ def test_reference_cache_key_names_the_base_and_precision(tiny_model_dir, tmp_pa
     """The stage keys the cache file by the base model's content hash, quantization, dtype, device and attention kernel."""
     from align.core.config import load_config
     from align.stages.dpo import DPOConfig
-    from align.dpo.training import reference_cache
+    from align.preference.dpo_setup import reference_cache
 
     cfg = load_config(DPOConfig, None, {"model.name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
                                         "dpo.ref_cache_dir": str(tmp_path / "c"), "data.path": "bundled:demo-prefs"})
@@ -348,8 +348,8 @@ def test_reference_cache_key_names_the_base_and_precision(tiny_model_dir, tmp_pa
 
 
 def test_plan_falls_back_with_a_reason(tiny_model_dir):
-    from align.dpo.options import DPOOptions
-    from align.dpo.trainer import plan
+    from align.preference.dpo_options import DPOOptions
+    from align.preference.dpo_trainer import plan
 
     model = load_tiny(tiny_model_dir)
     cpu = plan(DPOOptions(), "lora", model)
@@ -438,8 +438,8 @@ def test_fast_path_matches_plain_trl_on_cuda_bf16(tiny_model_dir, tokenizer, tmp
 def test_plan_takes_flex_attention_on_cuda_and_training_runs_under_it(tiny_model_dir, tokenizer, tmp_path):
     """On CUDA the plan picks FlexAttention with padding-free rows for an sdpa-loaded model; train() runs
     under it (the loss on a repeated batch falls) and hands the model back with sdpa."""
-    from align.dpo.trainer import plan
-    from align.dpo.options import DPOOptions
+    from align.preference.dpo_trainer import plan
+    from align.preference.dpo_options import DPOOptions
 
     model = cuda_model(tiny_model_dir, "sdpa")
     fast = plan(DPOOptions(), "lora", model)

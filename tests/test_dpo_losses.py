@@ -22,9 +22,9 @@ from test_dpo_fast import BATCH, first_batch, load_tiny, step, variable_rows
 
 from align.core.config import describe, load_config
 from align.core.errors import ConfigError
-from align.dpo import options as dpo_options
-from align.dpo.ref_cache import RefLogpCache
-from align.dpo.trainer import AlignDPOTrainer, FastPath
+from align.preference import dpo_options
+from align.preference.ref_cache import RefLogpCache
+from align.preference.dpo_trainer import AlignDPOTrainer, FastPath
 from align.stages.dpo import DPOConfig, DPOOptions
 
 
@@ -182,7 +182,7 @@ def test_each_loss_gives_its_formula_on_hand_set_log_ratios(tiny_model_dir, toke
     trainer = trainer_for(o, load_tiny(tiny_model_dir), tokenizer, policy_logps["rows"], tmp_path / "t",
                           fast=FastPath(True, True, {}), cache=cache)
     batch = first_batch(trainer)
-    from align.dpo.ref_cache import pair_digests
+    from align.preference.ref_cache import pair_digests
 
     pc, pr = policy_logps["chosen"], policy_logps["rejected"]
     ref_c = [c - x for c, x in zip(pc, CHOSEN_OFFSETS)]
@@ -262,7 +262,7 @@ def test_every_option_runs_on_the_fast_path_with_trls_results(tiny_model_dir, to
 
 
 def test_ld_alpha_changes_the_reference_values_so_the_cache_key_names_it(tiny_model_dir, tmp_path):
-    from align.dpo.training import reference_cache
+    from align.preference.dpo_setup import reference_cache
 
     def key(**extra):
         cfg = load_config(DPOConfig, None, {"model.name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),

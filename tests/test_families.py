@@ -365,7 +365,7 @@ def dpo_compare(model_dir, tok, tmp_path, fast, max_length, rows):
     from test_dpo_fast import first_batch, make_trainer, step
     from transformers import AutoModelForCausalLM
 
-    from align.dpo.ref_cache import RefLogpCache
+    from align.preference.ref_cache import RefLogpCache
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     plain = make_trainer(copy.deepcopy(base), tok, rows, tmp_path / "plain", fast=None, max_length=max_length)
@@ -397,7 +397,7 @@ def assert_same_step(result_a, result_c):
 def test_dpo_fast_path_equals_trl_or_falls_back_with_its_reason(name, model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from align.dpo.trainer import plan
+    from align.preference.dpo_trainer import plan
     from align.stages.dpo import DPOOptions
 
     model_dir = model_dirs(name)
@@ -423,7 +423,7 @@ def test_sliding_window_longer_than_the_window_falls_back_and_must(name, model_d
     """Past the window, plan() turns prefix sharing off; forcing it on would change the result."""
     from transformers import AutoModelForCausalLM
 
-    from align.dpo.trainer import FastPath, plan
+    from align.preference.dpo_trainer import FastPath, plan
     from align.stages.dpo import DPOOptions
 
     model_dir = model_dirs(name)

@@ -1,4 +1,4 @@
-"""Reference-free preference losses (align/dpo/losses.py): the papers' formulas on hand-picked
+"""Reference-free preference losses (align/preference/losses.py): the papers' formulas on hand-picked
 log-probs, then agreement with TRL's experimental CPO/ORPO trainers (the only place TRL's
 `trl.experimental` is imported): their loss functions on random log-probs, and their whole batch
 loss on the tiny model against our trainer on the same tokens (1e-5).
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from align.dpo.losses import chosen_nll, cpo_loss, orpo_loss, sequence_logps, simpo_loss
+from align.preference.losses import chosen_nll, cpo_loss, orpo_loss, sequence_logps, simpo_loss
 
 T = torch.tensor
 
@@ -135,7 +135,7 @@ def test_orpo_matches_trl_experimental_loss(trl_experimental):
 def _ours(base, tokenizer, rows, objective, share: bool, tmp_path):
     from datasets import Dataset
 
-    from align.dpo.reference_free import ReferenceFreeArguments, ReferenceFreeTrainer
+    from align.preference.objective_trainer import ReferenceFreeArguments, ReferenceFreeTrainer
 
     args = ReferenceFreeArguments(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, report_to=[],
                                   use_cpu=True, max_length=60)
@@ -177,7 +177,7 @@ def test_batch_loss_matches_trl_experimental_trainer(trl_experimental, perturbed
     from datasets import Dataset
     from test_dpo_fast import variable_rows
 
-    from align.dpo.reference_free import Objective
+    from align.preference.objective_trainer import Objective
 
     base, tokenizer = perturbed
     rows = variable_rows(8)

@@ -356,7 +356,7 @@ def test_a_dpo_round_on_a_model_with_a_reward_adapter_trains_only_the_policy(run
     from peft import get_peft_model
 
     from align.core.artifacts import RunDir
-    from align.dpo.training import dpo_trainer
+    from align.preference.dpo_setup import dpo_trainer
     from align.modeling import models
     from align.modeling.adapters import peft_config_for
     from align.rlhf.rewards import Rewards, reward_runs

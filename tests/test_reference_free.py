@@ -56,7 +56,7 @@ def test_tokenization_is_trls(tiny_model_dir):
 
     from align.core.config import DataConfig
     from align.core.data import load_splits
-    from align.dpo.reference_free import tokenize_pairs
+    from align.preference.objective_trainer import tokenize_pairs
     from test_dpo_fast import load_tiny
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

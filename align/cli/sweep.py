@@ -11,7 +11,7 @@ config is loaded and checked before the first run starts, so a bad value or key 
 the error names it. A finished run whose config matches is skipped (the stage's own rule), so an
 interrupted sweep is rerun with the same command (`--resume` also continues an interrupted run
 from its newest checkpoint). DPO-family runs after the first take their reference log-probs from
-the on-disk cache (align/dpo/ref_cache.py): the sweep logs each run's cache hits.
+the on-disk cache (align/preference/ref_cache.py): the sweep logs each run's cache hits.
 
 With `--eval <eval.yaml>` the sweep ends with the eval stage over every run plus the baseline (the
 runs' parent_run, the SFT run): win rates, the reward-vs-KL frontier and the pick at each KL budget.

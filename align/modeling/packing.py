@@ -1,6 +1,6 @@
 """Rows that share a prompt: several responses packed after one copy of their prompt, with a block mask.
 
-A DPO pair (align/dpo/shared_prefix.py) or a GRPO/RLOO group (align/rlhf/group_rows.py) becomes
+A DPO pair (align/preference/shared_prefix.py) or a GRPO/RLOO group (align/rlhf/group_rows.py) becomes
 one segment of tokens, [shared prompt tokens | response 1 | response 2 | ...]; each response
 sees the shared tokens and itself, never another response, and its position ids continue from
 the prompt. `segments` says per token which part it is (PAD, SHARED, or response 1, 2, ...),

@@ -4,7 +4,7 @@ A round: K samples per prompt from the current policy (round 1: the fresh adapte
 model; round n: the adapter as round n-1 left it), each scored by the reward sources
 (align/rlhf/rewards.py), paired per prompt with the shared pairing and structural checks
 (align/core/pairing.py, the same code as `align-data generate`), then DPO on those pairs with the
-shared DPO trainer (align/dpo/training.py). The stage (align/stages/online_dpo.py) runs the rounds.
+shared DPO trainer (align/preference/dpo_setup.py). The stage (align/stages/online_dpo.py) runs the rounds.
 """
 
 from __future__ import annotations

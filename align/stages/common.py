@@ -612,13 +612,13 @@ def run_reference_free_stage(
     extra_eval_keys: tuple[str, ...] = (),
 ) -> RunDir:
     """The run of SimPO, CPO and ORPO: preference data, then the reference-free trainer
-    (align/dpo/reference_free.py) on `objective`; no reference model, no reference forward.
+    (align/preference/objective_trainer.py) on `objective`; no reference model, no reference forward.
 
     `shared_prefix`: the stage's <section>.shared_prefix; `sharing_blocked`: why its objective cannot share
     the prompt (then the two-row layout runs, and the log says why).
     """
-    from align.dpo.reference_free import ReferenceFreeArguments, ReferenceFreeTrainer
-    from align.dpo.trainer import shared_prefix_blocker
+    from align.preference.objective_trainer import ReferenceFreeArguments, ReferenceFreeTrainer
+    from align.preference.dpo_trainer import shared_prefix_blocker
     from align.modeling.adapters import peft_config_for
 
     def prepare(splits, tokenizer, max_length: int):
@@ -814,8 +814,8 @@ def to_datasets(splits: Splits, convert, stage: str, max_length: int, drop_reaso
 
 
 def preference_datasets(splits: Splits, tokenizer, max_length: int, stage: str):
-    """Preference rows as datasets; rows cut or dropped by max_length are counted (align.dpo.training)."""
-    from align.dpo.training import DROP_REASON, pair_converter
+    """Preference rows as datasets; rows cut or dropped by max_length are counted (align.preference.dpo_setup)."""
+    from align.preference.dpo_setup import DROP_REASON, pair_converter
 
     return to_datasets(splits, pair_converter(tokenizer, max_length), stage, max_length, DROP_REASON)
 

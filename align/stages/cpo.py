@@ -4,7 +4,7 @@ loss = mean(-log sigmoid(beta * (log p(chosen) - log p(rejected)))) + nll_weight
 DPO's loss with the reference dropped, plus a behaviour-cloning term on the chosen responses.
 cpo.loss_type swaps the preference term for hinge or ipo (ipo on per-token means), cpo.alpha
 shapes the reward as AlphaPO. No reference model, no reference forward
-(align/dpo/reference_free.py): no step-0 invariant applies. SimPO has its own stage.
+(align/preference/objective_trainer.py): no step-0 invariant applies. SimPO has its own stage.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class CPOConfig(ChildStageConfig):
 
 def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.dpo.reference_free import Objective
+    from align.preference.objective_trainer import Objective
     from align.stages.common import run_reference_free_stage
 
     o = cfg.cpo

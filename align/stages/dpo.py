@@ -14,11 +14,11 @@ the model in memory (no gradients or optimizer state for it). A full run writes 
 trained model to merged/ instead of adapter/.
 
 Losses: every loss option of TRL 1.16's DPOConfig (the 15 loss types, weighted mixtures, RPO,
-WPO, LD-DPO, f-divergences); align/dpo/options.py checks their combinations and maps them to
+WPO, LD-DPO, f-divergences); align/preference/dpo_options.py checks their combinations and maps them to
 TRL's arguments. The step-0 rewards are 0 for all of them; the step-0 loss is each formula's
 value at zero log-ratios (ln 2 for sigmoid).
 
-Speed (align/dpo/trainer.py): each pair's prompt is computed once for both responses (under
+Speed (align/preference/dpo_trainer.py): each pair's prompt is computed once for both responses (under
 FlexAttention on CUDA, all pairs of a micro-batch in one unpadded row), and reference log-probs
 are cached on disk and reused across epochs, runs and sweeps. All are on by default and switch
 themselves off, with a log line, where they cannot run. Every loss option runs on them (the
@@ -31,8 +31,8 @@ import logging
 from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
-from align.dpo import options
-from align.dpo.options import DPO_LOSS_TYPES, DPOOptions  # noqa: F401 - re-exported: callers import them from here too
+from align.preference import dpo_options as options
+from align.preference.dpo_options import DPO_LOSS_TYPES, DPOOptions  # noqa: F401 - re-exported: callers import them from here too
 from align.modeling.methods import resolve_method
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
 
@@ -59,7 +59,7 @@ def prepare(splits, tokenizer, max_length: int):
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
-    from align.dpo.training import dpo_trainer
+    from align.preference.dpo_setup import dpo_trainer
     from align.modeling.adapters import peft_config_for
     from align.stages.common import trainer_kwargs
 
@@ -73,7 +73,7 @@ _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
 
 
 def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
-    from align.dpo.training import fast_path_summary
+    from align.preference.dpo_setup import fast_path_summary
     from align.stages.common import open_stage, train_and_finish
 
     cfg = prepare_config(cfg)

@@ -4,7 +4,7 @@ Round n samples `online.num_samples` responses per prompt from the policy as rou
 (round 1: the fresh adapter, which is the SFT model), scores them with the reward sources
 (judges and reward-model adapters on the same base, align/rlhf/rewards.py), pairs them per prompt
 with the pairing and cleaning `align-data generate` uses (align/core/pairing.py), and trains the
-same adapter on those pairs with the DPO stage's trainer (align/dpo/training.py: TRL's DPOTrainer
+same adapter on those pairs with the DPO stage's trainer (align/preference/dpo_setup.py: TRL's DPOTrainer
 with the fast path). The reference stays the SFT model (the base with adapters disabled) in every
 round. Each round's samples, scores and pairs are kept in rounds/round-<n>/; a checkpoint after a
 round holds the adapter, and --resume continues with the next round.
@@ -18,8 +18,8 @@ from typing import Literal
 
 from align.core.config import opt
 from align.core.pairing import STRATEGIES
-from align.dpo import options
-from align.dpo.options import DPOOptions
+from align.preference import dpo_options as options
+from align.preference.dpo_options import DPOOptions
 from align.modeling.methods import LORA_FAMILY, resolve_method
 from align.rlhf.options import ONLINE_WHY_LORA, OnlineStageConfig, check_keep_best, check_sources
 from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
@@ -80,7 +80,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
 
     from align.core.checkpoints import latest_complete
     from align.core.safeguards import NonFiniteGuard, NonFiniteWeightsGuard
-    from align.dpo.training import dpo_trainer, fast_path_summary, pair_converter
+    from align.preference.dpo_setup import dpo_trainer, fast_path_summary, pair_converter
     from align.modeling.lora_plus import use_param_groups
     from align.rlhf.online_dpo import restored_forward, stop_on_signal
     from align.stages.common import TrackerCallback, convert_rows, trainer_kwargs

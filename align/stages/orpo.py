@@ -5,7 +5,7 @@ odds = p / (1 - p) of the per-token mean probability. The paper's NLL is over th
 tokens (the default); orpo.nll_on_prompt adds the prompt tokens, as ORPO's released code and
 TRL's experimental trainer do, and then runs on the two-row layout (prompt tokens must be
 scored, which the shared-prefix forward does not do). No reference model, no reference forward
-(align/dpo/reference_free.py): no step-0 invariant applies. ORPO is designed to start from a
+(align/preference/objective_trainer.py): no step-0 invariant applies. ORPO is designed to start from a
 base model (it does SFT itself), so model.name_or_path is as natural here as parent_run.
 """
 
@@ -42,7 +42,7 @@ EVAL_KEYS = ("log_odds_ratio", "log_odds_chosen")
 
 def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.dpo.reference_free import Objective
+    from align.preference.objective_trainer import Objective
     from align.stages.common import run_reference_free_stage
 
     o = cfg.orpo

@@ -2,7 +2,7 @@
 
 loss = -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma), the means taken
 per response token. No reference model is loaded and no reference forward runs
-(align/dpo/reference_free.py), so there is no step-0 invariant to check: at step 0 the loss is
+(align/preference/objective_trainer.py), so there is no step-0 invariant to check: at step 0 the loss is
 -log sigmoid(beta * margin_0 - gamma) for the starting model's own margin, not ln 2. With
 simpo.nll_weight > 0 it is CPO-SimPO; with simpo.alpha != 0, AlphaPO. The pairs, tokenization and
 prefix sharing are DPO's.
@@ -41,7 +41,7 @@ class SimPOConfig(ChildStageConfig):
 
 def run(cfg: SimPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.dpo.reference_free import Objective
+    from align.preference.objective_trainer import Objective
     from align.stages.common import run_reference_free_stage
 
     o = cfg.simpo

@@ -2,12 +2,12 @@
 
 TRL stays in charge of the data preparation, the losses, the metrics, checkpointing and
 distribution. Two things change:
-- the batch also carries the shared-prefix rows (align/dpo/shared_prefix.py), and the model
+- the batch also carries the shared-prefix rows (align/preference/shared_prefix.py), and the model
   forward runs them: each pair's prompt is computed once, and the LM head projects only
   response positions. On CUDA the rows run under FlexAttention (a block-sparse mask, all
   pairs of a micro-batch in one unpadded row): train/evaluate/predict switch the model to the
   planned attention and back, so generation keeps the attention the model was loaded with;
-- the reference log-probs come from an on-disk cache (align/dpo/ref_cache.py), computed for a
+- the reference log-probs come from an on-disk cache (align/preference/ref_cache.py), computed for a
   batch the first time one of its pairs is missing. TRL then reads them from the batch, as
   it does with its own `precompute_ref_log_probs`.
 Each part is used where it applies; `plan` says which (and under which attention: FlexAttention
@@ -25,7 +25,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from align.dpo import ref_cache, shared_prefix
+from align.preference import ref_cache, shared_prefix
 from align.modeling.packing import sliding_window_reason
 
 log = logging.getLogger("align")

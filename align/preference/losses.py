@@ -10,7 +10,7 @@ never imports an unstable module.
 
 Each returns a `PreferenceLoss`: the scalar to minimize, the per-pair preference term, and the
 implicit rewards logged as rewards/chosen and rewards/rejected (margins and accuracies follow).
-DPO's own losses stay TRL's (align/dpo/trainer.py), KTO's too (trl.KTOTrainer).
+DPO's own losses stay TRL's (align/preference/dpo_trainer.py), KTO's too (trl.KTOTrainer).
 """
 
 from __future__ import annotations

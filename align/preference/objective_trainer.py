@@ -1,7 +1,7 @@
 """Reference-free preference training: SimPO, CPO (and AlphaPO) and ORPO on the policy's own log-probs.
 
 There is no reference model and no reference forward: the loss reads only the policy's sequence
-log-probs of the chosen and rejected responses (align/dpo/losses.py). So this is a small
+log-probs of the chosen and rejected responses (align/preference/losses.py). So this is a small
 transformers Trainer, not TRL's DPOTrainer (which builds or implies a reference): with full
 fine-tuning nothing but the trained model is in memory, and with an adapter nothing runs with
 the adapter disabled.
@@ -9,7 +9,7 @@ the adapter disabled.
 Shared with DPO: the tokenization (TRL's: the prompt with the generation prompt, the response
 where prompt+response diverges from it), TRL's collator (a batch is [chosen rows; rejected
 rows]), TRL's fused LM head (log-probs without full-vocabulary logits) and, where it can run,
-prefix sharing (align/dpo/shared_prefix.py: each pair's prompt computed once). ORPO's NLL over
+prefix sharing (align/preference/shared_prefix.py: each pair's prompt computed once). ORPO's NLL over
 prompt + response (`orpo.nll_on_prompt`) needs prompt-token log-probs, which the shared-prefix
 forward does not compute: it runs on the two-row layout, and the stage logs why.
 """
@@ -26,8 +26,8 @@ from transformers import Trainer, TrainingArguments
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from align.dpo import losses, shared_prefix
-from align.dpo.trainer import Collator, FastPath
+from align.preference import losses, shared_prefix
+from align.preference.dpo_trainer import Collator, FastPath
 from align.modeling.templates import chat_ids, common_prefix_length
 
 log = logging.getLogger("align")

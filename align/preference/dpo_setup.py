@@ -1,6 +1,6 @@
 """Building the DPO trainer from a stage config: shared by the DPO stage and the online DPO stage.
 
-`cfg` is a stage config with a `dpo:` section (align.dpo.options.DPOOptions), `peft:` and `model:`.
+`cfg` is a stage config with a `dpo:` section (align.preference.dpo_options.DPOOptions), `peft:` and `model:`.
 The HF/TRL arguments every stage shares (batch, schedule, logging, ...) come in as `base_args`
 (align.stages.common.trainer_kwargs), so this module stays below the stages.
 """
@@ -41,8 +41,8 @@ def reference_cache(cfg, model, device: str, attention: str | None = None):
     cached reference ran under the policy's kernel.
     """
     from align.core.tracking import process_rank
-    from align.dpo.ref_cache import RefLogpCache
-    from align.dpo.ref_cache import default_dir as default_cache_dir
+    from align.preference.ref_cache import RefLogpCache
+    from align.preference.ref_cache import default_dir as default_cache_dir
     from align.modeling.lora_init import reference_start_key
     from align.modeling.models import ModelRef, content_hash, resolve_dtype
 
@@ -77,8 +77,8 @@ def dpo_trainer(cfg, model, tokenizer, train_ds, eval_ds, base_args: dict, callb
     from accelerate.utils import is_peft_model
     from trl import DPOConfig as TRLDPOConfig
 
-    from align.dpo.options import describe_loss, trl_loss_args
-    from align.dpo.trainer import AlignDPOTrainer, plan
+    from align.preference.dpo_options import describe_loss, trl_loss_args
+    from align.preference.dpo_trainer import AlignDPOTrainer, plan
 
     plain = model.get_base_model() if is_peft_model(model) else model
     device = str(next(model.parameters()).device)
