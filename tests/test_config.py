@@ -54,8 +54,8 @@ def test_every_shipped_yaml_loads_and_names_its_command(path):
         sweep = load_sweep(str(path), [], None, None, {})  # every grid point's config (and the eval's) is valid
         assert sweep.points and all(p.cfg.stage == sweep.stage and p.cfg.wandb.group == sweep.group for p in sweep.points)
     elif path.stem == "compare_methods":
-        from align.evaluation.compare import stage_configs
-        from align.evaluation.compare import CompareConfig
+        from align.cli.compare import stage_configs
+        from align.cli.compare import CompareConfig
 
         cfg = load_config(CompareConfig, path)
         configs = stage_configs(cfg, path)  # every method's SFT and DPO config is valid

@@ -109,7 +109,7 @@ def test_judge_sources_weighted_total_defaults_and_unscored(runs):
 
 def test_reward_adapter_source_scores_as_the_reward_run_on_the_same_base(runs, tiny_data):
     from align.evaluation.judges import load_judge
-    from align.rlhf.scoring import read_stats
+    from align.modeling.scoring import read_stats
     from align.core.artifacts import RunDir
 
     cfg = group_config(runs, tiny_data, rewards=[{"reward_run": str(runs["reward"]), "normalize": False},

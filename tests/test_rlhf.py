@@ -69,7 +69,7 @@ def test_reward_adapter_reloads_with_identical_scores(runs):
 
     from align.modeling import models
     from align.stages.common import resolve_base
-    from align.rlhf.scoring import score_with_model as score_conversations
+    from align.modeling.scoring import score_with_model as score_conversations
 
     cfg = runs["reward_cfg"]
     base, _ = resolve_base(cfg)
@@ -110,7 +110,7 @@ def test_ppo_step_changes_only_policy_value_and_head(runs, tiny_data):
     from transformers import get_scheduler
 
     from align.rlhf.ppo import ppo_step
-    from align.rlhf.scoring import read_stats
+    from align.modeling.scoring import read_stats
     from align.core.artifacts import RunDir
 
     cfg = ppo_config(runs, tiny_data, **{"train.learning_rate": 5e-3})

@@ -23,7 +23,7 @@ from conftest import REPO
 from align.cli.sweep import SweepConfig
 from align.core.config import Check, PipelineConfig, describe, field_check, load_config
 from align.core.errors import ConfigError
-from align.evaluation.compare import CompareConfig
+from align.cli.compare import CompareConfig
 from align.stages.registry import all_stages
 
 SHIPPED = REPO / "recipes" / "configs" / "smollm2-135m"
@@ -139,7 +139,7 @@ def _main(name: str, argv: list[str]) -> int:
 
         return pipeline_main(argv)
     if name == "compare":
-        from align.evaluation.compare import main
+        from align.cli.compare import main
 
         return main(argv)
     if name == "sweep":

@@ -50,7 +50,7 @@ COMMANDS = (
     Command("sweep", WORKFLOWS, "one stage over a grid of values (its KL knob, learning rate, any key), then an eval",
             "align.cli.sweep"),
     Command("compare-methods", WORKFLOWS, "the same SFT (and DPO) with each PEFT method, side by side",
-            "align.evaluation.compare"),
+            "align.cli.compare"),
     Command("merge", RUNS, "an adapter folded into its base, saved as safetensors", "align.cli.lifecycle", pass_name=True),
     Command("export", RUNS, "a run's adapter in standard PEFT format with a model card", "align.cli.lifecycle", pass_name=True),
     Command("generate", RUNS, "answers from one base with several named adapters", "align.cli.lifecycle", pass_name=True),

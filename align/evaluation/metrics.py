@@ -40,7 +40,7 @@ def perplexity(model, tokenizer, rows: list[dict], max_length: int, batch_size: 
     import torch
 
     from align.modeling.templates import tokenize_for_sft
-    from align.rlhf.scoring import pad_batch
+    from align.modeling.scoring import pad_batch
 
     if not rows:
         return None

@@ -61,7 +61,7 @@ class Policies:
         """Reward-model scores (None without a reward model)."""
         if self.score_head is None:
             return None
-        from align.rlhf.scoring import score_conversations
+        from align.modeling.scoring import score_conversations
 
         self.model.set_adapter("reward")
         base = self.model.get_base_model()

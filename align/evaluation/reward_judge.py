@@ -2,7 +2,7 @@
 
 Loads the reward run's base (the merged SFT model) as a sequence classifier with the
 reward adapter and its score head, and scores prompt + response conversations the way
-the reward stage trained on them (align.rlhf.scoring).
+the reward stage trained on them (align.modeling.scoring).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class RewardModelJudge:
         self._model = PeftModel.from_pretrained(model, str(self.run_dir / "adapter")).eval()
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float | None]:
-        from align.rlhf.scoring import score_with_model
+        from align.modeling.scoring import score_with_model
 
         if self._model is None:
             self._load()

@@ -34,7 +34,7 @@ from align.rlhf import losses as P
 from align.rlhf.distributed import World, row_seed
 from align.rlhf.distributed import world as current_world
 from align.rlhf.rollout import LocalRollout, gather_rollout
-from align.rlhf.scoring import score_conversations
+from align.modeling.scoring import score_conversations
 
 VALUE = "value"  # RunDir folder of the value adapter and head
 

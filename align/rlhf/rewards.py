@@ -7,7 +7,7 @@ weighted total. A source is
   `module:function`): scores text; None where it does not apply (or the source's `default`);
 - a reward run: the reward stage's LoRA adapter and score head, loaded onto the policy's base
   model in memory (align.modeling.adapters.load_frozen_adapter) and scored through
-  align.rlhf.scoring.score_conversations, exactly as the reward stage and PPO score; its score
+  align.modeling.scoring.score_conversations, exactly as the reward stage and PPO score; its score
   is standardized with the run's reward_stats.json unless `normalize: false`.
 
 The total of a response is sum_s weight_s * score_s over the sources that scored it; NaN where
@@ -146,7 +146,7 @@ class Rewards:
         import torch
 
         from align.modeling.adapters import load_frozen_adapter
-        from align.rlhf.scoring import read_stats
+        from align.modeling.scoring import read_stats
 
         if self.model is None or not hasattr(self.model, "peft_config"):
             raise ValueError("a reward_run source needs the stage's PEFT model to load its adapter onto")
@@ -178,7 +178,7 @@ class Rewards:
         import torch
 
         from align.evaluation.judges import shown_prompt
-        from align.rlhf.scoring import score_conversations
+        from align.modeling.scoring import score_conversations
 
         n = len(responses)
         columns = []
@@ -274,7 +274,7 @@ def check_sources_ready(sources: list[RewardSource], runs: dict[int, RunDir], an
     """Before anything is written: every judge builds with its arguments, and every reward run has its score
     head and (normalize: true) readable stats. Reward-model judges (rm:) load a model and are built later."""
     from align.evaluation.judges import build_judge
-    from align.rlhf.scoring import check_reward_files
+    from align.modeling.scoring import check_reward_files
 
     for i, src in enumerate(sources):
         if src.judge and not src.judge.strip().startswith("rm:"):

@@ -124,7 +124,7 @@ def sample_policy(policies, name: str, prompts, cfg: EvalConfig):
 
 def implicit_reward_margins(policies, name: str, pairs, batch_size: int) -> list[float]:
     """Per pair: (log p - log p_ref)(chosen) - (log p - log p_ref)(rejected) under the policy."""
-    from align.rlhf.scoring import completion_logprobs
+    from align.modeling.scoring import completion_logprobs
 
     prompts = [p["prompt"] for p in pairs]
 

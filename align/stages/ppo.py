@@ -167,7 +167,7 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.rlhf.distributed import launched_size
     from align.rlhf.keep_best import KeepBest
     from align.rlhf.loop import notify_train_end
-    from align.rlhf.scoring import check_reward_files, read_stats
+    from align.modeling.scoring import check_reward_files, read_stats
     from align.stages.common import check_prompts_fit, finished_parent, join_processes, log_sample_table, open_stage
 
     cfg = prepare_config(cfg)

@@ -3,7 +3,7 @@
 The adapter is a sequence-classification adapter whose `score` head is saved with it
 (modules_to_save), so it reloads with the same scores. After training, the mean and std
 of the scores of training responses are saved (`reward_stats.json`): PPO normalizes
-rewards with them. Scoring itself lives in align/rlhf/scoring.py, shared with PPO,
+rewards with them. Scoring itself lives in align/modeling/scoring.py, shared with PPO,
 evaluation and the reward-model judge.
 """
 
@@ -82,7 +82,7 @@ def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_di
 def log_pair_table(stage, model, tokenizer, before_label: str, step: int) -> dict:
     """Held-out pairs with their chosen and rejected scores (the reward stage's sample table)."""
     from align.core.tracking import is_main_process
-    from align.rlhf.scoring import score_with_model
+    from align.modeling.scoring import score_with_model
 
     n = stage.cfg.samples.num_prompts
     if not is_main_process() or n <= 0 or not stage.splits.eval:
@@ -105,7 +105,7 @@ _EVAL_KEYS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_re
 def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
     from align.core.artifacts import atomic_write_json
     from align.core.tracking import is_main_process
-    from align.rlhf.scoring import STATS, normalization_stats, score_with_model, stats_sample
+    from align.modeling.scoring import STATS, normalization_stats, score_with_model, stats_sample
     from align.stages.common import held_out_summary, open_stage, train_adapter
 
     cfg = prepare_config(cfg)

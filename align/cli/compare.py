@@ -128,11 +128,11 @@ def stage_configs(cfg: CompareConfig, config_path: Path | None) -> dict[str, dic
 
 def _run_stage(stage: str, stage_cfg: StageConfig, config_file: Path, isolate: bool, force: bool) -> None:
     """Run one stage; a failure is recorded in its RunDir (and the table), not raised."""
-    atomic_write_text(config_file, f"# python -m align.stages {stage} --config {config_file}\n" + to_yaml(stage_cfg))
+    atomic_write_text(config_file, f"# python -m align {stage} --config {config_file}\n" + to_yaml(stage_cfg))
     if isolate:
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        cmd = [sys.executable, "-m", "align.stages", stage, "--config", str(config_file)] + (["--force"] if force else [])
+        cmd = [sys.executable, "-m", "align", stage, "--config", str(config_file)] + (["--force"] if force else [])
         rc = subprocess.run(cmd, env=env).returncode
         if rc != 0:
             log.warning("compare: %s of %s exited with status %d", stage, stage_cfg.peft.method, rc)
