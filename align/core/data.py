@@ -26,7 +26,6 @@ from align.core.artifacts import hash_json
 from align.core.config import DataConfig
 from align.core.errors import DataError
 from align.core.rows import REASONS, pair_serial, preference_problems, serial, unpaired_problems
-from align.modeling.templates import instruction_user_content
 
 BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
 # The file types align-data and the recipes both read (data_tools.readers takes this list): gzip too, except Parquet,
@@ -254,6 +253,13 @@ def _text(row: dict, key: str, where: str) -> str:
     if not isinstance(row[key], str):
         raise DataError(f"{where}: field '{key}': expected a string, got {_kind(row[key])}")
     return row[key]
+
+
+def instruction_user_content(instruction: str, input_text: str | None) -> str:
+    """An Alpaca-style row's user turn; its `input` renders under '### Input:'."""
+    if input_text and input_text.strip():
+        return f"{instruction}\n\n### Input:\n{input_text}"
+    return instruction
 
 
 def normalize_sft(row: Any, where: str) -> dict:

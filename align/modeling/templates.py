@@ -47,13 +47,6 @@ INSTRUCTION_TEMPLATE = (
 )
 
 
-def instruction_user_content(instruction: str, input_text: str | None) -> str:
-    """An Alpaca-style row's user turn; its `input` renders under '### Input:'."""
-    if input_text and input_text.strip():
-        return f"{instruction}\n\n### Input:\n{input_text}"
-    return instruction
-
-
 def apply_chat_template_choice(tokenizer: "PreTrainedTokenizerBase", mode: str, model_name: str) -> str:
     """Install the template that `model.chat_template` asks for; returns which one is in use."""
     has_own = bool(getattr(tokenizer, "chat_template", None))
