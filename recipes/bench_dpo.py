@@ -314,7 +314,7 @@ def build_variant(name, cfg, model, tokenizer, train_ds, run_dir, cache_dir, dev
     from trl import DPOTrainer
 
     from align.modeling.adapters import peft_config_for
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
     from align.stages.dpo import build_trainer
 
     torch.manual_seed(cfg.train.seed)  # the same adapter initialization for every variant
@@ -390,7 +390,7 @@ def largest_batch(trainer, prepared, work: Workload, smallest: int, cap: int) ->
 
 
 def run_variant(name, args, cfg, make_model, tokenizer, work: Workload, workdir, cache_dir, device) -> dict:
-    from align.stages.common import peak_memory_mb, reset_peak_memory
+    from align.core.memory import peak_memory_mb, reset_peak_memory
 
     run_dir_path = workdir / name
     from align.core.artifacts import RunDir

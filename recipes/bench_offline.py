@@ -60,7 +60,7 @@ def run_one(method: str, args) -> dict:
     from align.core.artifacts import RunDir
     from align.core.data import load_splits
     from align.modeling import models
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
     from align.stages.registry import load_stage_config
 
     before, _ = memory_mb()

@@ -182,7 +182,7 @@ def run_ours(args, cfg, train_prompts, eval_prompts) -> dict:
 
     from align.modeling import models
     from align.rlhf import grpo as G
-    from align.stages.common import peak_memory_mb, reset_peak_memory
+    from align.core.memory import peak_memory_mb, reset_peak_memory
 
     set_seed(args.seed)
     base = models.resolve(cfg.model.name_or_path)
@@ -214,7 +214,7 @@ def run_trl(args, cfg, train_prompts, eval_prompts, device: str, workdir: Path) 
     from trl import GRPOConfig, GRPOTrainer
 
     from align.modeling import models
-    from align.stages.common import peak_memory_mb, reset_peak_memory
+    from align.core.memory import peak_memory_mb, reset_peak_memory
 
     base = models.resolve(cfg.model.name_or_path)
     tokenizer = models.load_tokenizer(base, cfg.model)

@@ -71,7 +71,7 @@ def test_peak_memory_restarts_per_stage():
     """A pipeline runs its stages in one process: each stage's peak must be its own."""
     import numpy as np
 
-    from align.stages.common import peak_memory_mb, reset_peak_memory
+    from align.core.memory import peak_memory_mb, reset_peak_memory
 
     block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
     with_block = peak_memory_mb()

@@ -36,7 +36,7 @@ def test_qlora_sft_merge_then_dpo_on_cuda(tmp_path, tiny_model_dir, tiny_data):
 
     from align.modeling.models import load_model, resolve
     from align.stages import dpo, sft
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
 
     common = {"peft.method": "qlora", "train.max_steps": 3, "train.learning_rate": 5e-3, "tracking": "none",
               "samples.num_prompts": 1}

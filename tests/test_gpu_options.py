@@ -10,7 +10,7 @@ import pytest
 from align.core import memory
 from align.core.config import load_config
 from align.core.errors import ConfigError
-from align.stages.common import gradient_checkpointing, liger_problem
+from align.modeling.train_setup import gradient_checkpointing, liger_problem
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
 from conftest import tiny_overrides
@@ -120,7 +120,7 @@ def test_trainer_arguments_carry_the_decisions(tiny_model_dir, tiny_data, tmp_pa
 
     from align.core.artifacts import RunDir
     from align.modeling.models import load_model, resolve
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
 
     cfg = load_config(DPOConfig, None, tiny_overrides(tiny_model_dir, tiny_data["prefs"], tmp_path / "o"))
     model = load_model(resolve(str(tiny_model_dir)), cfg.model, "cpu")

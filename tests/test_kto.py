@@ -166,7 +166,7 @@ def kto_trainer_factory(sft_parent, tiny_data, tmp_path_factory):
     from align.core.artifacts import RunDir
     from align.modeling import models
     from align.stages import kto
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
 
     def make(**extra):
         out = tmp_path_factory.mktemp("kto")

@@ -364,7 +364,7 @@ def test_ppo_policy_and_value_start_at_the_reference_with_lora_plus_groups(onlin
     from align.modeling import models
     from align.modeling.lora_init import StartOffset
     from align.rlhf.ppo import PolicyValueReward
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
     from align.stages.ppo import PPOConfig, optimizer_and_schedule
 
     overrides = tiny_overrides(None, tiny_data["prefs"], online_runs["root"] / "ppo", parent_run=str(online_runs["sft"]),

@@ -71,7 +71,7 @@ def policy(cfg):
     from align.modeling import models
     from align.rlhf.grpo import GroupPolicy
     from align.rlhf.rewards import reward_runs
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
 
     base, _ = resolve_base(cfg)
     tok = models.load_tokenizer(base, cfg.model)
@@ -129,7 +129,7 @@ def test_reward_adapter_source_scores_as_the_reward_run_on_the_same_base(runs, t
 
 def test_reward_source_errors_name_the_key(runs, tiny_data, tmp_path):
     from align.rlhf.rewards import reward_runs
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
 
     bad = [
         ([], "rewards: at least one reward source is required"),
@@ -304,7 +304,7 @@ def test_online_dpo_round_two_samples_from_round_one_policy_against_the_sft_refe
     from align.rlhf.options import RewardSource
     from align.rlhf.rewards import Rewards
     from align.stages import online_dpo
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
 
     cfg, run = online_run
     manifest = json.loads((run.path / "manifest.json").read_text())
@@ -360,7 +360,8 @@ def test_a_dpo_round_on_a_model_with_a_reward_adapter_trains_only_the_policy(run
     from align.modeling import models
     from align.modeling.adapters import peft_config_for
     from align.rlhf.rewards import Rewards, reward_runs
-    from align.stages.common import resolve_base, trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
+    from align.stages.stage_run import resolve_base
 
     cfg = config(OnlineDPOConfig, runs, tiny_data, "round", rewards=[{"reward_run": str(runs["reward"])}],
                  **{"train.max_steps": 2, "train.batch_size": 2, "train.learning_rate": 5e-3, "lora.dropout": 0.0})

@@ -181,7 +181,7 @@ def test_merge_refuses_virtual_token_adapters(sft_runs, tmp_path, capsys):
 
 
 def test_child_stage_of_a_prompt_tuning_run_says_why_it_has_no_base(sft_runs, tiny_data, tmp_path):
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
 
     path, _ = sft_runs("prompt_tuning")
     cfg = load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "dpo", parent_run=str(path)))

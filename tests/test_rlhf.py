@@ -44,7 +44,7 @@ def ppo_config(runs, tiny_data, **extra):
 def build(cfg):
     from align.modeling import models
     from align.core.artifacts import RunDir
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
     from align.rlhf.ppo import PolicyValueReward
 
     base, _ = resolve_base(cfg)
@@ -68,7 +68,7 @@ def test_reward_adapter_reloads_with_identical_scores(runs):
     from peft import PeftModel
 
     from align.modeling import models
-    from align.stages.common import resolve_base
+    from align.stages.stage_run import resolve_base
     from align.modeling.scoring import score_with_model as score_conversations
 
     cfg = runs["reward_cfg"]

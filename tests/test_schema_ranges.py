@@ -233,7 +233,7 @@ def test_warmup_ratio_reaches_the_trainer_as_a_share_of_the_steps(ratio, total, 
     from trl import SFTConfig as TRLSFTConfig
 
     from align.core.artifacts import RunDir
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
     from align.stages.sft import SFTConfig
 
     cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path), "model.name_or_path": "m", "data.path": "d",

@@ -22,7 +22,7 @@ from wandb_offline import read_offline_run
 from align.core.config import load_config
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
-from align.stages.common import resolve_base
+from align.stages.stage_run import resolve_base
 
 PROBE = [{"role": "user", "content": "What is 3 plus one?"}, {"role": "assistant", "content": "4"}]
 

@@ -210,7 +210,7 @@ def test_a_folder_with_a_foreign_manifest_is_left_byte_identical(tmp_path, tiny_
         proc = run_cli(["-m", "align", *args], tmp_path)
         assert proc.returncode == 2 and "align did not write" in error_lines(proc)[0], proc.stderr[-2000:]
     with pytest.raises(ConfigError, match="not an align run dir"):
-        from align.stages.common import finished_parent
+        from align.stages.stage_run import finished_parent
 
         finished_parent(app)
     assert snapshot(app) == before, "a folder align did not create was changed"

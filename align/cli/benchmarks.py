@@ -87,7 +87,7 @@ def record(run, rows: list[dict], raw: dict, cfg) -> None:
 
 def cmd_lm_eval(args) -> int:
     from align.evaluation.harness import Harness, table_lines, task_manager
-    from align.stages.common import finished_parent
+    from align.stages.stage_run import finished_parent
 
     cfg = _settings(args)
     run = finished_parent(args.run, key="RUN")

@@ -1,4 +1,5 @@
-"""Gradient checkpointing chosen by memory: on only when the activations would not fit.
+"""Memory: gradient checkpointing chosen by memory (on only when the activations would not fit), and a
+stage's peak memory.
 
 `train.gradient_checkpointing: auto` estimates the activation memory of one micro-batch from
 its longest possible size (batch x rows per example x max_length tokens), the model's shape and
@@ -130,3 +131,34 @@ def decide_for(cfg, model, device: str, rows_per_example: int) -> Decision:
     if cfg.peft.method == "full":  # every weight gets a gradient and two Adam moments (fp32)
         extra = sum(p.numel() for p in model.parameters()) * (shape.bytes_per_value + 8)
     return decide(shape, tokens, free_memory_bytes(device), extra)
+
+
+# --------------------------------------------------------------------------- a stage's peak memory
+
+
+def reset_peak_memory() -> None:
+    """Start a stage's peak-memory count afresh: a pipeline runs every stage in one process."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the figure stays the process's peak so far
+
+def peak_memory_mb() -> float:
+    """Peak memory since reset_peak_memory: CUDA max allocated on a GPU, else peak resident set size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB

@@ -2,19 +2,23 @@
 
 `cfg` is a stage config with a `dpo:` section (align.preference.dpo_options.DPOOptions), `peft:` and `model:`.
 The HF/TRL arguments every stage shares (batch, schedule, logging, ...) come in as `base_args`
-(align.stages.common.trainer_kwargs), so this module stays below the stages.
+(align.modeling.train_setup.trainer_kwargs).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from align.core.data import Splits
 
 log = logging.getLogger("align")
 
 
 def pair_converter(tokenizer, max_length: int):
-    """`convert(row) -> (example or None, truncated)` for preference rows (align.stages.common.to_datasets).
+    """`convert(row) -> (example or None, truncated)` for preference rows (align.core.examples.to_datasets).
 
     Rows whose prompt alone fills max_length are dropped (TRL would drop them silently); rows
     longer than max_length are kept and truncated (responses cut at the end); both are counted.
@@ -123,3 +127,10 @@ def fast_path_summary(trainer) -> dict:
     if trainer.ref_cache is not None:
         out.update(ref_cache_hits=trainer.ref_cache.hits, ref_cache_misses=trainer.ref_cache.misses)
     return out
+
+
+def preference_datasets(splits: Splits, tokenizer, max_length: int, stage: str):
+    """Preference rows as datasets; rows cut or dropped by max_length are counted."""
+    from align.core.examples import to_datasets
+
+    return to_datasets(splits, pair_converter(tokenizer, max_length), stage, max_length, DROP_REASON)

@@ -48,7 +48,7 @@ class CPOConfig(ChildStageConfig):
 def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
     from align.preference.objective_trainer import Objective
-    from align.stages.common import run_reference_free_stage
+    from align.stages.objective_run import run_reference_free_stage
 
     o = cfg.cpo
     objective = Objective(

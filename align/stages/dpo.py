@@ -53,7 +53,7 @@ class DPOConfig(ChildStageConfig):
 
 
 def prepare(splits, tokenizer, max_length: int):
-    from align.stages.common import preference_datasets
+    from align.preference.dpo_setup import preference_datasets
 
     return preference_datasets(splits, tokenizer, max_length, "dpo")
 
@@ -61,7 +61,7 @@ def prepare(splits, tokenizer, max_length: int):
 def build_trainer(cfg: DPOConfig, model, tokenizer, train_ds, eval_ds, run_dir, callbacks=()):
     from align.preference.dpo_setup import dpo_trainer
     from align.modeling.adapters import peft_config_for
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     base_args = trainer_kwargs(cfg, run_dir, device, has_eval=eval_ds is not None, model=model, rows_per_example=2)
@@ -74,7 +74,8 @@ _EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
 
 def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
     from align.preference.dpo_setup import fast_path_summary
-    from align.stages.common import open_stage, train_and_finish
+    from align.stages.hf_training import train_and_finish
+    from align.stages.stage_run import open_stage
 
     cfg = prepare_config(cfg)
     stage = open_stage(cfg, "preference", force)

@@ -232,7 +232,7 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     from align.evaluation.metrics import compute_table, win_rate
     from align.evaluation.policies import check_adapter_types, load_policies, shared_base
     from align.modeling.models import ModelRef
-    from align.stages.common import StageRun, finished_parent
+    from align.stages.stage_run import StageRun, finished_parent
 
     cfg = prepare_config(cfg)
     runs = {name: finished_parent(path, key=f"runs.{name}") for name, path in cfg.runs.items()}

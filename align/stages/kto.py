@@ -68,7 +68,7 @@ def prepare(splits, tokenizer, max_length: int, seed: int = 0):
     import random
 
     from align.modeling.templates import chat_ids
-    from align.stages.common import to_datasets
+    from align.core.examples import to_datasets
 
     def convert(row):
         if len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)) >= max_length:
@@ -89,7 +89,7 @@ def build_trainer(cfg: KTOConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
     from trl import KTOTrainer
 
     from align.modeling.adapters import peft_config_for
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     args = TRLKTOConfig(
@@ -117,7 +117,8 @@ _EVAL_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margi
 def run(cfg: KTOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
     from align.core.data import kto_balance_note
-    from align.stages.common import open_stage, train_and_finish
+    from align.stages.hf_training import train_and_finish
+    from align.stages.stage_run import open_stage
 
     stage = open_stage(cfg, "unpaired", force, score_threshold=cfg.kto.score_threshold)
     good = sum(row["label"] for row in stage.splits.train)

@@ -83,7 +83,9 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     from align.preference.dpo_setup import dpo_trainer, fast_path_summary, pair_converter
     from align.modeling.lora_plus import use_param_groups
     from align.rlhf.online_dpo import restored_forward, stop_on_signal
-    from align.stages.common import TrackerCallback, convert_rows, trainer_kwargs
+    from align.core.callbacks import TrackerCallback
+    from align.core.examples import convert_rows
+    from align.modeling.train_setup import trainer_kwargs
 
     kept, truncated, dropped = convert_rows(pairs, pair_converter(tokenizer, cfg.train.max_length))
     figures = {"online/pairs_truncated": truncated, "online/pairs_dropped_max_length": dropped, "online/dpo_steps": 0}
@@ -110,7 +112,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
 
 def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.stages.common import open_online_stage
+    from align.stages.online_run import open_online_stage
 
     stage, runs = open_online_stage(cfg, force)
     if stage.skipped:
@@ -156,7 +158,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     from align.rlhf.ppo import batch_prompts
     from align.rlhf.distributed import world
     from align.rlhf.rewards import UnscoredWatch, held_out_metrics
-    from align.stages.common import StepTimer
+    from align.core.callbacks import StepTimer
 
     o, t = cfg.online, cfg.train
     tokenizer, model, rewards, engine = _policy(stage, cfg, runs)
@@ -247,7 +249,7 @@ def _finish(stage, cfg: OnlineDPOConfig, model, tokenizer, run: dict, keep, save
     from align.rlhf import loop
     from align.rlhf.distributed import world
     from align.rlhf.keep_best import keep_last_then_restore
-    from align.stages.common import log_sample_table
+    from align.stages.samples import log_sample_table
 
     o, counts, final, step = cfg.online, run["counts"], run["final"], run["steps"]
     keep_last_then_restore(keep, stage.run_dir.path / CHECKPOINTS / f"checkpoint-{step}", save_last, model, loop.DEFAULT_ADAPTER)

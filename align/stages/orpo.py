@@ -43,7 +43,7 @@ EVAL_KEYS = ("log_odds_ratio", "log_odds_chosen")
 def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
     from align.preference.objective_trainer import Objective
-    from align.stages.common import run_reference_free_stage
+    from align.stages.objective_run import run_reference_free_stage
 
     o = cfg.orpo
     blocked = "orpo.nll_on_prompt needs prompt-token log-probs, which the shared-prefix forward does not compute" if (

@@ -168,7 +168,9 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.rlhf.keep_best import KeepBest
     from align.rlhf.loop import notify_train_end
     from align.modeling.scoring import check_reward_files, read_stats
-    from align.stages.common import check_prompts_fit, finished_parent, join_processes, log_sample_table, open_stage
+    from align.stages.online_run import check_prompts_fit, join_processes
+    from align.stages.samples import log_sample_table
+    from align.stages.stage_run import finished_parent, open_stage
 
     cfg = prepare_config(cfg)
     rl.check_processes(cfg, launched_size())

@@ -26,7 +26,7 @@ from align.evaluation.judges import check_judge_specs
 from align.modeling.methods import check_method
 
 # Modules of this package that are not stages.
-_NOT_STAGES = ("common", "registry")
+_NOT_STAGES = ("registry", "stage_run", "hf_training", "samples", "online_run", "objective_run")
 
 
 @dataclass(frozen=True)

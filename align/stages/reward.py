@@ -43,7 +43,7 @@ class RewardConfig(ChildStageConfig):
 def prepare(splits, tokenizer, max_length: int):
     """Pairs as datasets; TRL drops pairs longer than max_length silently, so they are dropped and counted here."""
     from align.modeling.templates import chat_ids
-    from align.stages.common import to_datasets
+    from align.core.examples import to_datasets
 
     def convert(row):
         longest = max(len(chat_ids(tokenizer, row["prompt"] + row["chosen"])), len(chat_ids(tokenizer, row["prompt"] + row["rejected"])))
@@ -59,7 +59,7 @@ def build_trainer(cfg: RewardConfig, model, tokenizer, train_ds, eval_ds, run_di
     from trl import RewardTrainer
 
     from align.modeling.adapters import peft_config_for
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     args = TRLRewardConfig(
@@ -106,7 +106,8 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
     from align.core.artifacts import atomic_write_json
     from align.core.tracking import is_main_process
     from align.modeling.scoring import STATS, normalization_stats, score_with_model, stats_sample
-    from align.stages.common import held_out_summary, open_stage, train_adapter
+    from align.stages.hf_training import held_out_summary, train_adapter
+    from align.stages.stage_run import open_stage
 
     cfg = prepare_config(cfg)
     stage = open_stage(cfg, "preference", force, head="score")

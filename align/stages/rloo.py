@@ -47,7 +47,7 @@ class RLOOConfig(GroupStageConfig):
 
 def run(cfg, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
-    from align.stages.common import run_group_stage
+    from align.stages.online_run import run_group_stage
 
     return run_group_stage(cfg, force, callbacks)
 

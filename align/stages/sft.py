@@ -43,7 +43,7 @@ class SFTConfig(StageConfig):
 def tokenize(splits, tokenizer, max_length: int):
     """Token ids + assistant-only labels for both splits, with truncation counted."""
     from align.modeling.templates import tokenize_for_sft
-    from align.stages.common import to_datasets
+    from align.core.examples import to_datasets
 
     def convert(row):
         tok = tokenize_for_sft(tokenizer, row["messages"], max_length)
@@ -59,7 +59,7 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_ds, eval_ds, run_dir, 
     from trl import SFTTrainer
 
     from align.modeling.adapters import peft_config_for
-    from align.stages.common import trainer_kwargs
+    from align.modeling.train_setup import trainer_kwargs
 
     device = str(next(model.parameters()).device)
     args = TRLSFTConfig(
@@ -86,7 +86,8 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()):
     from align.core.tracking import is_main_process
     from align.modeling import models
     from align.modeling.adapters import merge_adapter
-    from align.stages.common import open_stage, train_adapter
+    from align.stages.hf_training import train_adapter
+    from align.stages.stage_run import open_stage
 
     cfg = prepare_config(cfg)
     stage = open_stage(cfg, "sft", force)

@@ -42,7 +42,7 @@ class SimPOConfig(ChildStageConfig):
 def run(cfg: SimPOConfig, *, force: bool = False, callbacks=()):
     cfg = prepare_config(cfg)
     from align.preference.objective_trainer import Objective
-    from align.stages.common import run_reference_free_stage
+    from align.stages.objective_run import run_reference_free_stage
 
     o = cfg.simpo
     objective = Objective(

@@ -1,0 +1,79 @@
+"""What the online stages share around their loops (align/rlhf/): opening the run (prompts, reward sources,
+the processes' agreement, prompts that fit), and the run of the group-RL methods (GRPO, RLOO)."""
+
+from __future__ import annotations
+
+from align.core.artifacts import ADAPTER, RunDir
+from align.core.errors import DataError
+from align.stages.samples import log_sample_table
+from align.stages.stage_run import StageRun, resolve_base
+
+
+def open_online_stage(cfg, force: bool, check_processes=None) -> tuple["StageRun", list]:
+    """An online stage's prompts, reward runs (adapters on this base) and StageRun: the launch
+    (`check_processes(n)` refuses a split over n processes that cannot work), data and reward sources
+    checked before anything is written. Returns (stage, reward runs)."""
+    from align.core.data import load_splits
+    from align.rlhf.distributed import launched_size
+    from align.rlhf.rewards import answers_of, check_answers, check_sources_ready, reward_runs, run_inputs
+
+    if check_processes is not None:
+        check_processes(launched_size())
+    splits = load_splits(cfg.data, "prompt", cfg.train.seed)
+    check_answers(cfg.rewards, splits)
+    base, parent = resolve_base(cfg)
+    runs = reward_runs(cfg.rewards, base)
+    check_sources_ready(cfg.rewards, runs, answers_of(splits.train + splits.eval))
+    stage = StageRun(cfg, base=base, splits=splits, parent=parent, force=force, inputs=run_inputs(runs))
+    join_processes(stage)
+    if not stage.skipped:
+        check_prompts_fit(stage)
+    return stage, runs
+
+
+def check_prompts_fit(stage: "StageRun") -> None:
+    """An online stage samples responses of up to <section>.max_new_tokens after each prompt: a prompt whose
+    responses cannot fit train.max_length is refused before the run starts, naming its file and line (it
+    would otherwise be a memory error, or a cut prompt, mid-run)."""
+    from align.modeling import models
+    from align.modeling.templates import chat_ids
+
+    cfg = stage.cfg
+    section = next(name for name in ("online", cfg.stage) if hasattr(getattr(cfg, name, None), "max_new_tokens"))
+    new_tokens, limit = getattr(cfg, section).max_new_tokens, cfg.train.max_length
+    tokenizer = models.load_tokenizer(stage.base, cfg.model)
+    for split, rows in (("train", stage.splits.train), ("eval", stage.splits.eval)):
+        for i, row in enumerate(rows):
+            n = len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True))
+            if n + new_tokens > limit:
+                raise DataError(
+                    f"{stage.splits.where(split, i)}: the prompt is {n} tokens; with {section}.max_new_tokens={new_tokens} its "
+                    f"responses need {n + new_tokens} > train.max_length={limit}: shorten or leave out this prompt, or raise "
+                    "train.max_length"
+                )
+
+
+def join_processes(stage: "StageRun") -> None:
+    """Several processes: they join the launcher's process group and agree on rank 0's decisions (skip,
+    the checkpoint to resume from), so every rank restarts from the same checkpoint."""
+    from align.rlhf.distributed import start
+
+    ranks = start(stage.stage)
+    stage.skipped, stage.resume_from = ranks.broadcast((stage.skipped, stage.resume_from))
+
+
+def run_group_stage(cfg, force: bool, callbacks=()) -> RunDir:
+    """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
+    from align.rlhf import grpo as G
+
+    stage, runs = open_online_stage(cfg, force, lambda n: G.check_processes(cfg, n))
+    if stage.skipped:
+        return stage.run_dir
+    with stage:
+        gp, summary = G.train(stage, cfg, cfg.stage, runs, callbacks)
+        sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
+        summary["samples"] = sampled.get("rows", [])
+        if "judge" in sampled:
+            summary["judge"] = sampled["judge"]
+        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "samples": "samples.jsonl"})
+    return stage.run_dir
