@@ -138,8 +138,8 @@ def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     """A finished SFT run on the tiny model: the parent of child-stage tests."""
     from align.core.config import load_config
     from align.stages.sft import SFTConfig
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     out = tmp_path_factory.mktemp("parent") / "sft"
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none")))
+    run_stage(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none")))
     return out

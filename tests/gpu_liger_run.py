@@ -22,15 +22,15 @@ def main(model_dir: str, sft_data: str, pref_data: str, out: str) -> None:
     from transformers.models.llama import modeling_llama
 
     from align.core.config import load_config
-    from align.stages import dpo, sft
+    from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.sft import SFTConfig
 
     common = {"train.liger_kernel": True, "train.learning_rate": 1e-9, "train.max_steps": 2, "tracking": "none",
               "samples.num_prompts": 0}
     out_dir = Path(out)
-    sft_run = sft.run(load_config(SFTConfig, None, tiny_overrides(Path(model_dir), Path(sft_data), out_dir / "sft", **common)))
-    dpo_run = dpo.run(load_config(DPOConfig, None, tiny_overrides(
+    sft_run = run_stage(load_config(SFTConfig, None, tiny_overrides(Path(model_dir), Path(sft_data), out_dir / "sft", **common)))
+    dpo_run = run_stage(load_config(DPOConfig, None, tiny_overrides(
         None, Path(pref_data), out_dir / "dpo", parent_run=str(out_dir / "sft"), **common)))
     summaries = {name: json.loads((run.path / "manifest.json").read_text())["summary"] for name, run in (("sft", sft_run), ("dpo", dpo_run))}
     print(json.dumps({"rope": modeling_llama.apply_rotary_pos_emb.__module__, **summaries}, default=str))

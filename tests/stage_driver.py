@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from align.cli.recipes import setup_logging  # noqa: E402
-from align.stages.registry import get_stage, load_stage_config  # noqa: E402
+from align.stages.registry import load_stage_config, run_stage  # noqa: E402
 
 
 class SaveTrainable(TrainerCallback):
@@ -61,7 +61,7 @@ def main() -> int:
     if os.environ.get("ALIGN_TEST_KILL_AFTER_CHECKPOINT"):
         kill_after_checkpoint(int(os.environ["ALIGN_TEST_KILL_AFTER_CHECKPOINT"]))
     cfg = load_stage_config(stage, None, overrides)
-    get_stage(stage).run(cfg, callbacks=[SaveTrainable(record)])
+    run_stage(cfg, callbacks=[SaveTrainable(record)])
     return 0
 
 

@@ -375,14 +375,14 @@ def test_dpo_stage_beta_sweep_reuses_the_reference(sft_parent, tiny_data, tmp_pa
 
     from align.core.config import load_config
     from align.stages.dpo import DPOConfig
-    from align.stages import dpo
+    from align.stages.registry import run_stage
     from conftest import read_metrics, tiny_overrides
 
     def run(beta):
         overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / f"beta-{beta}", parent_run=str(sft_parent), **{
             "dpo.beta": beta, "dpo.ref_cache_dir": str(tmp_path / "cache"), "tracking": "none", "samples.num_prompts": 0,
         })
-        path = dpo.run(load_config(DPOConfig, None, overrides)).path
+        path = run_stage(load_config(DPOConfig, None, overrides)).path
         summary = json.loads((path / "manifest.json").read_text())["summary"]
         step0 = next(r for r in read_metrics(path) if r["_step"] == 0 and "eval/loss" in r)
         return summary, step0

@@ -488,7 +488,7 @@ def test_qlora_sft_then_dpo_reward_and_ppo_run_on_the_family(name, model_dirs, t
     from safetensors.torch import load_file
 
     from align.core.artifacts import RunDir
-    from align.stages import dpo, ppo, reward, sft
+    from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.ppo import PPOConfig
     from align.stages.reward import RewardConfig
@@ -496,7 +496,7 @@ def test_qlora_sft_then_dpo_reward_and_ppo_run_on_the_family(name, model_dirs, t
 
     model_dir = model_dirs(name)
     data = family_data(tmp_path)
-    run_sft = sft.run(load_config(SFTConfig, None, stage_overrides(model_dir, data, tmp_path / "sft", **{"peft.method": "qlora", "train.max_steps": 1})))
+    run_sft = run_stage(load_config(SFTConfig, None, stage_overrides(model_dir, data, tmp_path / "sft", **{"peft.method": "qlora", "train.max_steps": 1})))
     manifest = json.loads((run_sft.path / "manifest.json").read_text())
     assert manifest["status"] == "finished" and RunDir(run_sft.path).config()["model"]["quantization"] == "4bit"
     assert any("chosen answers of 16 preference rows" in note for note in manifest["dataset"]["notes"])
@@ -505,7 +505,7 @@ def test_qlora_sft_then_dpo_reward_and_ppo_run_on_the_family(name, model_dirs, t
     assert (run_sft.path / "merged" / "config.json").is_file()
 
     parent = {"parent_run": str(run_sft.path)}
-    run_dpo = dpo.run(load_config(DPOConfig, None, stage_overrides(None, data, tmp_path / "dpo", **parent)))
+    run_dpo = run_stage(load_config(DPOConfig, None, stage_overrides(None, data, tmp_path / "dpo", **parent)))
     first = next(r for r in read_metrics(run_dpo.path) if "train/loss" in r)
     # The reference is the merged SFT model with the adapter off: the first step's loss is ln 2.
     assert first["_step"] == 1 and first["train/loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -518,7 +518,7 @@ def test_qlora_sft_then_dpo_reward_and_ppo_run_on_the_family(name, model_dirs, t
         assert described.startswith("DPO fast path: shared_prefix (") and "ref_cache" in described
         assert "shared_prefix off" not in described
 
-    run_rm = reward.run(load_config(RewardConfig, None, stage_overrides(None, data, tmp_path / "reward", **parent,
+    run_rm = run_stage(load_config(RewardConfig, None, stage_overrides(None, data, tmp_path / "reward", **parent,
                                                                        **{"reward.stats_samples": 4})))
     rm_config = json.loads((run_rm.path / "adapter" / "adapter_config.json").read_text())
     assert rm_config["task_type"] == "SEQ_CLS" and "score" in rm_config["modules_to_save"]
@@ -526,7 +526,7 @@ def test_qlora_sft_then_dpo_reward_and_ppo_run_on_the_family(name, model_dirs, t
 
     ppo_cfg = load_config(PPOConfig, None, stage_overrides(None, data, tmp_path / "ppo", **parent, reward_run=str(run_rm.path), **{
         "train.max_steps": 1, "ppo.rollout_batch_size": 2, "ppo.minibatch_size": 2, "ppo.max_new_tokens": 4}))
-    run_ppo = ppo.run(ppo_cfg)
+    run_ppo = run_stage(ppo_cfg)
     step = next(r for r in read_metrics(run_ppo.path) if "ppo/kl" in r)
     assert step["ppo/kl"] == pytest.approx(0.0, abs=1e-5), "rollouts of a fresh policy adapter are the reference's"
     assert math.isfinite(step["ppo/value_loss"]) and step["ppo/response_length"] > 0

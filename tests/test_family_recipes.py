@@ -118,7 +118,7 @@ def recipe_overrides(model_dir: Path | None, data: Path, out: Path, **extra) -> 
 @pytest.mark.parametrize("folder", [f if f == DEFAULT_FOLDER else pytest.param(f, marks=pytest.mark.slow) for f in FOLDERS])
 def test_recipes_run_two_steps_on_a_tiny_model_of_the_family(folder, ultrafeedback, base_tokenizer, tmp_path):
     from align.core.artifacts import RunDir
-    from align.stages.registry import get_stage, load_stage_config
+    from align.stages.registry import load_stage_config, run_stage
 
     data, _ = ultrafeedback
     family, checkpoint = checkpoint_of(folder)
@@ -129,7 +129,7 @@ def test_recipes_run_two_steps_on_a_tiny_model_of_the_family(folder, ultrafeedba
         overrides = recipe_overrides(model_dir if parent is None else None, data, tmp_path / name,
                                      **({"parent_run": str(runs[parent])} if parent else {}))
         cfg = load_stage_config(stage, path, overrides)
-        runs[name] = get_stage(stage).run(cfg).path
+        runs[name] = run_stage(cfg).path
         manifest = json.loads((runs[name] / "manifest.json").read_text())
         assert manifest["status"] == "finished" and manifest["summary"]["steps"] == 2, name
         shipped = load_stage_config(stage, path)  # the recipe's own values reached the run

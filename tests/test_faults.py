@@ -132,11 +132,11 @@ class InjectNaN(TrainerCallback):
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, tiny_data):
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     flat = stage_overrides("sft", tmp_path, tiny_model_dir, tiny_data, **{"train.max_steps": 10, "train.save_steps": 2})
     with pytest.raises(AlignError, match=r"non-finite gradient at step 5 .*last good checkpoint is .*checkpoint-4"):
-        sft.run(load_config(SFTConfig, None, flat), callbacks=[InjectNaN(at_step=5)])
+        run_stage(load_config(SFTConfig, None, flat), callbacks=[InjectNaN(at_step=5)])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "step 5" in manifest["error"]
     weights = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
@@ -149,11 +149,11 @@ class RaiseOOM(TrainerCallback):
 
 
 def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, tiny_model_dir, tiny_data):
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     flat = stage_overrides("sft", tmp_path, tiny_model_dir, tiny_data, **{"train.batch_size": 4})
     with pytest.raises(AlignError) as err:
-        sft.run(load_config(SFTConfig, None, flat), callbacks=[RaiseOOM()])
+        run_stage(load_config(SFTConfig, None, flat), callbacks=[RaiseOOM()])
     msg = str(err.value)
     assert msg.startswith("CUDA out of memory at step 2")
     assert "train.batch_size=2 with train.gradient_accumulation_steps=2" in msg
@@ -164,17 +164,18 @@ def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, tiny_mode
 def test_full_disk_refuses_to_start(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     import shutil
 
-    from align.stages import sft
+
+    from align.stages.registry import run_stage
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     flat = stage_overrides("sft", tmp_path, tiny_model_dir, tiny_data)
     with pytest.raises(AlignError, match=r"output_dir: .* has 0\.00 GiB free; this stage needs about"):
-        sft.run(load_config(SFTConfig, None, flat))
+        run_stage(load_config(SFTConfig, None, flat))
     assert not (tmp_path / "out").exists()
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, tiny_data, sft_parent):
-    from align.stages import dpo
+    from align.stages.registry import run_stage
 
     flat = stage_overrides("dpo", tmp_path, tiny_model_dir, tiny_data, sft_parent, **{"train.max_steps": 2})
 
@@ -183,6 +184,6 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, tiny_data, 
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        dpo.run(load_config(DPOConfig, None, flat), callbacks=[Boom()])
+        run_stage(load_config(DPOConfig, None, flat), callbacks=[Boom()])
     with pytest.raises(ConfigError, match="resume: .* holds a run of a different config"):
-        dpo.run(load_config(DPOConfig, None, {**flat, "dpo.beta": 0.5, "resume": True}))
+        run_stage(load_config(DPOConfig, None, {**flat, "dpo.beta": 0.5, "resume": True}))

@@ -35,12 +35,12 @@ def test_qlora_sft_merge_then_dpo_on_cuda(tmp_path, tiny_model_dir, tiny_data):
     from safetensors.torch import load_file
 
     from align.modeling.models import load_model, resolve
-    from align.stages import dpo, sft
+    from align.stages.registry import run_stage
     from align.stages.stage_run import resolve_base
 
     common = {"peft.method": "qlora", "train.max_steps": 3, "train.learning_rate": 5e-3, "tracking": "none",
               "samples.num_prompts": 1}
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **common)))
+    run_stage(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **common)))
     merged_dir, adapter_dir = tmp_path / "sft" / "merged", tmp_path / "sft" / "adapter"
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
 
@@ -63,7 +63,7 @@ def test_qlora_sft_merge_then_dpo_on_cuda(tmp_path, tiny_model_dir, tiny_data):
     assert checked == 2
 
     dpo_cfg = load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "dpo", parent_run=str(tmp_path / "sft"), **common))
-    run = dpo.run(dpo_cfg)
+    run = run_stage(dpo_cfg)
     first = next(r for r in read_metrics(run.path) if r["_step"] == 1 and "train/loss" in r)
     assert first["train/loss"] == pytest.approx(LN2, abs=1e-3)
     assert first["train/rewards/chosen"] == pytest.approx(0.0, abs=1e-3)
@@ -96,15 +96,16 @@ def test_reference_free_and_group_methods_on_cuda(tmp_path, tiny_model_dir, tiny
     to the reference and its adapter moved."""
     from safetensors.torch import load_file
 
-    from align.stages import grpo, simpo, sft
+
+    from align.stages.registry import run_stage
     from align.stages.grpo import GRPOConfig
     from align.stages.simpo import SimPOConfig
 
     common = {"train.max_steps": 2, "tracking": "none", "samples.num_prompts": 1}
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **common)))
+    run_stage(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **common)))
     parent = str(tmp_path / "sft")
 
-    run = simpo.run(load_config(SimPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "simpo", parent_run=parent, **common)))
+    run = run_stage(load_config(SimPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "simpo", parent_run=parent, **common)))
     summary = json.loads((run.path / "manifest.json").read_text())["summary"]
     assert summary["batch_layout"] == "shared prefix"
     assert math.isfinite(summary["eval_loss_after"])
@@ -113,7 +114,7 @@ def test_reference_free_and_group_methods_on_cuda(tmp_path, tiny_model_dir, tiny
                                rewards=[{"judge": "length", "args": {"max_words": 3}}],
                                **{"train.batch_size": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4,
                                   "grpo.max_new_tokens": 6, "grpo.eval_prompts": 3})
-    run = grpo.run(load_config(GRPOConfig, None, overrides))
+    run = run_stage(load_config(GRPOConfig, None, overrides))
     step0 = next(r for r in read_metrics(run.path) if r["_step"] == 0 and "eval/kl" in r)
     assert step0["eval/kl"] == 0.0, "the fresh adapter is the reference exactly"
     summary = json.loads((run.path / "manifest.json").read_text())["summary"]

@@ -40,11 +40,11 @@ def local_task(folder: Path, n: int = 12) -> Path:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     from align.core.config import load_config
-    from align.stages import sft
+    from align.stages.registry import run_stage
     from align.stages.sft import SFTConfig
 
     out = tmp_path_factory.mktemp("lm-eval") / "sft"
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="wandb")))
+    run_stage(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="wandb")))
     return out
 
 
@@ -102,13 +102,13 @@ def test_the_eval_stage_scores_every_policy_next_to_its_win_rates(sft_run, tiny_
     """The eval stage's lm_eval section: each policy on the one loaded base, the same figures as `align lm-eval`."""
     from align.cli.main import main
     from align.core.config import load_config
-    from align.stages import dpo, eval as eval_stage
+    from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.eval import EvalConfig
 
     tasks = local_task(tmp_path / "tasks")
     dpo_run = tmp_path / "dpo"
-    dpo.run(load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], dpo_run, parent_run=str(sft_run), tracking="none",
+    run_stage(load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], dpo_run, parent_run=str(sft_run), tracking="none",
                                                         **{"train.learning_rate": 5e-2})))
     cfg = load_config(EvalConfig, None, {
         "output_dir": str(tmp_path / "pipe" / "eval"), "runs": {"sft": str(sft_run), "dpo": str(dpo_run)},
@@ -116,7 +116,7 @@ def test_the_eval_stage_scores_every_policy_next_to_its_win_rates(sft_run, tiny_
         "num_prompts": 2, "num_pairs": 2, "bootstrap": 10, "sampling.max_new_tokens": 2, "tracking": "none",
         "lm_eval.tasks": [TASK], "lm_eval.include_path": str(tasks),
     })
-    run = eval_stage.run(cfg)
+    run = run_stage(cfg)
     results = json.loads((run.path / "eval.json").read_text())
     staged = {(r["model"], r["metric"]): r["value"] for r in results["lm_eval"]["rows"]}
     assert set(staged) == {(p, m) for p in ("sft", "dpo") for m in ("acc", "acc_norm")}

@@ -225,11 +225,12 @@ def test_loss_and_rewards_follow_the_formula_on_hand_set_reference(kto_trainer_f
 def test_step0_policy_is_the_reference(sft_parent, tiny_data, tmp_path, tiny_model_dir):
     """At step 0 every reward and the KL estimate are 0 and the loss is 1 - sigmoid(0) = 0.5; then only the adapter trains."""
     from align.stages import kto
+    from align.stages.registry import run_stage
 
     rec = Recorder(probe_ids(tiny_model_dir))
     overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / "kto", parent_run=str(sft_parent),
                                **{"tracking": "none", "samples.num_prompts": 0})
-    run = kto.run(load_config(KTOConfig, None, overrides), callbacks=[rec])
+    run = run_stage(load_config(KTOConfig, None, overrides), callbacks=[rec])
     step0 = next(r for r in read_metrics(run.path) if r["_step"] == 0 and "eval/loss" in r)
     assert step0["eval/loss"] == pytest.approx(0.5, abs=1e-6)
     for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/kl"):
@@ -304,10 +305,10 @@ def test_a_kto_balance_outside_the_papers_range_is_named_with_the_weights_that_f
 
 
 def test_the_kto_stage_names_an_unbalanced_weighting_in_its_data_notes(sft_parent, tiny_data, tmp_path):
-    from align.stages import kto
+    from align.stages.registry import run_stage
 
     overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / "kto-weights", parent_run=str(sft_parent),
                                **{"tracking": "none", "samples.num_prompts": 0, "train.max_steps": 1, "kto.desirable_weight": 3.0})
-    run = kto.run(load_config(KTOConfig, None, overrides))
+    run = run_stage(load_config(KTOConfig, None, overrides))
     manifest = (run.path / "manifest.json").read_text()
     assert "weighted ratio 3.00" in manifest and "kto.desirable_weight=1 kto.undesirable_weight=1 would bring it in" in manifest

@@ -55,7 +55,7 @@ class Groups(TrainerCallback):
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory, sft_parent, tiny_data, tiny_model_dir):
     """variant -> (DPO RunDir path, Recorder, Groups); each variant trains once, when a test first asks for it."""
-    from align.stages import dpo
+    from align.stages.registry import run_stage
 
     root = tmp_path_factory.mktemp("variants")
     done: dict[str, tuple] = {}
@@ -65,7 +65,7 @@ def variant_runs(tmp_path_factory, sft_parent, tiny_data, tiny_model_dir):
             rec, groups = Recorder(probe_ids(tiny_model_dir)), Groups()
             overrides = tiny_overrides(None, tiny_data["prefs"], root / name, parent_run=str(sft_parent), tracking="none",
                                        **{"lora.r": LORA_R, "samples.num_prompts": 1, **VARIANTS[name]})
-            run = dpo.run(load_config(DPOConfig, None, overrides), callbacks=[rec, groups])
+            run = run_stage(load_config(DPOConfig, None, overrides), callbacks=[rec, groups])
             assert run.is_finished()
             done[name] = (run.path, rec, groups)
         return done[name]
@@ -303,7 +303,7 @@ def test_loftq_factors_equal_peft_replace_lora_weights_loftq_on_cuda(tiny_model_
 
 
 def test_grpo_trains_pissa_with_lora_plus_from_its_reference(tmp_path, sft_parent, tiny_data):
-    from align.stages import grpo
+    from align.stages.registry import run_stage
     from align.stages.grpo import GRPOConfig
 
     out = tmp_path / "grpo"
@@ -311,7 +311,7 @@ def test_grpo_trains_pissa_with_lora_plus_from_its_reference(tmp_path, sft_paren
         "train.max_steps": 2, "train.batch_size": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.max_new_tokens": 6,
         "grpo.eval_prompts": 3, "samples.num_prompts": 1, "lora.r": LORA_R, "lora.init": "pissa", "lora.plus_ratio": RATIO,
     })
-    run = grpo.run(load_config(GRPOConfig, None, overrides))
+    run = run_stage(load_config(GRPOConfig, None, overrides))
     assert run.is_finished()
     first = next(row for row in read_metrics(out) if "eval/kl" in row)
     assert first["_step"] == 0 and first["eval/kl"] == 0.0, "the reference is the policy training started from"
@@ -325,14 +325,15 @@ def test_reward_model_with_pissa_saves_its_score_head_beside_the_converted_adapt
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from align.stages import reward
+
+    from align.stages.registry import run_stage
     from align.stages.reward import RewardConfig
 
     rec = Recorder(probe_ids(tiny_model_dir))
     out = tmp_path / "reward"
     overrides = tiny_overrides(None, tiny_data["prefs"], out, parent_run=str(sft_parent), tracking="none",
                                **{"lora.r": LORA_R, "lora.init": "pissa", "reward.stats_samples": 8, "samples.num_prompts": 0})
-    assert reward.run(load_config(RewardConfig, None, overrides), callbacks=[rec]).is_finished()
+    assert run_stage(load_config(RewardConfig, None, overrides), callbacks=[rec]).is_finished()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * LORA_R
     base = AutoModelForSequenceClassification.from_pretrained(sft_parent / "merged", num_labels=1, dtype=torch.float32)
     base.config.pad_token_id = base.config.eos_token_id
@@ -341,7 +342,7 @@ def test_reward_model_with_pissa_saves_its_score_head_beside_the_converted_adapt
 
 
 def test_online_dpo_trains_olora_with_lora_plus_from_its_reference(tmp_path, online_runs, tiny_data):
-    from align.stages import online_dpo
+    from align.stages.registry import run_stage
     from align.stages.online_dpo import OnlineDPOConfig
 
     out = tmp_path / "online"
@@ -350,7 +351,7 @@ def test_online_dpo_trains_olora_with_lora_plus_from_its_reference(tmp_path, onl
         "online.rounds": 1, "online.prompts_per_round": 4, "online.num_samples": 3, "online.max_new_tokens": 6, "online.eval_prompts": 3,
         "train.batch_size": 2, "lora.dropout": 0.0, "samples.num_prompts": 1, "lora.r": LORA_R, "lora.init": "olora", "lora.plus_ratio": RATIO,
     })
-    assert online_dpo.run(load_config(OnlineDPOConfig, None, overrides)).is_finished()
+    assert run_stage(load_config(OnlineDPOConfig, None, overrides)).is_finished()
     rows = read_metrics(out)
     assert rows[0]["_step"] == 0 and rows[0]["eval/kl"] == 0.0
     first = next(r for r in rows if "train/loss" in r)

@@ -135,12 +135,12 @@ def test_orpo_matches_trl_experimental_loss(trl_experimental):
 def _ours(base, tokenizer, rows, objective, share: bool, tmp_path):
     from datasets import Dataset
 
-    from align.preference.objective_trainer import ReferenceFreeArguments, ReferenceFreeTrainer
+    from align.preference.objective_trainer import ObjectiveArguments, ObjectiveTrainer
 
-    args = ReferenceFreeArguments(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, report_to=[],
-                                  use_cpu=True, max_length=60)
-    return ReferenceFreeTrainer(copy.deepcopy(base), args, objective, Dataset.from_list(rows), processing_class=tokenizer,
-                                shared_prefix_forward=share)
+    args = ObjectiveArguments(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, report_to=[],
+                              use_cpu=True, max_length=60)
+    return ObjectiveTrainer(copy.deepcopy(base), args, objective, Dataset.from_list(rows), processing_class=tokenizer,
+                            shared_prefix_forward=share)
 
 
 def _trl_batch(batch: dict) -> dict:
@@ -177,20 +177,19 @@ def test_batch_loss_matches_trl_experimental_trainer(trl_experimental, perturbed
     from datasets import Dataset
     from test_dpo_fast import variable_rows
 
-    from align.preference.objective_trainer import Objective
+    from align.preference.objectives import CPO, ORPO, SimPO
 
     base, tokenizer = perturbed
     rows = variable_rows(8)
     common = dict(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, max_length=60)
     if method == "orpo":
-        objective = Objective("orpo", beta=0.3, nll_on_prompt=True)
+        objective = ORPO(beta=0.3, nll_on_prompt=True)
         args = trl_experimental.ORPOConfig(beta=0.3, **common)
         reference = trl_experimental.ORPOTrainer
     else:
         loss_type = {"simpo": "simpo", "cpo": "sigmoid", "cpo-ipo": "ipo"}[method]
         nll_weight = 0.0 if method == "simpo" else 1.0
-        objective = Objective("simpo" if method == "simpo" else "cpo", beta=2.0 if method == "simpo" else 0.1,
-                              loss_type="sigmoid" if method == "simpo" else loss_type, gamma=0.6, nll_weight=nll_weight)
+        objective = SimPO(beta=2.0, gamma=0.6) if method == "simpo" else CPO(beta=0.1, loss_type=loss_type, nll_weight=nll_weight)
         args = trl_experimental.CPOConfig(beta=objective.beta, loss_type=loss_type, simpo_gamma=0.6, cpo_alpha=nll_weight, **common)
         reference = trl_experimental.CPOTrainer
     ours = _ours(base, tokenizer, rows, objective, share, tmp_path)

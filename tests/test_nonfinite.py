@@ -50,13 +50,13 @@ def manifest(run: Path) -> dict:
 
 def test_a_run_driven_to_nan_weights_fails_and_is_not_merged_or_exported(tiny_model_dir, tiny_data, tmp_path, capsys):
     from align.cli import lifecycle
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     out = tmp_path / "nan"
     cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none",
                                                        **{"train.learning_rate": 1e308, "train.max_steps": 1}))
     with pytest.raises(NonFiniteWeightsError, match=r"non-finite weights after step 1 .*no checkpoint was saved before"):
-        sft.run(cfg)
+        run_stage(cfg)
     m = manifest(out)
     assert m["status"] == "failed" and "step 1" in m["error"]
     assert not (out / "adapter").exists() and not (out / "merged").exists()  # nothing non-finite saved as the run's output
@@ -80,13 +80,13 @@ class PoisonBeforeUpdate(TrainerCallback):
 
 
 def test_non_finite_weights_fail_before_the_checkpoint_and_keep_the_last_finite_one(tiny_model_dir, tiny_data, tmp_path):
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     out = tmp_path / "run"
     cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none",
                                                        **{"train.max_steps": 4, "train.save_steps": 1, "samples.num_prompts": 0}))
     with pytest.raises(NonFiniteWeightsError, match=r"non-finite weights after step 2 \(first in .*lora.*\); the last finite checkpoint is .*checkpoint-1"):
-        sft.run(cfg, callbacks=[PoisonBeforeUpdate(at=2)])
+        run_stage(cfg, callbacks=[PoisonBeforeUpdate(at=2)])
     assert manifest(out)["status"] == "failed"
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1"]
     weights = load_file(out / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors")
@@ -113,7 +113,7 @@ def test_a_non_finite_held_out_loss_fails_the_evaluation(tiny_model_dir):
 
 
 def test_grpo_driven_to_nan_weights_fails(sft_parent, tiny_data, tmp_path):
-    from align.stages import grpo
+    from align.stages.registry import run_stage
 
     out = tmp_path / "grpo"
     cfg = load_config(GRPOConfig, None, tiny_overrides(
@@ -121,7 +121,7 @@ def test_grpo_driven_to_nan_weights_fails(sft_parent, tiny_data, tmp_path):
         **{"train.max_steps": 1, "train.batch_size": 4, "train.learning_rate": 1e308, "grpo.prompts_per_step": 2,
            "grpo.group_size": 2, "grpo.max_new_tokens": 4, "grpo.eval_prompts": 0, "samples.num_prompts": 0}))
     with pytest.raises(NonFiniteWeightsError, match=r"non-finite weights after step 1"):
-        grpo.run(cfg)
+        run_stage(cfg)
     assert manifest(out)["status"] == "failed" and not (out / "adapter").exists()
 
 
@@ -184,7 +184,7 @@ def test_unscored_steps_warn_and_a_run_that_scored_nothing_fails(caplog):
 
 
 def test_a_grpo_run_whose_judge_scores_nothing_fails(judges_module, sft_parent, tiny_data, tmp_path):
-    from align.stages import grpo
+    from align.stages.registry import run_stage
 
     out = tmp_path / "none"
     cfg = load_config(GRPOConfig, None, tiny_overrides(
@@ -193,7 +193,7 @@ def test_a_grpo_run_whose_judge_scores_nothing_fails(judges_module, sft_parent, 
         **{"train.max_steps": 2, "train.batch_size": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 2,
            "grpo.max_new_tokens": 4, "grpo.eval_prompts": 0, "samples.num_prompts": 0}))
     with pytest.raises(DataError, match=r"grpo: no response was scored in the whole run \(8 responses\)"):
-        grpo.run(cfg)
+        run_stage(cfg)
     assert manifest(out)["status"] == "failed" and not (out / "adapter").exists()
 
 

@@ -38,12 +38,12 @@ def odd_only(prompt, response):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sft_parent, tiny_data):
     """The session's SFT run, a reward model on its merged model, and a user scorer module on sys.path."""
-    from align.stages import reward
+    from align.stages.registry import run_stage
 
     root = tmp_path_factory.mktemp("online")
     (root / "online_scorers.py").write_text(SCORERS)
     sys.path.insert(0, str(root))
-    reward.run(load_config(RewardConfig, None, tiny_overrides(
+    run_stage(load_config(RewardConfig, None, tiny_overrides(
         None, tiny_data["prefs"], root / "reward", parent_run=str(sft_parent), tracking="none",
         **{"train.max_steps": 4, "reward.stats_samples": 16, "samples.num_prompts": 0},
     )))
@@ -157,11 +157,11 @@ def test_reward_source_errors_name_the_key(runs, tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"rewards\[0\].reward_run: .* was trained on another base model"):
         reward_runs([RewardSource(reward_run=str(runs["reward"]))], ModelRef(str(tmp_path), str(tmp_path), True))
     # The answer judge without references in the data stops before anything is written.
-    from align.stages import grpo
+    from align.stages.registry import run_stage
 
     cfg = group_config(runs, tiny_data, name="no-answers", rewards=[{"judge": "answer"}])
     with pytest.raises(ConfigError, match=r"rewards\[0\].judge: judge 'answer' needs reference answers"):
-        grpo.run(cfg)
+        run_stage(cfg)
     assert not Path(cfg.output_dir).exists()
 
 
@@ -224,9 +224,10 @@ def test_grpo_stage_runs_checkpoints_and_resumes_to_the_same_adapter(runs, tiny_
 
     from align.rlhf import loop
     from align.stages import grpo
+    from align.stages.registry import run_stage
 
     extra = {"train.max_steps": 3, "train.save_steps": 1, "train.eval_steps": 2}
-    full = grpo.run(group_config(runs, tiny_data, name="grpo-full", **extra))
+    full = run_stage(group_config(runs, tiny_data, name="grpo-full", **extra))
     manifest = json.loads((full.path / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["summary"]["steps"] == 3
     assert manifest["summary"]["eval_kl_after"] > 0 and manifest["summary"]["parameters"]["adapter_bytes"] > 0
@@ -249,10 +250,10 @@ def test_grpo_stage_runs_checkpoints_and_resumes_to_the_same_adapter(runs, tiny_
     loop.save_checkpoint = save_then_crash
     try:
         with pytest.raises(Crash):
-            grpo.run(group_config(runs, tiny_data, name="grpo-part", **extra))
+            run_stage(group_config(runs, tiny_data, name="grpo-part", **extra))
     finally:
         loop.save_checkpoint = original
-    resumed = grpo.run(group_config(runs, tiny_data, name="grpo-part", resume=True, **extra))
+    resumed = run_stage(group_config(runs, tiny_data, name="grpo-part", resume=True, **extra))
     a = load_file(full.path / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -260,9 +261,9 @@ def test_grpo_stage_runs_checkpoints_and_resumes_to_the_same_adapter(runs, tiny_
 
 
 def test_rloo_stage_puts_the_kl_in_the_reward(runs, tiny_data):
-    from align.stages import rloo
+    from align.stages.registry import run_stage
 
-    run = rloo.run(group_config(runs, tiny_data, name="rloo", cls=RLOOConfig,
+    run = run_stage(group_config(runs, tiny_data, name="rloo", cls=RLOOConfig,
                                 rewards=[{"judge": "online_scorers:chars", "weight": 0.1}, {"reward_run": str(runs["reward"]), "weight": 0.5}]))
     manifest = json.loads((run.path / "manifest.json").read_text())
     assert manifest["status"] == "finished" and (run.path / "adapter" / "adapter_model.safetensors").is_file()
@@ -289,10 +290,10 @@ def online_config(runs, tiny_data, name, **extra):
 
 @pytest.fixture(scope="module")
 def online_run(runs, tiny_data):
-    from align.stages import online_dpo
+    from align.stages.registry import run_stage
 
     cfg = online_config(runs, tiny_data, "online")
-    return cfg, online_dpo.run(cfg)
+    return cfg, run_stage(cfg)
 
 
 def test_online_dpo_round_two_samples_from_round_one_policy_against_the_sft_reference(runs, online_run):
@@ -388,7 +389,7 @@ def test_online_dpo_resumes_after_a_round_to_the_same_adapter(runs, tiny_data, o
     from safetensors.torch import load_file
 
     from align.rlhf import loop
-    from align.stages import online_dpo
+    from align.stages.registry import run_stage
 
     class Crash(Exception):
         pass
@@ -402,10 +403,10 @@ def test_online_dpo_resumes_after_a_round_to_the_same_adapter(runs, tiny_data, o
     loop.save_checkpoint = save_then_crash
     try:
         with pytest.raises(Crash):
-            online_dpo.run(online_config(runs, tiny_data, "online-part"))
+            run_stage(online_config(runs, tiny_data, "online-part"))
     finally:
         loop.save_checkpoint = original
-    resumed = online_dpo.run(online_config(runs, tiny_data, "online-part", resume=True))
+    resumed = run_stage(online_config(runs, tiny_data, "online-part", resume=True))
     full = online_run[1]
     a = load_file(full.path / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
@@ -440,6 +441,7 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
     from align.rlhf import grpo as G
     from align.rlhf import loop
     from align.stages import grpo
+    from align.stages.registry import run_stage
 
     script = [(0.0, 0.0), (1.0, 0.5), (3.0, 2.0), (0.8, 0.9)]  # (reward, KL) of the evaluations at steps 0, 1, 2, 3
     evaluations = []
@@ -452,7 +454,7 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
     monkeypatch.setattr(G, "held_out", scripted)
     extra = {"train.max_steps": 3, "train.eval_steps": 1, "train.save_steps": 1, "train.save_total_limit": 5,
              "grpo.keep_best_within_kl": 1.0}
-    run = grpo.run(group_config(runs, tiny_data, name="grpo-keep", **extra))
+    run = run_stage(group_config(runs, tiny_data, name="grpo-keep", **extra))
     kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
     step = {s: load_file(run.path / "checkpoints" / f"checkpoint-{s}" / "adapters" / "policy" / "adapter_model.safetensors") for s in (1, 3)}
     assert all(torch.equal(kept[k], step[1][k]) for k in kept)
@@ -476,9 +478,9 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
-        grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", **extra))
+        run_stage(group_config(runs, tiny_data, name="grpo-keep-part", **extra))
     monkeypatch.setattr(loop, "save_checkpoint", original)
-    resumed = grpo.run(group_config(runs, tiny_data, name="grpo-keep-part", resume=True, **extra))
+    resumed = run_stage(group_config(runs, tiny_data, name="grpo-keep-part", resume=True, **extra))
     again = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
     assert max((kept[k] - again[k]).abs().max().item() for k in kept) <= 1e-6
 
@@ -491,10 +493,11 @@ def test_online_dpo_keeps_the_best_round_within_the_kl_budget(runs, tiny_data, m
     from align.core.checkpoints import checkpoint_dirs
     from align.rlhf import rewards as R
     from align.stages import online_dpo
+    from align.stages.registry import run_stage
 
     script = iter([(0.0, 0.0), (1.0, 0.5), (3.0, 2.0)])
     monkeypatch.setattr(R, "held_out_metrics", lambda *a: dict(zip(("eval/reward/total", "eval/kl"), next(script))))
-    run = online_dpo.run(online_config(runs, tiny_data, "online-keep", **{"train.eval_steps": 1, "online.keep_best_within_kl": 1.0}))
+    run = run_stage(online_config(runs, tiny_data, "online-keep", **{"train.eval_steps": 1, "online.keep_best_within_kl": 1.0}))
     by_round = {json.loads((f / "state.json").read_text())["round"]: f for _, f in checkpoint_dirs(run.path)}
     kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
     first, last = (load_file(by_round[r] / "adapters" / "adapter_model.safetensors") for r in (1, 2))

@@ -33,12 +33,12 @@ def chars(prompt, response):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sft_parent, tiny_data):
     """A reward run on the SFT run's merged model, and a folder with a scorer module for the subprocesses."""
-    from align.stages import reward
+    from align.stages.registry import run_stage
     from align.stages.reward import RewardConfig
 
     root = tmp_path_factory.mktemp("online-ddp")
     (root / "ddp_scorers.py").write_text(SCORER)
-    reward.run(load_config(RewardConfig, None, tiny_overrides(
+    run_stage(load_config(RewardConfig, None, tiny_overrides(
         None, tiny_data["prefs"], root / "reward", parent_run=str(sft_parent), tracking="none",
         **{"train.max_steps": 2, "reward.stats_samples": 8, "samples.num_prompts": 0},
     )))
@@ -164,7 +164,7 @@ def test_rloo_on_two_processes_under_the_fsdp_config_equals_one(setup):
 
 
 def test_a_split_that_cannot_work_is_refused_naming_the_key(setup, monkeypatch):
-    from align.stages import grpo
+    from align.stages.registry import run_stage
     from align.stages.grpo import GRPOConfig
 
     def load(**extra):
@@ -175,10 +175,10 @@ def test_a_split_that_cannot_work_is_refused_naming_the_key(setup, monkeypatch):
     monkeypatch.syspath_prepend(str(setup["root"]))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"grpo.prompts_per_step: 4 prompts per step do not split evenly over 3 processes"):
-        grpo.run(load())
+        run_stage(load())
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"train.batch_size: each of the 2 processes samples 6 responses per step"):
-        grpo.run(load(**{"train.batch_size": 4, "grpo.group_size": 3}))
+        run_stage(load(**{"train.batch_size": 4, "grpo.group_size": 3}))
     assert not (setup["root"] / "refused").exists()
 
 
@@ -232,7 +232,8 @@ def test_fsdp_and_zero3_launch_configs_on_cuda_with_one_process(tmp_path, sft_pa
 
     from safetensors.torch import load_file
 
-    from align.stages import grpo, online_dpo
+
+    from align.stages.registry import run_stage
     from align.stages.grpo import GRPOConfig
     from align.stages.online_dpo import OnlineDPOConfig
 
@@ -242,7 +243,7 @@ def test_fsdp_and_zero3_launch_configs_on_cuda_with_one_process(tmp_path, sft_pa
     common = {"tracking": "none", "samples.num_prompts": 1, "rewards": [{"judge": "length", "args": {"max_words": 3}}]}
     for key, value in launcher_env("fsdp").items():
         monkeypatch.setenv(key, value)
-    run = grpo.run(load_config(GRPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "grpo", parent_run=str(sft_parent), **common, **{
+    run = run_stage(load_config(GRPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "grpo", parent_run=str(sft_parent), **common, **{
         "train.max_steps": 2, "train.batch_size": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.max_new_tokens": 6,
         "grpo.eval_prompts": 2})))
     assert "the launch config asks for FSDP; the online stages run data parallel" in caplog.text
@@ -251,7 +252,7 @@ def test_fsdp_and_zero3_launch_configs_on_cuda_with_one_process(tmp_path, sft_pa
 
     for key, value in launcher_env("deepspeed_zero3").items():
         monkeypatch.setenv(key, value)
-    run = online_dpo.run(load_config(OnlineDPOConfig, None, tiny_overrides(
+    run = run_stage(load_config(OnlineDPOConfig, None, tiny_overrides(
         None, tiny_data["prefs"], tmp_path / "online", parent_run=str(sft_parent), **common, **{
             "online.rounds": 2, "online.prompts_per_round": 4, "online.num_samples": 3, "online.max_new_tokens": 6,
             "online.eval_prompts": 2, "train.max_steps": 1, "train.batch_size": 2})))

@@ -57,7 +57,7 @@ MARKERS = {
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory, tiny_model_dir, tiny_data):
     """method -> (RunDir path, Recorder); each method trains once, when a test first asks for it."""
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     root = tmp_path_factory.mktemp("methods")
     done: dict[str, tuple[Path, Recorder]] = {}
@@ -66,7 +66,7 @@ def sft_runs(tmp_path_factory, tiny_model_dir, tiny_data):
         if method not in done:
             rec = Recorder(probe_ids(tiny_model_dir))
             overrides = tiny_overrides(tiny_model_dir, tiny_data["sft"], root / method, **{**SMALL, "peft.method": method})
-            run = sft.run(load_config(SFTConfig, None, overrides), callbacks=[rec])
+            run = run_stage(load_config(SFTConfig, None, overrides), callbacks=[rec])
             assert run.is_finished()
             done[method] = (run.path, rec)
         return done[method]

@@ -22,7 +22,7 @@ BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def lineage(tmp_path_factory, tiny_model_dir, tiny_data) -> dict[str, Path]:
     """A finished SFT -> DPO lineage on a base whose README names its license; DPO data from an align-data build."""
     from align.core.config import load_config
-    from align.stages import dpo, sft
+    from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.sft import SFTConfig
     from data_tools.cli import main as align_data
@@ -35,10 +35,10 @@ def lineage(tmp_path_factory, tiny_model_dir, tiny_data) -> dict[str, Path]:
     source = write_jsonl(root / "prefs.jsonl", preference_rows(24))
     assert align_data(["build", "--format", "trl", "--input", str(source), "--output", str(built), "--no-plots", "--jsonl",
                        "--test-fraction", "0.25", "--seed", "0"]) == 0
-    sft.run(load_config(SFTConfig, None, tiny_overrides(base, tiny_data["sft"], root / "sft", tracking="none")))
+    run_stage(load_config(SFTConfig, None, tiny_overrides(base, tiny_data["sft"], root / "sft", tracking="none")))
     dpo_overrides = tiny_overrides(None, built, root / "dpo", parent_run=str(root / "sft"), tracking="wandb")
     dpo_overrides["data.eval_split"] = "test"
-    dpo.run(load_config(DPOConfig, None, dpo_overrides))
+    run_stage(load_config(DPOConfig, None, dpo_overrides))
     return {"base": base, "build": built, "sft": root / "sft", "dpo": root / "dpo"}
 
 

@@ -19,7 +19,7 @@ from test_stages import Recorder, assert_only_adapter_changed, probe_ids
 
 from align.core.config import describe, load_config
 from align.core.errors import ConfigError
-from align.stages.registry import get_stage
+from align.stages.registry import get_stage, run_stage
 
 
 class ForwardCounter:
@@ -86,7 +86,7 @@ def test_stage_trains_the_adapter_with_no_reference_forward(sft_parent, tiny_dat
     overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / stage, parent_run=str(sft_parent),
                                **{"tracking": "none", "samples.num_prompts": 0, **extra})
     spec = get_stage(stage)
-    run = spec.run(load_config(spec.config, None, overrides), callbacks=[rec])
+    run = run_stage(load_config(spec.config, None, overrides), callbacks=[rec])
     assert run.is_finished()
     assert_only_adapter_changed(rec)
     # 3 training steps + the held-out set (6 pairs, batch 4: 2 batches) at step 0 and at the end + the recorder's probe
@@ -113,11 +113,12 @@ def test_stage_trains_the_adapter_with_no_reference_forward(sft_parent, tiny_dat
 
 def test_the_counter_sees_dpo_reference_forwards(sft_parent, tiny_data, tmp_path, monkeypatch):
     from align.stages import dpo
+    from align.stages.registry import run_stage
 
     counter = ForwardCounter(monkeypatch)
     overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / "dpo", parent_run=str(sft_parent),
                                **{"tracking": "none", "samples.num_prompts": 0, "dpo.ref_cache": False})
-    dpo.run(load_config(dpo.DPOConfig, None, overrides))
+    run_stage(load_config(dpo.DPOConfig, None, overrides))
     assert counter.reference == 3 + 2 * 2, "one reference forward per batch, adapter disabled"
 
 
@@ -129,7 +130,7 @@ def test_full_fine_tuning_holds_one_model_without_reference(sft_parent, tiny_dat
         **({"dpo.ref_cache": False} if stage == "dpo" else {}),
     })
     spec = get_stage(stage)
-    run = spec.run(load_config(spec.config, None, overrides))
+    run = run_stage(load_config(spec.config, None, overrides))
     assert (run.path / "merged" / "model.safetensors").is_file()
     assert counter.instances == (1 if stage == "simpo" else 2), "DPO's frozen reference copy is a second model"
 
@@ -184,12 +185,13 @@ def test_keys_list_every_option_with_its_range(tmp_path, stage):
 def test_reference_free_loss_starts_from_the_start_models_own_margin(sft_parent, tiny_data, tmp_path):
     """No step-0 invariant: SimPO's step-0 loss is its formula at the SFT model's own margins, not ln 2."""
     from align.stages import simpo
+    from align.stages.registry import run_stage
 
     overrides = tiny_overrides(None, tiny_data["prefs"], tmp_path / "s", parent_run=str(sft_parent), **{
         "tracking": "none", "samples.num_prompts": 0, "train.max_steps": 1, "data.eval_fraction": 0.2,
         "train.eval_batch_size": 8, "simpo.beta": 2.0, "simpo.gamma": 0.5,
     })
-    run = simpo.run(load_config(simpo.SimPOConfig, None, overrides))
+    run = run_stage(load_config(simpo.SimPOConfig, None, overrides))
     step0 = next(r for r in read_metrics(run.path) if r["_step"] == 0 and "eval/loss" in r)
     assert step0["eval/rewards/margins"] != 0.0, "the SFT model already prefers one response"
     assert abs(step0["eval/loss"] - 0.6931) > 1e-3

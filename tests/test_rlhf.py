@@ -18,16 +18,16 @@ from align.stages.sft import SFTConfig
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tiny_data):
     """SFT, then a reward model on its merged model."""
-    from align.stages import reward, sft
+    from align.stages.registry import run_stage
 
     root = tmp_path_factory.mktemp("rlhf")
-    sft.run(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], root / "sft", tracking="none")))
+    run_stage(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], root / "sft", tracking="none")))
     reward_cfg = load_config(
         RewardConfig, None,
         tiny_overrides(None, tiny_data["prefs"], root / "reward", parent_run=str(root / "sft"),
                        **{"train.max_steps": 6, "reward.stats_samples": 16, "samples.num_prompts": 3}),
     )
-    reward.run(reward_cfg)
+    run_stage(reward_cfg)
     return {"root": root, "reward_cfg": reward_cfg}
 
 
@@ -141,9 +141,9 @@ def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_da
     from safetensors.torch import load_file
 
     from align.rlhf import ppo as ppo_lib
-    from align.stages import ppo
+    from align.stages.registry import run_stage
 
-    full = ppo.run(ppo_config(runs, tiny_data, name="ppo-full", **{"train.max_steps": 4, "train.save_steps": 2}))
+    full = run_stage(ppo_config(runs, tiny_data, name="ppo-full", **{"train.max_steps": 4, "train.save_steps": 2}))
     manifest = json.loads((full.path / "manifest.json").read_text())
     assert manifest["status"] == "finished"
     assert (full.path / "adapter" / "adapter_model.safetensors").is_file()
@@ -166,11 +166,11 @@ def test_ppo_stage_runs_checkpoints_and_resumes_to_the_same_result(runs, tiny_da
     ppo_lib.save_checkpoint = save_then_crash
     try:
         with pytest.raises(Crash):
-            ppo.run(part_cfg)
+            run_stage(part_cfg)
     finally:
         ppo_lib.save_checkpoint = original
     resumed_cfg = ppo_config(runs, tiny_data, name="ppo-part", **{"train.max_steps": 4, "train.save_steps": 2, "resume": True})
-    resumed = ppo.run(resumed_cfg)
+    resumed = run_stage(resumed_cfg)
     a = load_file(full.path / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -181,11 +181,11 @@ def test_ppo_keeps_the_best_evaluation_within_the_kl_budget(runs, tiny_data, mon
     from safetensors.torch import load_file
 
     from align.rlhf import ppo as ppo_lib
-    from align.stages import ppo
+    from align.stages.registry import run_stage
 
     script = iter([(0.0, 0.0), (1.0, 0.5), (3.0, 2.0)])
     monkeypatch.setattr(ppo_lib, "held_out_reward_and_kl", lambda *a: dict(zip(("eval/reward", "eval/kl"), next(script))))
-    run = ppo.run(ppo_config(runs, tiny_data, name="ppo-keep", **{"train.eval_steps": 1, "train.save_steps": 1,
+    run = run_stage(ppo_config(runs, tiny_data, name="ppo-keep", **{"train.eval_steps": 1, "train.save_steps": 1,
                                                                     "ppo.keep_best_within_kl": 1.0}))
     kept = load_file(run.path / "adapter" / "adapter_model.safetensors")
     step = {s: load_file(run.path / "checkpoints" / f"checkpoint-{s}" / "adapters" / "policy" / "adapter_model.safetensors") for s in (1, 2)}
@@ -210,11 +210,11 @@ def test_win_rate_counts_ties_as_half_and_skips_missing():
 def test_eval_stage_compares_policies_and_writes_the_report(runs, tiny_data, tmp_path):
     from align.stages.dpo import DPOConfig
     from align.stages.eval import EvalConfig
-    from align.stages import dpo, eval as eval_stage, ppo
+    from align.stages.registry import run_stage
 
     root = runs["root"]
-    dpo.run(load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], root / "dpo", parent_run=str(root / "sft"), tracking="none")))
-    ppo.run(ppo_config(runs, tiny_data, name="ppo-eval", **{"train.eval_steps": 1}))
+    run_stage(load_config(DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], root / "dpo", parent_run=str(root / "sft"), tracking="none")))
+    run_stage(ppo_config(runs, tiny_data, name="ppo-eval", **{"train.eval_steps": 1}))
     cfg = load_config(EvalConfig, None, {
         "output_dir": str(tmp_path / "pipe" / "eval"),
         "runs": {"sft": str(root / "sft"), "dpo": str(root / "dpo"), "ppo": str(root / "ppo-eval")},
@@ -224,7 +224,7 @@ def test_eval_stage_compares_policies_and_writes_the_report(runs, tiny_data, tmp
         "num_prompts": 6, "num_pairs": 5, "perplexity_rows": 4, "bootstrap": 100,
         "sampling.max_new_tokens": 6, "judges": ["format", "length"],
     })
-    run = eval_stage.run(cfg)
+    run = run_stage(cfg)
     results = json.loads((run.path / "eval.json").read_text())
     policies = results["policies"]
     assert set(policies) == {"sft", "dpo", "ppo"}
@@ -266,16 +266,16 @@ def test_reward_run_is_a_judge(runs):
 
 def test_ppo_refuses_a_split_over_processes_that_cannot_work(runs, tiny_data, monkeypatch):
     from align.core.errors import ConfigError
-    from align.stages import ppo
+    from align.stages.registry import run_stage
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     cfg = ppo_config(runs, tiny_data, name="ppo-ddp", **{"ppo.rollout_batch_size": 4})
     with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size: 4 prompts per step do not split evenly over 3 processes"):
-        ppo.run(cfg)
+        run_stage(cfg)
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = ppo_config(runs, tiny_data, name="ppo-ddp", **{"ppo.rollout_batch_size": 8, "ppo.minibatch_size": 2})
     with pytest.raises(ConfigError, match=r"ppo.minibatch_size: 2 responses per minibatch do not split evenly over 4 processes"):
-        ppo.run(cfg)
+        run_stage(cfg)
     assert not Path(cfg.output_dir).exists()  # nothing written
 
 
@@ -283,14 +283,14 @@ def test_out_of_memory_in_the_step0_evaluation_gives_the_memory_advice(runs, tin
     """The evaluation before the first step runs out of memory: the advice names step 0, not an UnboundLocalError."""
     from align.core.errors import AlignError
     from align.rlhf import ppo as ppo_lib
-    from align.stages import ppo
+    from align.stages.registry import run_stage
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(ppo_lib, "held_out_reward_and_kl", no_memory)
     with pytest.raises(AlignError, match=r"CUDA out of memory at step 0 .*to use less memory try: .*train\.batch_size"):
-        ppo.run(ppo_config(runs, tiny_data, name="ppo-oom"))
+        run_stage(ppo_config(runs, tiny_data, name="ppo-oom"))
     manifest = json.loads((runs["root"] / "ppo-oom" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "out of memory at step 0" in manifest["error"]
 
@@ -316,10 +316,10 @@ def test_ppo_resume_refuses_a_tampered_checkpoint_and_runs_no_code(runs, tiny_da
 
     from align.core.artifacts import RunDir
     from align.core.config import to_dict
-    from align.stages import ppo
+    from align.stages.registry import run_stage
 
     cfg = ppo_config(runs, tiny_data, name="ppo-tampered", **{"train.max_steps": 2, "train.save_steps": 1})
-    run = ppo.run(cfg)
+    run = run_stage(cfg)
     RunDir(run.path).update(status="interrupted")  # as a stopped run leaves it: resumable
     checkpoint = run.path / "checkpoints" / "checkpoint-2"
     marker = tmp_path / "PICKLE_RAN"

@@ -88,13 +88,13 @@ def test_the_validator_and_the_recipes_share_one_implementation():
 
 
 def test_dpo_recipe_counts_what_it_left_out_in_its_manifest(tmp_path, tiny_data, sft_parent):
-    from align.stages import dpo
+    from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
 
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(12) + bad_rows())
     cfg = load_config(DPOConfig, None, tiny_overrides(None, data, tmp_path / "dpo", parent_run=str(sft_parent), tracking="none",
                                                       **{"train.max_steps": 1, "samples.num_prompts": 0}))
-    run = dpo.run(cfg)
+    run = run_stage(cfg)
     dataset = json.loads((Path(run.path) / "manifest.json").read_text())["dataset"]
     assert dataset["rows"]["train"] + dataset["rows"]["eval"] == 12
     assert sum(dataset["dropped"]["train"].values()) == 6

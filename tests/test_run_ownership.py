@@ -33,11 +33,11 @@ def copy_run(source: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def reward_parent(tmp_path_factory, sft_parent, tiny_data) -> Path:
     """A finished reward run on the session's SFT run."""
-    from align.stages import reward
+    from align.stages.registry import run_stage
     from align.stages.reward import RewardConfig
 
     out = tmp_path_factory.mktemp("reward") / "reward"
-    reward.run(load_config(RewardConfig, None, tiny_overrides(
+    run_stage(load_config(RewardConfig, None, tiny_overrides(
         None, tiny_data["prefs"], out, parent_run=str(sft_parent), tracking="none",
         **{"train.max_steps": 2, "reward.stats_samples": 8, "samples.num_prompts": 0})))
     return out
@@ -58,7 +58,7 @@ def child(sft_parent, tiny_data, out: Path, data: str = "prefs", **extra) -> dic
 
 def run_stage(stage: str, overrides: dict, force: bool = True):
     cfg = load_config(get_stage(stage).config, None, overrides)
-    return get_stage(stage).run(cfg, force=force)
+    return run_stage(cfg, force=force)
 
 
 # --------------------------------------------------------------------------- output_dir and the runs a stage reads

@@ -73,18 +73,18 @@ def load_causal_lm(path, **kwargs):
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory, tiny_model_dir, tiny_data):
     """SFT then DPO on the tiny model, with recorders on both trainers."""
-    from align.stages import dpo, sft
+    from align.stages.registry import run_stage
 
     root = tmp_path_factory.mktemp("runs")
     ids = probe_ids(tiny_model_dir)
     sft_rec, dpo_rec = Recorder(ids), Recorder(ids)
     sft_cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], root / "sft"))
-    sft_dir = sft.run(sft_cfg, callbacks=[sft_rec])
+    sft_dir = run_stage(sft_cfg, callbacks=[sft_rec])
     dpo_cfg = load_config(
         DPOConfig, None,
         tiny_overrides(None, tiny_data["prefs"], root / "dpo", parent_run=str(root / "sft"), **{"samples.judge": "format"}),
     )
-    dpo_dir = dpo.run(dpo_cfg, callbacks=[dpo_rec])
+    dpo_dir = run_stage(dpo_cfg, callbacks=[dpo_rec])
     return {"sft": (sft_cfg, sft_dir.path, sft_rec), "dpo": (dpo_cfg, dpo_dir.path, dpo_rec), "probe": ids}
 
 
@@ -204,7 +204,7 @@ def test_wandb_offline_run_matches_metrics_jsonl(pipeline_runs, stage):
 
 
 def test_failed_stage_is_marked_failed_not_finished(tmp_path, tiny_model_dir, tiny_data):
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -212,7 +212,7 @@ def test_failed_stage_is_marked_failed_not_finished(tmp_path, tiny_model_dir, ti
 
     cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", tracking="none"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        sft.run(cfg, callbacks=[Boom()])
+        run_stage(cfg, callbacks=[Boom()])
     manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert "simulated crash at step 1" in manifest["error"]
@@ -224,17 +224,18 @@ def test_qlora_sft_then_dpo_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     """4-bit NF4 base (bitsandbytes on the CPU): SFT, merge (dequantized), DPO on the re-quantized merge."""
     import bitsandbytes as bnb
 
-    from align.stages import dpo, sft
+
+    from align.stages.registry import run_stage
 
     ids = probe_ids(tiny_model_dir)
     sft_rec, dpo_rec = Recorder(ids), Recorder(ids)
     common = {"model.quantization": "4bit", "train.max_steps": 2, "tracking": "none", "samples.num_prompts": 1}
     sft_cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **common))
-    sft.run(sft_cfg, callbacks=[sft_rec])
+    run_stage(sft_cfg, callbacks=[sft_rec])
     dpo_cfg = load_config(
         DPOConfig, None, tiny_overrides(None, tiny_data["prefs"], tmp_path / "dpo", parent_run=str(tmp_path / "sft"), **common)
     )
-    dpo.run(dpo_cfg, callbacks=[dpo_rec])
+    run_stage(dpo_cfg, callbacks=[dpo_rec])
     for rec in (sft_rec, dpo_rec):
         assert_only_adapter_changed(rec)
     merged_config = json.loads((tmp_path / "sft" / "merged" / "config.json").read_text())
@@ -254,13 +255,13 @@ def test_qlora_sft_then_dpo_on_cpu(tmp_path, tiny_model_dir, tiny_data):
 
 def test_sft_packing_trains_on_assistant_tokens(tmp_path, tiny_model_dir, tiny_data):
     """Packed rows keep their assistant-only labels (transformers isolates packed rows in training)."""
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     rec = Recorder(probe_ids(tiny_model_dir))
     cfg = load_config(
         SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", **{"sft.packing": True, "tracking": "none"})
     )
-    run = sft.run(cfg, callbacks=[rec])
+    run = run_stage(cfg, callbacks=[rec])
     assert run.is_finished()
     assert_only_adapter_changed(rec)
     losses = [r["train/loss"] for r in read_metrics(run.path) if "train/loss" in r]
@@ -277,13 +278,13 @@ def test_sft_packing_trains_on_assistant_tokens(tmp_path, tiny_model_dir, tiny_d
     ],
 )
 def test_dpo_loss_types_start_from_their_closed_form(pipeline_runs, tmp_path, tiny_data, loss_type, extra, step0_loss):
-    from align.stages import dpo
+    from align.stages.registry import run_stage
 
     overrides = tiny_overrides(
         None, tiny_data["prefs"], tmp_path / "dpo", parent_run=str(pipeline_runs["sft"][1]),
         **{"dpo.loss_type": loss_type, "train.max_steps": 1, "tracking": "none", "samples.num_prompts": 0, **extra},
     )
-    run = dpo.run(load_config(DPOConfig, None, overrides))
+    run = run_stage(load_config(DPOConfig, None, overrides))
     step0 = next(r for r in read_metrics(run.path) if r["_step"] == 0 and "eval/loss" in r)
     assert step0["eval/loss"] == pytest.approx(step0_loss, rel=1e-4)
 
@@ -300,11 +301,11 @@ def test_dpo_loss_types_start_from_their_closed_form(pipeline_runs, tmp_path, ti
     ids=["grad-checkpointing", "neftune", "label-smoothing", "grad-accum-qv-only", "instruction-template"],
 )
 def test_sft_options_train_only_the_adapter(tmp_path, tiny_model_dir, tiny_data, options):
-    from align.stages import sft
+    from align.stages.registry import run_stage
 
     rec = Recorder(probe_ids(tiny_model_dir))
     cfg = load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "sft", tracking="none", **options))
-    run = sft.run(cfg, callbacks=[rec])
+    run = run_stage(cfg, callbacks=[rec])
     assert run.is_finished()
     assert_only_adapter_changed(rec)
     if "lora.target_modules" in options:

@@ -318,7 +318,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from transformers import TrainerCallback
 from align.cli.recipes import setup_logging
-from align.stages.registry import get_stage, load_stage_config
+from align.stages.registry import get_stage, load_stage_config, run_stage
 
 class Gate(TrainerCallback):
     """Hold the run after its first step until the test says go."""
@@ -329,7 +329,7 @@ class Gate(TrainerCallback):
                 time.sleep(0.1)
 
 setup_logging()
-get_stage("sft").run(load_stage_config("sft", {config!r}), callbacks=[Gate()])
+run_stage(load_stage_config("sft", {config!r}), callbacks=[Gate()])
 '''
 
 

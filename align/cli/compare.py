@@ -27,7 +27,7 @@ from align.core.artifacts import RunDir, atomic_write_json, atomic_write_text
 from align.core.config import PEFT_METHODS, RunConfig, StageConfig, describe, load_config, opt, parse_overrides, to_yaml
 from align.core.errors import AlignError, ConfigError
 from align.core.tracking import Tracker
-from align.stages.registry import get_stage, load_stage_config
+from align.stages.registry import get_stage, load_stage_config, run_stage
 
 log = logging.getLogger("align")
 
@@ -138,7 +138,7 @@ def _run_stage(stage: str, stage_cfg: StageConfig, config_file: Path, isolate: b
             log.warning("compare: %s of %s exited with status %d", stage, stage_cfg.peft.method, rc)
         return
     try:
-        get_stage(stage).run(stage_cfg, force=force)
+        run_stage(stage_cfg, force=force)
     except Exception as exc:  # noqa: BLE001 - one method failing must not stop the comparison
         log.warning("compare: %s of %s failed: %s", stage, stage_cfg.peft.method, exc)
 

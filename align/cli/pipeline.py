@@ -17,7 +17,7 @@ from typing import Any
 
 from align.core.config import PipelineConfig, RunConfig, StageConfig, check_stage_file, load_config
 from align.core.errors import ConfigError
-from align.stages.registry import all_stages, get_stage, load_stage_config
+from align.stages.registry import all_stages, get_stage, load_stage_config, run_stage
 
 log = logging.getLogger("align")
 
@@ -87,7 +87,7 @@ def run_pipeline(pipeline: Pipeline, force: bool = False) -> list[tuple[str, str
     for name, (stage, cfg) in pipeline.stage_configs.items():
         before = RunDir(Path(cfg.output_dir)).manifest() or {}
         log.info("== %s (%s) -> %s", name, stage, cfg.output_dir)
-        run_dir = get_stage(stage).run(cfg, force=force)
+        run_dir = run_stage(cfg, force=force)
         after = run_dir.manifest() or {}
         skipped = bool(before) and before.get("run_id") == after.get("run_id")
         outcomes.append((name, stage, run_dir.path, skipped))

@@ -104,7 +104,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, command
 
 def recipe_main(stage_name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     """One stage: `align <stage> ...` and `recipes/<stage>.py ...` both land here."""
-    from align.stages.registry import get_stage, load_stage_config
+    from align.stages.registry import get_stage, load_stage_config, run_stage
 
     stage = get_stage(stage_name)
     args = _parser(prog or f"recipes/{stage_name}.py", stage.description).parse_args(argv)
@@ -120,7 +120,7 @@ def recipe_main(stage_name: str, argv: list[str] | None = None, prog: str | None
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        run_dir = stage.run(cfg, force=args.force)
+        run_dir = run_stage(cfg, force=args.force)
         print("\n".join(describe_run(stage_name, run_dir.path)))
         return 0
 

@@ -5,7 +5,7 @@
 
 Each grid point is an ordinary run of the stage (through the registry), in its own RunDir
 `<output_dir>/<label=value_...>`, all in one W&B group. `beta` (also `kl`, `kl_coef`) names the
-stage's KL knob (KL_KNOBS: dpo.beta for DPO, ppo.kl_coef for PPO, ...), `lr` names
+stage's KL knob (its record's kl_knob: dpo.beta for DPO, ppo.kl_coef for PPO, ...), `lr` names
 train.learning_rate, and any dotted key of the stage config can be swept as well. Every point's
 config is loaded and checked before the first run starts, so a bad value or key costs seconds and
 the error names it. A finished run whose config matches is skipped (the stage's own rule), so an
@@ -39,22 +39,10 @@ from align.core.config import (
     RunConfig, StageConfig, check_stage_file, config_file_kind, describe, load_config, opt, parse_overrides, to_yaml,
 )
 from align.core.errors import AlignError, ConfigError
-from align.stages.registry import get_stage, load_stage_config
+from align.stages.registry import get_stage, load_stage_config, run_stage
 
 log = logging.getLogger("align")
 
-# The one per-stage fact a sweep needs: which key pulls each stage towards its reference.
-KL_KNOBS = {
-    "dpo": "dpo.beta",
-    "online_dpo": "dpo.beta",
-    "simpo": "simpo.beta",
-    "cpo": "cpo.beta",
-    "orpo": "orpo.beta",
-    "kto": "kto.beta",
-    "ppo": "ppo.kl_coef",
-    "grpo": "grpo.kl_coef",
-    "rloo": "rloo.kl_coef",
-}
 KNOB_ALIASES = ("beta", "kl", "kl_coef")
 LR_KEY = "train.learning_rate"
 LR_ALIASES = ("lr", "learning_rate")
@@ -133,20 +121,23 @@ def _leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
 
 def resolve_key(stage: str, key: str, where: str | None = None) -> str:
     """The dotted config key a swept name stands for: beta/kl/kl_coef -> the stage's KL knob, lr -> the learning rate."""
-    cfg_cls = get_stage(stage).config
+    from align.stages.registry import all_stages
+
+    record = get_stage(stage)
+    cfg_cls = record.config
     where = where or f"--values {key}"
     if key in KNOB_ALIASES and key not in _leaf_paths(cfg_cls):
-        if stage not in KL_KNOBS:
-            knobs = ", ".join(f"{s}: {k}" for s, k in KL_KNOBS.items())
+        if record.kl_knob is None:
+            knobs = ", ".join(f"{s.name}: {s.kl_knob}" for s in all_stages().values() if s.kl_knob)
             raise ConfigError(f"{where}: stage {stage} has no KL knob (stages with one: {knobs}); name a config key instead")
-        return KL_KNOBS[stage]
+        return record.kl_knob
     if key in LR_ALIASES:
         return LR_KEY
     paths = _leaf_paths(cfg_cls)
     if key in SET_BY_SWEEP:
         raise ConfigError(f"{where}: set by the sweep for every run; it cannot be swept")
     if key not in paths:
-        names = [*paths, *KNOB_ALIASES, *LR_ALIASES] if stage in KL_KNOBS else [*paths, *LR_ALIASES]
+        names = [*paths, *KNOB_ALIASES, *LR_ALIASES] if record.kl_knob else [*paths, *LR_ALIASES]
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.6) or difflib.get_close_matches(
             key.rpartition(".")[2], [p.rpartition(".")[2] for p in paths], n=1, cutoff=0.8)
         if close and close[0] not in names:
@@ -377,14 +368,13 @@ def run_sweep(sweep: Sweep, force: bool = False) -> tuple[list[dict], Path | Non
     """Run every grid point (finished matching runs are skipped), then the eval; returns each run's outcome and the eval dir."""
     from align.core.artifacts import RunDir
 
-    stage = get_stage(sweep.stage)
     outcomes: list[dict] = []
     log.info("sweep %s: %d %s runs (%s) in %s", sweep.group, len(sweep.points), sweep.stage,
              " x ".join(f"{a.key} {list(a.values)}" for a in sweep.axes), sweep.root)
     for i, point in enumerate(sweep.points, 1):
         before = RunDir(Path(point.cfg.output_dir)).manifest() or {}
         log.info("== sweep %s: run %d/%d: %s", sweep.group, i, len(sweep.points), point.name)
-        run_dir = stage.run(point.cfg, force=force)
+        run_dir = run_stage(point.cfg, force=force)
         after = run_dir.manifest() or {}
         skipped = bool(before) and before.get("run_id") == after.get("run_id")
         outcome = {"name": point.name, "values": point.values, "output_dir": str(run_dir.path), "run_id": after.get("run_id"),
@@ -407,7 +397,7 @@ def run_sweep(sweep: Sweep, force: bool = False) -> tuple[list[dict], Path | Non
     eval_dir = None
     if sweep.eval_cfg is not None:
         log.info("== sweep %s: eval of %d runs and the baseline", sweep.group, len(sweep.points))
-        eval_dir = get_stage("eval").run(sweep.eval_cfg, force=force).path
+        eval_dir = run_stage(sweep.eval_cfg, force=force).path
         _record(sweep, outcomes, eval_dir)
     return outcomes, eval_dir
 

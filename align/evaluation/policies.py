@@ -113,9 +113,15 @@ def load_policies(runs: dict[str, RunDir], reward: RunDir | None, model_cfg) -> 
     return Policies(model, tokenizer, {name: adapter_names.get(name) for name in sources}, head)
 
 
-def run_beta(run: RunDir) -> float | None:
-    """The beta a DPO run trained with (its resolved config), for its implicit reward."""
+def run_beta(run: RunDir, key: str | None) -> float | None:
+    """The beta a run trained with, for its implicit reward: the dotted `key` of its resolved config (its stage
+    record's beta_key: dpo.beta for DPO and online DPO, kto.beta for KTO); None without one."""
+    if key is None:
+        return None
+    value = run.config()
     try:
-        return float(run.config()["dpo"]["beta"])
+        for part in key.split("."):
+            value = value[part]
+        return float(value)
     except (KeyError, TypeError, ValueError):
         return None

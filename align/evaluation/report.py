@@ -2,14 +2,17 @@
 
 Everything comes from files on disk: the evaluation's eval.json and generations.jsonl,
 and each policy run's manifest and metrics.jsonl (training curves, the PPO reward/KL
-trajectory). The same tables and images go to W&B when a tracker is given.
+trajectory). Which curves a run gets is its stage record's (the eval stage hands them in).
+The same tables and images go to W&B when a tracker is given.
 """
 
 from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from align.core.artifacts import RunDir, atomic_write_text
 from align.evaluation.degeneration import describe_warning
@@ -107,15 +110,8 @@ def _plot_win_rates(results: dict, path: Path) -> bool:
     return True
 
 
-_CURVES = {
-    "sft": [("train/loss", "train loss"), ("eval/loss", "held-out loss")],
-    "dpo": [("train/loss", "train loss"), ("train/rewards/accuracies", "reward accuracy")],
-    "reward": [("train/loss", "train loss"), ("train/accuracy", "pairwise accuracy")],
-    "ppo": [("ppo/reward_raw", "reward"), ("ppo/kl", "KL")],
-}
-
-
-def _plot_training_curves(stages: dict[str, RunDir], path: Path) -> bool:
+def _plot_training_curves(stages: dict[str, RunDir], path: Path, curves: dict[str, Sequence[tuple[str, str]]]) -> bool:
+    """One panel per (run, curve) with at least two points; `curves`: stage name -> (metric key, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +121,7 @@ def _plot_training_curves(stages: dict[str, RunDir], path: Path) -> bool:
     for name, run in stages.items():
         rows = _metrics(run)
         kind = (run.manifest() or {}).get("stage")
-        for key, label in _CURVES.get(kind, []):
+        for key, label in curves.get(kind, ()):
             points = [(r["_step"], r[key]) for r in rows if key in r]
             if len(points) > 1:
                 panels.append((f"{name}: {label}", points))
@@ -245,18 +241,56 @@ def check_report_dir(out_dir: Path) -> None:
                 )
 
 
-def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None, out_dir: Path, n_samples: int, tracker=None) -> dict:
+@dataclass
+class _Report:
+    """What report.md, report.html and W&B show: texts, tables (header, rows) and plots."""
+
+    names: list[str]
+    intro: str
+    rm_line: str
+    policies: tuple[list[str], list[list[str]]]
+    compute: tuple[list[str], list[list[str]]]
+    samples: tuple[list[str], list[list[str]]]
+    plots: dict[str, Path]
+    frontier_text: str | None = None
+    plane: tuple[list[str], list[list[str]]] | None = None
+    budgets: tuple[list[str], list[list[str]]] | None = None
+    warning_intro: str = ""
+    warning_lines: list[str] = field(default_factory=list)
+
+
+def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None, out_dir: Path, n_samples: int, tracker=None,
+                 curves: dict[str, Sequence[tuple[str, str]]] | None = None) -> dict:
+    """report.md, report.html and their plots in `out_dir` from an evaluation RunDir (and to W&B with a tracker).
+
+    `curves`: stage name -> (metrics.jsonl key, label) of the training curves its runs get (the stage records').
+    """
     results = json.loads((Path(eval_dir) / "eval.json").read_text())
     generations = [json.loads(line) for line in (Path(eval_dir) / "generations.jsonl").read_text().splitlines()]
     out_dir = Path(out_dir)
-    plots_dir = out_dir / "report_plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
+    frontier = _frontier_of(results)
+    plots = _plots(results, runs, reward, out_dir / "report_plots", frontier, curves or {})
+    report = _sections(results, generations[:n_samples], frontier, plots)
+    _write_markdown(report, frontier is not None, out_dir)
+    _write_html(report, frontier is not None, out_dir)
+    if tracker is not None and tracker.wandb_run is not None:
+        _log_to_wandb(tracker, report)
+    return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "plots": list(plots.values())}
+
+
+def _frontier_of(results: dict) -> dict | None:
     frontier = results.get("frontier")
     if frontier is None and "frontier" not in results:  # an eval.json from before the frontier existed
         from align.evaluation.frontier import frontier_summary, plane_points, score_key
 
         key = score_key(results["policies"], results.get("reward_model_accuracy") is not None)
         frontier = frontier_summary(plane_points(results["policies"], key), key) if key else None
+    return frontier
+
+
+def _plots(results: dict, runs: dict[str, RunDir], reward: RunDir | None, plots_dir: Path, frontier: dict | None,
+           curves: dict[str, Sequence[tuple[str, str]]]) -> dict[str, Path]:
+    plots_dir.mkdir(parents=True, exist_ok=True)
     y_key = frontier["score"] if frontier else "reward_model"
     plots = {}
     _plot_reward_vs_kl(results, runs, plots_dir / "reward_vs_kl.png", y_key, frontier)
@@ -266,14 +300,12 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
     stages = dict(runs)
     if reward is not None:
         stages["reward"] = reward
-    if _plot_training_curves(stages, plots_dir / "training_curves.png"):
+    if _plot_training_curves(stages, plots_dir / "training_curves.png", curves):
         plots["Training curves"] = plots_dir / "training_curves.png"
+    return plots
 
-    policy_header, policy_rows = _policy_table(results)
-    compute_header, compute_rows = _compute_rows(results)
-    names = list(results["policies"])
-    sample_header = ["prompt", *names]
-    sample_rows = [[g["prompt"], *(g.get(n, "") for n in names)] for g in generations[:n_samples]]
+
+def _intro(results: dict) -> str:
     sampling = results["sampling"]
     intro = (
         f"{results['num_prompts']} held-out prompts, responses sampled with temperature {sampling['temperature']}, "
@@ -287,65 +319,79 @@ def write_report(eval_dir: Path, runs: dict[str, RunDir], reward: RunDir | None,
         shots = "each task's default" if harness["num_fewshot"] is None else harness["num_fewshot"]
         intro += (f" Benchmark columns are lm-evaluation-harness {harness.get('lm_eval')} scores (± standard error), "
                   f"few-shot {shots}, limit {harness['limit'] or 'none'}.")
-    frontier_text = plane_header = plane_rows = budget_header = budget_rows = None
+    return intro
+
+
+def _sections(results: dict, generations: list[dict], frontier: dict | None, plots: dict[str, Path]) -> _Report:
+    names = list(results["policies"])
+    rm = results.get("reward_model_accuracy")
+    report = _Report(
+        names=names, intro=_intro(results),
+        rm_line=f"Reward model pairwise accuracy on {results['num_pairs']} held-out pairs: **{rm:.3f}**." if rm is not None else "",
+        policies=_policy_table(results), compute=_compute_rows(results),
+        samples=(["prompt", *names], [[g["prompt"], *(g.get(n, "") for n in names)] for g in generations]), plots=plots,
+        warning_intro=(
+            f"Over-optimization warnings (held-out perplexity more than {results.get('perplexity_rise', 0.2):.0%} above "
+            f"{results['baseline']}'s while a score rose; read the samples below):"
+        ),
+        warning_lines=[describe_warning(name, w) for name, w in (results.get("overoptimization") or {}).items()],
+    )
     if frontier:
         plane_header, plane_rows, budget_header, budget_rows = _frontier_rows(frontier)
+        report.plane, report.budgets = (plane_header, plane_rows), (budget_header, budget_rows)
         left_out = sorted(set(names) - set(frontier["runs"]))
-        frontier_text = (
+        report.frontier_text = (
             f"Every policy on the plane of its **{frontier['score']}** score against its KL to the reference. A run is on the "
             "Pareto frontier when no other run scores at least as high with at most its KL (and is better in one). "
             "At each KL budget the pick is the highest-scoring run whose KL is within the budget. KL is a sample-based "
             "estimate: values slightly below 0 are noise around a policy that stays at the reference."
             + (f" Not placed (no {frontier['score']} score): {', '.join(left_out)}." if left_out else "")
         )
-    warnings = results.get("overoptimization") or {}
-    warning_lines = [describe_warning(name, w) for name, w in warnings.items()]
-    warning_intro = (
-        f"Over-optimization warnings (held-out perplexity more than {results.get('perplexity_rise', 0.2):.0%} above "
-        f"{results['baseline']}'s while a score rose; read the samples below):"
-    )
-    rm = results.get("reward_model_accuracy")
-    rm_line = f"Reward model pairwise accuracy on {results['num_pairs']} held-out pairs: **{rm:.3f}**." if rm is not None else ""
+    return report
 
-    md = [_MD_SIGNATURE, f"# Comparison report: {', '.join(names)}", "", intro, "", rm_line, "", "## Policies", "",
-          _md_table(policy_header, policy_rows), ""]
-    for title, path in plots.items():
+
+def _write_markdown(r: _Report, has_frontier: bool, out_dir: Path) -> None:
+    md = [_MD_SIGNATURE, f"# Comparison report: {', '.join(r.names)}", "", r.intro, "", r.rm_line, "", "## Policies", "",
+          _md_table(*r.policies), ""]
+    for title, path in r.plots.items():
         md += [f"## {title}", "", f"![{title}]({path.relative_to(out_dir)})", ""]
-    if frontier:
-        md += ["## Frontier", "", frontier_text, "", _md_table(plane_header, plane_rows), "", _md_table(budget_header, budget_rows), ""]
-    md += ["## Compute", "", _md_table(compute_header, compute_rows), "", "## Samples", ""]
-    if warning_lines:
-        md += [f"**{warning_intro}**", "", *[f"- {line}" for line in warning_lines], ""]
-    md += [_md_table(sample_header, sample_rows), ""]
+    if has_frontier:
+        md += ["## Frontier", "", r.frontier_text, "", _md_table(*r.plane), "", _md_table(*r.budgets), ""]
+    md += ["## Compute", "", _md_table(*r.compute), "", "## Samples", ""]
+    if r.warning_lines:
+        md += [f"**{r.warning_intro}**", "", *[f"- {line}" for line in r.warning_lines], ""]
+    md += [_md_table(*r.samples), ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
+
+def _write_html(r: _Report, has_frontier: bool, out_dir: Path) -> None:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "vertical-align:top;font-size:14px}th{background:#f3f3f3}img{max-width:100%}.warning{color:#a00}")
-    body = [f"<h1>Comparison report: {html.escape(', '.join(names))}</h1>",
-            f"<p>{html.escape(intro).replace('**', '')}</p>", f"<p>{html.escape(rm_line).replace('**', '')}</p>",
-            "<h2>Policies</h2>", _html_table(policy_header, policy_rows)]
-    for title, path in plots.items():
+    body = [f"<h1>Comparison report: {html.escape(', '.join(r.names))}</h1>",
+            f"<p>{html.escape(r.intro).replace('**', '')}</p>", f"<p>{html.escape(r.rm_line).replace('**', '')}</p>",
+            "<h2>Policies</h2>", _html_table(*r.policies)]
+    for title, path in r.plots.items():
         body += [f"<h2>{html.escape(title)}</h2>", f'<img src="{path.relative_to(out_dir)}" alt="{html.escape(title)}">']
-    if frontier:
-        body += ["<h2>Frontier</h2>", f"<p>{html.escape(frontier_text).replace('**', '')}</p>",
-                 _html_table(plane_header, plane_rows), _html_table(budget_header, budget_rows)]
-    body += ["<h2>Compute</h2>", _html_table(compute_header, compute_rows), "<h2>Samples</h2>"]
-    if warning_lines:
-        body += [f"<p class='warning'><b>{html.escape(warning_intro)}</b></p><ul class='warning'>"
-                 + "".join(f"<li>{html.escape(line)}</li>" for line in warning_lines) + "</ul>"]
-    body += [_html_table(sample_header, sample_rows)]
+    if has_frontier:
+        body += ["<h2>Frontier</h2>", f"<p>{html.escape(r.frontier_text).replace('**', '')}</p>",
+                 _html_table(*r.plane), _html_table(*r.budgets)]
+    body += ["<h2>Compute</h2>", _html_table(*r.compute), "<h2>Samples</h2>"]
+    if r.warning_lines:
+        body += [f"<p class='warning'><b>{html.escape(r.warning_intro)}</b></p><ul class='warning'>"
+                 + "".join(f"<li>{html.escape(line)}</li>" for line in r.warning_lines) + "</ul>"]
+    body += [_html_table(*r.samples)]
     atomic_write_text(out_dir / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>align report</title>"
                       f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
-    if tracker is not None and tracker.wandb_run is not None:
-        import wandb
 
-        tracker.wandb_run.log({
-            "report/policies": wandb.Table(columns=policy_header, data=policy_rows),
-            "report/compute": wandb.Table(columns=compute_header, data=compute_rows),
-            "report/samples": wandb.Table(columns=sample_header, data=sample_rows),
-            **({"report/frontier": wandb.Table(columns=budget_header, data=budget_rows)} if frontier else {}),
-            **{f"report/{title}": wandb.Image(str(path)) for title, path in plots.items()},
-        })
-    return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "plots": list(plots.values())}
+def _log_to_wandb(tracker, r: _Report) -> None:
+    import wandb
+
+    tracker.wandb_run.log({
+        "report/policies": wandb.Table(columns=r.policies[0], data=r.policies[1]),
+        "report/compute": wandb.Table(columns=r.compute[0], data=r.compute[1]),
+        "report/samples": wandb.Table(columns=r.samples[0], data=r.samples[1]),
+        **({"report/frontier": wandb.Table(columns=r.budgets[0], data=r.budgets[1])} if r.budgets else {}),
+        **{f"report/{title}": wandb.Image(str(path)) for title, path in r.plots.items()},
+    })

@@ -59,7 +59,7 @@ def cpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
+    simpo_gamma: float | None = None,
     alpha: float = 0.0,
     nll: torch.Tensor | None = None,
     nll_weight: float = 0.0,
@@ -77,6 +77,8 @@ def cpo_loss(
     """
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"unknown CPO loss type {loss_type!r} (one of {', '.join(CPO_LOSS_TYPES)})")
+    if loss_type == "simpo" and simpo_gamma is None:
+        raise ValueError("loss_type simpo: simpo_gamma (the target margin) is required")
     chosen_r, rejected_r = alphapo_reward(chosen_logps, alpha), alphapo_reward(rejected_logps, alpha)
     margin = chosen_r - rejected_r
     if loss_type in ("sigmoid", "simpo"):

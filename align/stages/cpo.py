@@ -15,11 +15,12 @@ from typing import Literal
 from align.core.config import ChildStageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.preference.objectives import CPO, ObjectiveOptions
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 
 @dataclass
-class CPOOptions:
+class CPOOptions(ObjectiveOptions):
     beta: float = opt(0.1, "Scale of the log-prob margin (for ipo, IPO's tau).", gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = opt(
         "sigmoid", "Preference term: sigmoid (CPO), hinge (SLiC), ipo (on per-token mean log-probs)."
@@ -27,7 +28,6 @@ class CPOOptions:
     label_smoothing: float = opt(0.0, "Assumed share of flipped labels; sigmoid only.", min=0, lt=0.5)
     nll_weight: float = opt(1.0, "Weight of the NLL of the chosen responses (CPO's behaviour cloning; TRL's cpo_alpha).", min=0)
     alpha: float = opt(0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha, any real; 0 = log p.", any_value="any real number shapes the reward")
-    shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
 
 
 @dataclass
@@ -45,16 +45,15 @@ class CPOConfig(ChildStageConfig):
             raise ConfigError(f"cpo.label_smoothing: used only by loss_type sigmoid (got {o.loss_type})")
 
 
-def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
-    from align.preference.objective_trainer import Objective
-    from align.stages.objective_run import run_reference_free_stage
-
+def objective(cfg: CPOConfig) -> CPO:
     o = cfg.cpo
-    objective = Objective(
-        "cpo", beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight
-    )
-    return run_reference_free_stage(cfg, objective, shared_prefix=o.shared_prefix, force=force, callbacks=callbacks)
+    return CPO(beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight)
+
+
+def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
+    from align.stages.objective_run import run_objective_stage
+
+    return run_objective_stage(cfg, force=force, callbacks=callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -66,4 +65,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-register(Stage("cpo", CPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
+register(Stage(
+    "cpo", CPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method, objective=objective,
+    kl_knob="cpo.beta", curves=(Curve("train/loss", "train loss"), Curve("train/rewards/accuracies", "reward accuracy")),
+))

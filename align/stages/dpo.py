@@ -34,7 +34,7 @@ from align.core.config import ChildStageConfig, opt
 from align.preference import dpo_options as options
 from align.preference.dpo_options import DPO_LOSS_TYPES, DPOOptions  # noqa: F401 - re-exported: callers import them from here too
 from align.modeling.methods import resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 log = logging.getLogger("align")
 
@@ -77,7 +77,6 @@ def run(cfg: DPOConfig, *, force: bool = False, callbacks=()):
     from align.stages.hf_training import train_and_finish
     from align.stages.stage_run import open_stage
 
-    cfg = prepare_config(cfg)
     stage = open_stage(cfg, "preference", force)
     return train_and_finish(
         stage, prepare=prepare, build_trainer=build_trainer, eval_keys=_EVAL_KEYS, before_label="reference",
@@ -95,4 +94,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-register(Stage("dpo", DPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
+register(Stage(
+    "dpo", DPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method, kl_knob="dpo.beta", beta_key="dpo.beta",
+    curves=(Curve("train/loss", "train loss"), Curve("train/rewards/accuracies", "reward accuracy")),
+))

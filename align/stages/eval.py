@@ -23,7 +23,7 @@ from align.core.config import SEED, DataConfig, ModelConfig, RunConfig, opt
 from align.core.errors import ConfigError
 from align.evaluation.harness import LmEvalConfig
 from align.evaluation.judges import check_judge_specs
-from align.stages.registry import Stage, prepare_config, register
+from align.stages.registry import Stage, all_stages, register
 
 log = logging.getLogger("align")
 
@@ -155,7 +155,8 @@ def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, 
     with policies.policy(name):
         ppl = perplexity(policies.model, policies.tokenizer, sft_rows, cfg.max_length, cfg.batch_size)
     margins = implicit_reward_margins(policies, name, pairs, cfg.batch_size)
-    beta = run_beta(run) or cfg.dpo_beta
+    record = all_stages().get((run.manifest() or {}).get("stage"))
+    beta = run_beta(run, record.beta_key if record else None) or cfg.dpo_beta
     results = {
         "kl_mean": sum(kls) / len(kls),
         "kl_ci95": list(bootstrap_interval(kls, cfg.bootstrap, cfg.sampling.seed)),
@@ -208,7 +209,8 @@ def write_outputs(stage, cfg: EvalConfig, runs, reward, prompts, results, per_pr
     shown = prompts[: cfg.samples_in_report * 4]
     stage.tracker.log_samples("generations", ["prompt", *runs], [[p[-1]["content"], *(generations[n][i] for n in runs)] for i, p in enumerate(shown)], step=0)
     report_dir = Path(cfg.report_dir) if cfg.report_dir else stage.run_dir.path.parent
-    written = write_report(stage.run_dir.path, runs, reward, report_dir, cfg.samples_in_report, tracker=stage.tracker)
+    curves = {name: record.curves for name, record in all_stages().items()}
+    written = write_report(stage.run_dir.path, runs, reward, report_dir, cfg.samples_in_report, tracker=stage.tracker, curves=curves)
     log.info("eval: report written to %s", written["markdown"])
     return Path(written["markdown"]).resolve()
 
@@ -224,7 +226,7 @@ def plane(cfg: EvalConfig, results: dict, has_reward_model: bool) -> dict:
             "overoptimization": overoptimization(results, cfg.baseline, cfg.perplexity_rise)}
 
 
-def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
+def run(cfg: EvalConfig, *, force: bool = False):
     from align.core.progress import progress
     from align.core.tracking import is_main_process
     from align.evaluation.harness import score_policies
@@ -234,7 +236,6 @@ def run(cfg: EvalConfig, *, force: bool = False, callbacks=()):
     from align.modeling.models import ModelRef
     from align.stages.stage_run import StageRun, finished_parent
 
-    cfg = prepare_config(cfg)
     runs = {name: finished_parent(path, key=f"runs.{name}") for name, path in cfg.runs.items()}
     reward = finished_parent(cfg.reward_run, key="reward_run") if cfg.reward_run else None
     splits, prompts, pairs, sft_rows = held_out_inputs(cfg)

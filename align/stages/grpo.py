@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from align.core.config import opt
 from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.rlhf.estimators import GroupRelative
 from align.rlhf.options import ONLINE_WHY_LORA, GroupOptions, GroupStageConfig, check_sources
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 
 @dataclass
@@ -29,10 +30,9 @@ class GRPOConfig(GroupStageConfig):
 
 
 def run(cfg, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
     from align.stages.online_run import run_group_stage
 
-    return run_group_stage(cfg, force, callbacks)
+    return run_group_stage(cfg, force=force, callbacks=callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -47,4 +47,5 @@ def summary_lines(s: dict) -> list[str]:
 register(Stage(
     "grpo", GRPOConfig, run, summary_lines,
     checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+    estimator=GroupRelative(), kl_knob="grpo.kl_coef", curves=(Curve("grpo/reward/total", "reward"), Curve("grpo/kl", "KL")),
 ))

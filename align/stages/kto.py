@@ -22,7 +22,7 @@ from typing import Literal
 from align.core.config import ChildStageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 
 @dataclass
@@ -115,7 +115,6 @@ _EVAL_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margi
 
 
 def run(cfg: KTOConfig, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
     from align.core.data import kto_balance_note
     from align.stages.hf_training import train_and_finish
     from align.stages.stage_run import open_stage
@@ -139,4 +138,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-register(Stage("kto", KTOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
+register(Stage(
+    "kto", KTOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method, kl_knob="kto.beta", beta_key="kto.beta",
+    curves=(Curve("train/loss", "train loss"), Curve("train/kl", "KL estimate")),
+))

@@ -22,7 +22,7 @@ from align.preference import dpo_options as options
 from align.preference.dpo_options import DPOOptions
 from align.modeling.methods import LORA_FAMILY, resolve_method
 from align.rlhf.options import ONLINE_WHY_LORA, OnlineStageConfig, check_keep_best, check_sources
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 log = logging.getLogger("align")
 
@@ -111,7 +111,6 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
 
 
 def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
     from align.stages.online_run import open_online_stage
 
     stage, runs = open_online_stage(cfg, force)
@@ -291,4 +290,6 @@ def summary_lines(s: dict) -> list[str]:
 register(Stage(
     "online_dpo", OnlineDPOConfig, run, summary_lines,
     checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+    kl_knob="dpo.beta", beta_key="dpo.beta",
+    curves=(Curve("online/reward/total", "sampled reward"), Curve("online/dpo_loss", "DPO loss")),
 ))

@@ -62,7 +62,7 @@ def join_processes(stage: "StageRun") -> None:
     stage.skipped, stage.resume_from = ranks.broadcast((stage.skipped, stage.resume_from))
 
 
-def run_group_stage(cfg, force: bool, callbacks=()) -> RunDir:
+def run_group_stage(cfg, *, force: bool, callbacks=()) -> RunDir:
     """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
     from align.rlhf import grpo as G
 

@@ -15,17 +15,17 @@ from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
 from align.modeling.methods import resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.preference.objectives import ORPO, ObjectiveOptions
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 
 @dataclass
-class ORPOOptions:
+class ORPOOptions(ObjectiveOptions):
     beta: float = opt(0.1, "Weight of the odds-ratio term against the NLL (the paper's lambda).", gt=0)
     nll_on_prompt: bool = opt(
         False, "NLL over prompt + chosen response (ORPO's code, TRL's trainer) instead of the response alone "
         "(the paper's formula); true runs the two-row layout.",
     )
-    shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
 
 
 @dataclass
@@ -37,22 +37,14 @@ class ORPOConfig(ChildStageConfig):
     stage = "orpo"
 
 
-EVAL_KEYS = ("log_odds_ratio", "log_odds_chosen")
+def objective(cfg: ORPOConfig) -> ORPO:
+    return ORPO(beta=cfg.orpo.beta, nll_on_prompt=cfg.orpo.nll_on_prompt)
 
 
 def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
-    from align.preference.objective_trainer import Objective
-    from align.stages.objective_run import run_reference_free_stage
+    from align.stages.objective_run import run_objective_stage
 
-    o = cfg.orpo
-    blocked = "orpo.nll_on_prompt needs prompt-token log-probs, which the shared-prefix forward does not compute" if (
-        o.nll_on_prompt and o.shared_prefix
-    ) else None
-    return run_reference_free_stage(
-        cfg, Objective("orpo", beta=o.beta, nll_on_prompt=o.nll_on_prompt), shared_prefix=o.shared_prefix, force=force,
-        callbacks=callbacks, sharing_blocked=blocked, extra_eval_keys=EVAL_KEYS,
-    )
+    return run_objective_stage(cfg, force=force, callbacks=callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -64,4 +56,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-register(Stage("orpo", ORPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
+register(Stage(
+    "orpo", ORPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method, objective=objective,
+    kl_knob="orpo.beta", curves=(Curve("train/loss", "train loss"), Curve("train/rewards/accuracies", "reward accuracy")),
+))

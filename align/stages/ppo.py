@@ -16,7 +16,7 @@ from align.core.config import ChildStageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import LORA_FAMILY, resolve_method
 from align.rlhf.options import KEEP_BEST_HELP
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 log = logging.getLogger("align")
 
@@ -172,7 +172,6 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.stages.samples import log_sample_table
     from align.stages.stage_run import finished_parent, open_stage
 
-    cfg = prepare_config(cfg)
     rl.check_processes(cfg, launched_size())
     reward_run = finished_parent(cfg.reward_run, key="reward_run")
     if (reward_run.manifest() or {}).get("stage") != "reward":
@@ -234,4 +233,7 @@ WHY_LORA = (
     "PPO keeps the policy, value and reward as adapters of one base model; PEFT holds adapters of a "
     "single type in one model and the reward adapter is LoRA"
 )
-register(Stage("ppo", PPOConfig, run, summary_lines, checks=training_checks(LORA_FAMILY, WHY_LORA), resolve=resolve_method))
+register(Stage(
+    "ppo", PPOConfig, run, summary_lines, checks=training_checks(LORA_FAMILY, WHY_LORA), resolve=resolve_method,
+    kl_knob="ppo.kl_coef", curves=(Curve("ppo/reward_raw", "reward"), Curve("ppo/kl", "KL")),
+))

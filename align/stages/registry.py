@@ -1,51 +1,87 @@
-"""The stage registry: each stage module registers itself once, and everything else derives from it.
+"""The stage registry: each stage module registers its record once, and everything else reads the record.
 
-A stage is one module under `align.stages` that defines its config class, its `run`, and the
-summary lines its runs print, and ends with `register(Stage(...))`. The recipes' command line,
-the pipeline's stage names, `--keys` and config loading all read the registry, so adding a stage
-touches that one module.
+A method is one record (`Stage`): its config class, its `run`, the summary lines its runs print, its
+pre-flight checks and resolve step, and what the rest of align needs to know about it:
+  kl_knob    the key that pulls the policy towards its reference: what a sweep's `beta` names;
+  curves     the training curves of its runs in the evaluation report;
+  beta_key   the key of the beta of its implicit reward beta * (log p - log p_ref), for the evaluation;
+  objective  an offline method trained on the shared objective run: its loss as an object built from its
+             config (align/preference/objectives.py: needs a reference or not, length normalization,
+             an NLL term);
+  estimator  a group-RL method trained on the shared group loop: its advantage estimator
+             (align/rlhf/estimators.py).
+The command line, the pipeline's stage names, `--keys`, config loading, the sweep, the report, the
+evaluation and the shared runs read the record, so adding a method touches its own module (and, for a
+new loss or estimator, that one function or class).
 
-Stage modules import only light things at module level (configs, this registry), so loading and
-checking a config never waits for torch or TRL; their `run` imports the heavy parts.
+`run_stage` runs a stage: the config's checks and resolve step (`prepare_config`), then the stage's
+`run` on the prepared config. Stage modules import only light things at module level (configs, this
+registry, the objective and estimator classes), so loading and checking a config never waits for
+torch or TRL; their `run` imports the heavy parts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
-import logging
 import importlib.util
+import logging
 import pkgutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from align.core.config import RunConfig, StageConfig, check_values, load_config
 from align.core.errors import ConfigError
 from align.evaluation.judges import check_judge_specs
 from align.modeling.methods import check_method
+from align.preference.objectives import Objective
+from align.rlhf.estimators import AdvantageEstimator
 
-# Modules of this package that are not stages.
+# Modules of this package that are not stages: the registry and the machinery stages share.
 _NOT_STAGES = ("registry", "stage_run", "hf_training", "samples", "online_run", "objective_run")
+
+
+class Curve(NamedTuple):
+    """A training curve of a stage's runs in the evaluation report: a metrics.jsonl key and its label."""
+
+    metric: str
+    label: str
 
 
 @dataclass(frozen=True)
 class Stage:
-    """What the rest of align needs to know about a stage."""
+    """What the rest of align needs to know about a stage: one record per method."""
 
     name: str
     config: type[RunConfig]  # its config dataclass; `config.stage` is `name`
-    run: Callable[..., Any]  # run(cfg, *, force=False, callbacks=()) -> RunDir
+    # run(cfg, *, force=False, callbacks=()) -> RunDir, on a config run_stage has prepared. `callbacks` are
+    # TrainerCallback objects: an HF-Trainer stage passes them to its trainer (every hook; online DPO to each
+    # round's), the own-loop stages (PPO, GRPO, RLOO) call on_train_end(model=...) once training ended. A stage
+    # that trains nothing (eval) takes no callbacks.
+    run: Callable[..., Any]
     summary: Callable[[dict], list[str]]  # the stage's own lines about a finished run's summary
     # Pre-flight checks of a validated config that need more than the config itself (judge specs,
     # PEFT method support), run before anything is written; each raises ConfigError naming the key.
     checks: tuple[Callable[[Any], None], ...] = field(default=())
     # Defaults filled in from other keys (qlora -> 4-bit), applied once and logged; returns the config.
     resolve: Callable[[Any], Any] | None = None
+    kl_knob: str | None = None  # dotted key pulling the policy towards its reference (a sweep's `beta`)
+    curves: tuple[Curve, ...] = ()  # training curves of its runs in the evaluation report
+    # Dotted key of the beta of its implicit reward beta * (log p - log p_ref); None: the evaluation's dpo_beta.
+    beta_key: str | None = None
+    objective: Callable[[Any], Objective] | None = None  # config -> its loss (objective methods)
+    estimator: AdvantageEstimator | None = None  # its advantages (group-RL methods)
 
     @property
     def description(self) -> str:
         return (self.config.__doc__ or "").strip().split("\n\n")[0]
+
+    @property
+    def trains(self) -> bool:
+        return issubclass(self.config, StageConfig)
 
 
 _STAGES: dict[str, Stage] = {}
@@ -58,8 +94,26 @@ def register(stage: Stage) -> Stage:
         raise ValueError(f"stage {stage.name!r}: its config class {stage.config.__name__} says stage = {stage.config.stage!r}")
     if stage.name in _STAGES and _STAGES[stage.name] is not stage:
         raise ValueError(f"stage {stage.name!r} is registered twice")
+    for what in ("kl_knob", "beta_key"):
+        key = getattr(stage, what)
+        if key is not None and not _has_key(stage.config, key):
+            raise ValueError(f"stage {stage.name!r}: {what} {key!r} is not a key of {stage.config.__name__}")
+    if stage.objective is not None and stage.estimator is not None:
+        raise ValueError(f"stage {stage.name!r}: an objective method or a group-RL method, not both")
     _STAGES[stage.name] = stage
     return stage
+
+
+def _has_key(cls: type, dotted: str) -> bool:
+    """Whether a config class has the dotted key (its sections are dataclasses)."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if head not in fields:
+        return False
+    if not rest:
+        return True
+    section = typing.get_type_hints(cls)[head]
+    return dataclasses.is_dataclass(section) and _has_key(section, rest)
 
 
 def unregister(name: str) -> None:
@@ -97,14 +151,26 @@ def get_stage(name: str) -> Stage:
 def prepare_config(cfg: Any) -> Any:
     """The stage's pre-flight checks, then its resolve step: what a stage runs on.
 
-    Idempotent: the recipes, the pipeline (for every stage before the first starts) and each
-    stage's `run` call it, so a config built in code is checked the same way as one from a file.
+    Idempotent: config loading, the pipeline (for every stage before the first starts) and run_stage
+    call it, so a config built in code is checked the same way as one from a file.
     """
     stage = get_stage(cfg.stage)
     check_values(cfg)  # the schema's ranges, for a config built in code (the loader checked a loaded one)
     for check in stage.checks:
         check(cfg)
     return stage.resolve(cfg) if stage.resolve else cfg
+
+
+def run_stage(cfg: Any, *, force: bool = False, callbacks=()) -> Any:
+    """Run the stage `cfg` is a config of: its checks and resolve step, then its `run`. Returns the RunDir
+    (a finished run that matches the config is skipped, unless `force`)."""
+    stage = get_stage(cfg.stage)
+    cfg = prepare_config(cfg)
+    if not stage.trains:
+        if callbacks:
+            raise ValueError(f"stage {stage.name!r} trains nothing: training callbacks do not apply to it")
+        return stage.run(cfg, force=force)
+    return stage.run(cfg, force=force, callbacks=callbacks)
 
 
 def training_checks(methods: tuple[str, ...] | None = None, why: str = "") -> tuple[Callable[[StageConfig], None], ...]:

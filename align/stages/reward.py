@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
 from align.modeling.methods import LORA_FAMILY, resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 log = logging.getLogger("align")
 
@@ -109,7 +109,6 @@ def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
     from align.stages.hf_training import held_out_summary, train_adapter
     from align.stages.stage_run import open_stage
 
-    cfg = prepare_config(cfg)
     stage = open_stage(cfg, "preference", force, head="score")
     if stage.skipped:
         return stage.run_dir
@@ -142,4 +141,7 @@ WHY_LORA = (
     "the reward adapter and its score head are later loaded next to LoRA adapters on one base "
     "(PPO, evaluation), and PEFT holds adapters of a single type in one model"
 )
-register(Stage("reward", RewardConfig, run, summary_lines, checks=training_checks(LORA_FAMILY, WHY_LORA), resolve=resolve_method))
+register(Stage(
+    "reward", RewardConfig, run, summary_lines, checks=training_checks(LORA_FAMILY, WHY_LORA), resolve=resolve_method,
+    curves=(Curve("train/loss", "train loss"), Curve("train/accuracy", "pairwise accuracy")),
+))

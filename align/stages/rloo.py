@@ -16,8 +16,9 @@ from typing import Literal
 
 from align.core.config import opt
 from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.rlhf.estimators import LeaveOneOut
 from align.rlhf.options import ONLINE_WHY_LORA, ADVANTAGE_SCALES, GroupOptions, GroupStageConfig, check_sources
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 
 @dataclass
@@ -46,10 +47,9 @@ class RLOOConfig(GroupStageConfig):
 
 
 def run(cfg, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
     from align.stages.online_run import run_group_stage
 
-    return run_group_stage(cfg, force, callbacks)
+    return run_group_stage(cfg, force=force, callbacks=callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -64,4 +64,5 @@ def summary_lines(s: dict) -> list[str]:
 register(Stage(
     "rloo", RLOOConfig, run, summary_lines,
     checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
+    estimator=LeaveOneOut(), kl_knob="rloo.kl_coef", curves=(Curve("rloo/reward/total", "reward"), Curve("rloo/kl", "KL")),
 ))

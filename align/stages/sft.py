@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from align.core.config import StageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import METHODS, resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 log = logging.getLogger("align")
 
@@ -89,7 +89,6 @@ def run(cfg: SFTConfig, *, force: bool = False, callbacks=()):
     from align.stages.hf_training import train_adapter
     from align.stages.stage_run import open_stage
 
-    cfg = prepare_config(cfg)
     stage = open_stage(cfg, "sft", force)
     base = stage.base
     if stage.skipped:
@@ -128,4 +127,7 @@ def summary_lines(s: dict) -> list[str]:
     return [f"  held-out SFT loss: {fmt(s.get('eval_loss_before'))} (base) -> {fmt(s.get('eval_loss_after'))}"]
 
 
-register(Stage("sft", SFTConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
+register(Stage(
+    "sft", SFTConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method,
+    curves=(Curve("train/loss", "train loss"), Curve("eval/loss", "held-out loss")),
+))

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from align.core.config import ChildStageConfig, opt
 from align.modeling.methods import resolve_method
-from align.stages.registry import Stage, fmt, prepare_config, register, training_checks
+from align.preference.objectives import ObjectiveOptions, SimPO
+from align.stages.registry import Curve, Stage, fmt, register, training_checks
 
 
 @dataclass
-class SimPOOptions:
+class SimPOOptions(ObjectiveOptions):
     beta: float = opt(2.0, "Scale of the length-normalized reward (the paper uses 2.0-2.5).", gt=0)
     gamma: float = opt(1.0, "Target reward margin (the paper keeps gamma/beta near 0.5).", min=0)
     label_smoothing: float = opt(0.0, "Assumed share of flipped labels (conservative loss).", min=0, lt=0.5)
@@ -27,7 +28,6 @@ class SimPOOptions:
         any_value="any real number shapes the reward",
     )
     nll_weight: float = opt(0.0, "Weight of the NLL of the chosen responses; > 0 is CPO-SimPO.", min=0)
-    shared_prefix: bool = opt(True, "Compute each pair's prompt once for chosen and rejected (as DPO's fast path).")
 
 
 @dataclass
@@ -39,16 +39,15 @@ class SimPOConfig(ChildStageConfig):
     stage = "simpo"
 
 
-def run(cfg: SimPOConfig, *, force: bool = False, callbacks=()):
-    cfg = prepare_config(cfg)
-    from align.preference.objective_trainer import Objective
-    from align.stages.objective_run import run_reference_free_stage
-
+def objective(cfg: SimPOConfig) -> SimPO:
     o = cfg.simpo
-    objective = Objective(
-        "simpo", beta=o.beta, gamma=o.gamma, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight
-    )
-    return run_reference_free_stage(cfg, objective, shared_prefix=o.shared_prefix, force=force, callbacks=callbacks)
+    return SimPO(beta=o.beta, gamma=o.gamma, label_smoothing=o.label_smoothing, alpha=o.alpha, nll_weight=o.nll_weight)
+
+
+def run(cfg: SimPOConfig, *, force: bool = False, callbacks=()):
+    from align.stages.objective_run import run_objective_stage
+
+    return run_objective_stage(cfg, force=force, callbacks=callbacks)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -59,4 +58,7 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-register(Stage("simpo", SimPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method))
+register(Stage(
+    "simpo", SimPOConfig, run, summary_lines, checks=training_checks(), resolve=resolve_method, objective=objective,
+    kl_knob="simpo.beta", curves=(Curve("train/loss", "train loss"), Curve("train/rewards/accuracies", "reward accuracy")),
+))

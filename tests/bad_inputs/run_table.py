@@ -85,7 +85,7 @@ def build_workspace(w: Path) -> dict[str, str]:
     from align.core.artifacts import RunDir
     from align.core.config import load_config, to_dict
     from align.modeling.models import embedded_model_dir
-    from align.stages import ppo, reward, sft
+    from align.stages.registry import run_stage
     from align.stages.ppo import PPOConfig
     from align.stages.reward import RewardConfig
     from align.stages.sft import SFTConfig
@@ -150,13 +150,13 @@ def build_workspace(w: Path) -> dict[str, str]:
 
     # Finished runs (in this process: torch is loaded once).
     if not RunDir(runs / "sft").is_finished():
-        sft.run(load_config(SFTConfig, c / "sft.yaml", {"output_dir": str(runs / "sft")}))
+        run_stage(load_config(SFTConfig, c / "sft.yaml", {"output_dir": str(runs / "sft")}))
     if not RunDir(runs / "reward").is_finished():
-        reward.run(load_config(RewardConfig, c / "reward.yaml", {"output_dir": str(runs / "reward"), "train.max_steps": 3}))
+        run_stage(load_config(RewardConfig, c / "reward.yaml", {"output_dir": str(runs / "reward"), "train.max_steps": 3}))
     tampered = runs / "ppo-tampered"
     if not (tampered / "checkpoints" / "checkpoint-1").is_dir():
         ppo_run_cfg = load_config(PPOConfig, c / "ppo.yaml", {"output_dir": str(tampered), "train.save_steps": 1})
-        ppo.run(ppo_run_cfg)
+        run_stage(ppo_run_cfg)
         RunDir(tampered).update(status="interrupted")
         write_yaml(c / "ppo_tampered.yaml", to_dict(ppo_run_cfg), "python recipes/ppo.py --config ppo_tampered.yaml --resume")
     marker_pickle = w / "PICKLE_RAN"
@@ -580,7 +580,7 @@ def build_issue22_workspace(w: Path, c: Path, d: Path, runs: Path) -> dict[str, 
     import torch
     from align.core.artifacts import RunDir
     from align.core.config import load_config
-    from align.stages import sft
+    from align.stages.registry import run_stage
     from align.stages.sft import SFTConfig
 
     (w / "pymods").mkdir(exist_ok=True)
@@ -613,7 +613,7 @@ def build_issue22_workspace(w: Path, c: Path, d: Path, runs: Path) -> dict[str, 
     tampered = runs / "sft-tampered"
     if not (tampered / "checkpoints" / "checkpoint-2").is_dir():
         cfg = load_config(SFTConfig, c / "sft.yaml", {"output_dir": str(tampered), "train.save_steps": 1})
-        sft.run(cfg)
+        run_stage(cfg)
     RunDir(tampered).update(status="interrupted")  # also after a replay that changed it
     torch.save({"state": LeavesAMarker(str(w / "SFT_PICKLE_RAN"))}, tampered / "checkpoints" / "checkpoint-2" / "optimizer.pt")
     return {name: str(c / f"{name}.yaml") for name in ("grpo", "rloo", "online_dpo", "kto", "orpo", "simpo", "sweep_self",
