@@ -15,7 +15,7 @@ same reward (align's reward sources, judges only: the same scorer object type on
 no vLLM:
   trl   TRL's GRPOTrainer with its defaults for everything else (gradient checkpointing on, its
         own `generate` call, a reference pass with the adapter disabled)
-  ours  align.rlhf.grpo.group_step, as the GRPO stage runs it (its defaults: gradient
+  ours  align.rlhf.group.group_step, as the GRPO stage runs it (its defaults: gradient
         checkpointing auto, the shared decoding loop)
   ours-k3-gradient  (not timed against trl) ours with grpo.kl_bias_correction false: the KL
         gradient our GRPO had before issue 18, for the held-out KL after the same steps
@@ -28,7 +28,7 @@ Printed per variant: median seconds per step after --warmup steps, responses/s, 
 (--eval-prompts) the held-out KL to the reference and reward after the last step, measured the same
 way for both (align.rlhf.rewards.held_out_metrics: one seeded sample per held-out prompt). Then the
 ratios, and a correctness line: the rewards TRL computed at each step, put through our advantage
-code (align.rlhf.grpo.advantages), must give the advantages TRL computed from them.
+code (align.rlhf.group.advantages), must give the advantages TRL computed from them.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def rewards_object(tokenizer):
 
 
 def held_out(model, tokenizer, rewards, cfg, prompts, seed: int) -> dict:
-    from align.rlhf.grpo import sampling
+    from align.rlhf.group import sampling
     from align.rlhf.rewards import held_out_metrics
 
     if not prompts:
@@ -181,7 +181,7 @@ def run_ours(args, cfg, train_prompts, eval_prompts) -> dict:
     from transformers import set_seed
 
     from align.modeling import models
-    from align.rlhf import grpo as G
+    from align.rlhf import group as G
     from align.core.memory import peak_memory_mb, reset_peak_memory
 
     set_seed(args.seed)
@@ -317,7 +317,7 @@ def check_advantages(args, raw_trl: dict, cfg) -> tuple[bool, str]:
     """TRL's rewards through our advantage code must give TRL's advantages, every step."""
     import torch
 
-    from align.rlhf.grpo import advantages
+    from align.rlhf.group import advantages
 
     worst, n = 0.0, 0
     for rewards, theirs in zip(raw_trl["rewards"], raw_trl["advantages"]):

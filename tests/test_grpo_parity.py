@@ -6,7 +6,7 @@ update's gradients, computed twice:
   it our completions; its own `training_step` then scores them with the reward function,
   computes the group advantages, the reference log-probs (adapter disabled) and the loss, and
   back-propagates, once per gradient-accumulation micro-batch;
-- ours: `align.rlhf.grpo` (fixed_logprobs, advantages, accumulate_update) on the same tokens.
+- ours: `align.rlhf.group` (fixed_logprobs, advantages, accumulate_update) on the same tokens.
 Both adapters start from the same non-zero weights, so the policy differs from the reference and
 the KL term has a gradient. Loss and every adapter gradient must agree within a relative
 tolerance.
@@ -60,7 +60,7 @@ def our_config(model_dir, data, out, aggregation, micro, accumulation, bias_corr
 def ours(tiny_model_dir, tiny_data, tmp_path_factory):
     """Our GroupPolicy with a non-zero policy adapter, and one sampled rollout batch of it."""
     from align.modeling import models
-    from align.rlhf import grpo as G
+    from align.rlhf import group as G
 
     cfg = our_config(tiny_model_dir, tiny_data["prefs"], tmp_path_factory.mktemp("parity") / "grpo", "sequence_mean", 16, 1)
     base = models.resolve(str(tiny_model_dir))
@@ -97,7 +97,7 @@ def fixed_lengths(gp, roll):
 
 
 def our_update(gp, roll, cfg) -> tuple[float, dict[str, torch.Tensor]]:
-    from align.rlhf import grpo as G
+    from align.rlhf import group as G
 
     n = roll.mask.size(0)
     old_logp, ref_logp = G.fixed_logprobs(gp, roll, cfg, updates=1)

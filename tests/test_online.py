@@ -69,7 +69,7 @@ def group_config(runs, tiny_data, name="grpo", cls=GRPOConfig, **extra):
 def policy(cfg):
     """The GRPO model: base + policy adapter + the reward adapters the config names."""
     from align.modeling import models
-    from align.rlhf.grpo import GroupPolicy
+    from align.rlhf.group import GroupPolicy
     from align.rlhf.rewards import reward_runs
     from align.stages.stage_run import resolve_base
 
@@ -194,7 +194,7 @@ def test_online_configs_refuse_invalid_combinations(runs, tiny_data, tmp_path):
 
 
 def test_fresh_policy_kl_is_zero_and_a_step_changes_only_the_policy(runs, tiny_data):
-    from align.rlhf import grpo as G
+    from align.rlhf import group as G
 
     cfg = group_config(runs, tiny_data, rewards=[{"judge": "online_scorers:chars", "weight": 0.1}, {"reward_run": str(runs["reward"])}])
     gp = policy(cfg)
@@ -301,7 +301,7 @@ def test_online_dpo_round_two_samples_from_round_one_policy_against_the_sft_refe
 
     from align.core.checkpoints import checkpoint_dirs
     from align.modeling import models
-    from align.rlhf.online_dpo import read_round_samples, sample_round
+    from align.rlhf.rounds import read_round_samples, sample_round
     from align.rlhf.options import RewardSource
     from align.rlhf.rewards import Rewards
     from align.stages import online_dpo
@@ -438,7 +438,7 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
     the last adapter stays in checkpoint-3, and a run killed after step 2 and resumed keeps the same one."""
     from safetensors.torch import load_file
 
-    from align.rlhf import grpo as G
+    from align.rlhf import group as G
     from align.rlhf import loop
     from align.stages import grpo
     from align.stages.registry import run_stage

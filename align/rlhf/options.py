@@ -2,7 +2,7 @@
 
 Pure config (no torch): stage modules import it at module level, so `--keys` and config
 loading stay fast. What the options do at run time is in align/rlhf/rewards.py (reward
-sources) and align/rlhf/grpo.py (group policy gradient).
+sources) and align/rlhf/group.py (group policy gradient).
 """
 
 from __future__ import annotations

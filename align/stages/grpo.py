@@ -6,7 +6,7 @@ adapters on the same base, align/rlhf/rewards.py), and takes clipped policy-grad
 with advantages relative to the group (minus the group mean, over the group std by default) and
 a per-token KL penalty to the reference, the base with adapters disabled (the SFT model). No
 value model. Our own implementation on the PPO stage's sampling, scoring and log-prob parts,
-not TRL's GRPOTrainer: align/rlhf/grpo.py says why. Math: align/rlhf/losses.py.
+not TRL's GRPOTrainer: align/rlhf/group.py says why. Math: align/rlhf/losses.py.
 """
 
 from __future__ import annotations

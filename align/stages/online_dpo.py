@@ -82,7 +82,7 @@ def train_round(stage, cfg: OnlineDPOConfig, model, tokenizer, pairs: list[dict]
     from align.core.safeguards import NonFiniteGuard, NonFiniteWeightsGuard
     from align.preference.dpo_setup import dpo_trainer, fast_path_summary, pair_converter
     from align.modeling.lora_plus import use_param_groups
-    from align.rlhf.online_dpo import restored_forward, stop_on_signal
+    from align.rlhf.rounds import restored_forward, stop_on_signal
     from align.core.callbacks import TrackerCallback
     from align.core.examples import convert_rows
     from align.modeling.train_setup import trainer_kwargs
@@ -153,7 +153,7 @@ def _rounds(stage, cfg: OnlineDPOConfig, runs, callbacks) -> None:
     from align.modeling import models
     from align.rlhf import loop
     from align.rlhf.keep_best import KeepBest, adapter_weights
-    from align.rlhf.online_dpo import pairs_of, sample_round, sampling_for, write_round
+    from align.rlhf.rounds import pairs_of, sample_round, sampling_for, write_round
     from align.rlhf.ppo import batch_prompts
     from align.rlhf.distributed import world
     from align.rlhf.rewards import UnscoredWatch, held_out_metrics

@@ -63,8 +63,8 @@ def join_processes(stage: "StageRun") -> None:
 
 
 def run_group_stage(cfg, *, force: bool, callbacks=()) -> RunDir:
-    """The run of GRPO and RLOO (one implementation, align/rlhf/grpo.py): prompts, reward sources, train, samples."""
-    from align.rlhf import grpo as G
+    """The run of GRPO and RLOO (one implementation, align/rlhf/group.py): prompts, reward sources, train, samples."""
+    from align.rlhf import group as G
 
     stage, runs = open_online_stage(cfg, force, lambda n: G.check_processes(cfg, n))
     if stage.skipped:

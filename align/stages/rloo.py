@@ -6,7 +6,7 @@ adapters on the same base, align/rlhf/rewards.py). By default the KL to the refe
 with adapters disabled: the SFT model) is subtracted from each response's reward, and a
 response's advantage is its reward minus the mean reward of the other responses to the same
 prompt (Ahmadian et al. 2024). No value model. Shares its implementation with the GRPO stage
-(align/rlhf/grpo.py, which says why it is not TRL's RLOOTrainer); math in align/rlhf/losses.py.
+(align/rlhf/group.py, which says why it is not TRL's RLOOTrainer); math in align/rlhf/losses.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Online (iterative) DPO, the parts below the stage: sample and score a round, pair it, keep it on disk.
+"""Online DPO's rounds: sample and score a round, pair it, keep it on disk.
 
 A round: K samples per prompt from the current policy (round 1: the fresh adapter, i.e. the SFT
 model; round n: the adapter as round n-1 left it), each scored by the reward sources
