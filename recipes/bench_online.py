@@ -181,20 +181,22 @@ def run_ours(args, cfg, train_prompts, eval_prompts) -> dict:
     from transformers import set_seed
 
     from align.modeling import models
-    from align.rlhf import group as G
     from align.core.memory import peak_memory_mb, reset_peak_memory
+    from align.modeling.train_setup import optimizer_and_schedule
+    from align.rlhf import group as G
+    from align.rlhf.estimators import GroupRelative
 
     set_seed(args.seed)
     base = models.resolve(cfg.model.name_or_path)
     tokenizer = models.load_tokenizer(base, cfg.model)
     gp = G.GroupPolicy(cfg, base, tokenizer, reward_runs={}, answers={})
-    optimizer, scheduler = G.optimizer_and_schedule(cfg, gp.trainable_parameters())
+    optimizer, scheduler = optimizer_and_schedule(cfg, gp.trainable_parameters(), gp.model, G.optimizer_updates(cfg))
     steps = []
     reset_peak_memory()
     for i in range(args.warmup + args.steps):
         sync(torch)
         start = time.perf_counter()
-        m = G.group_step(gp, cfg, train_prompts[i * args.prompts : (i + 1) * args.prompts], optimizer, scheduler, "grpo", step=i)
+        m = G.group_step(gp, cfg, train_prompts[i * args.prompts : (i + 1) * args.prompts], optimizer, scheduler, GroupRelative(), step=i)
         sync(torch)
         steps.append({"s": time.perf_counter() - start, "tokens": m["grpo/rollout_tokens"], "response_length": m["grpo/response_length"],
                       "generation_s": m["time/generation_s"], "kl_per_response": m.get("grpo/kl"), "reward": m["grpo/reward/total"]})
@@ -317,11 +319,11 @@ def check_advantages(args, raw_trl: dict, cfg) -> tuple[bool, str]:
     """TRL's rewards through our advantage code must give TRL's advantages, every step."""
     import torch
 
-    from align.rlhf.group import advantages
+    from align.rlhf.estimators import GroupRelative
 
     worst, n = 0.0, 0
     for rewards, theirs in zip(raw_trl["rewards"], raw_trl["advantages"]):
-        ours = advantages("grpo", torch.tensor(rewards, dtype=torch.float32), cfg)
+        ours = GroupRelative()(torch.tensor(rewards, dtype=torch.float32), cfg.grpo.group_size, cfg.grpo.scale_advantages)
         worst = max(worst, (ours - torch.tensor(theirs)).abs().max().item())
         n += len(rewards)
     ok = n > 0 and worst <= ADVANTAGE_TOLERANCE

@@ -98,10 +98,11 @@ def fixed_lengths(gp, roll):
 
 def our_update(gp, roll, cfg) -> tuple[float, dict[str, torch.Tensor]]:
     from align.rlhf import group as G
+    from align.rlhf.estimators import GroupRelative
 
     n = roll.mask.size(0)
     old_logp, ref_logp = G.fixed_logprobs(gp, roll, cfg, updates=1)
-    adv = G.advantages("grpo", torch.tensor(REWARDS), cfg)
+    adv = GroupRelative()(torch.tensor(REWARDS), cfg.grpo.group_size, cfg.grpo.scale_advantages)
     gp.model.train()
     gp.model.zero_grad(set_to_none=True)
     logs = {k: [] for k in ("loss", "policy_loss", "clip_frac", "entropy", "kl_loss_term")}

@@ -364,9 +364,11 @@ def test_ppo_policy_and_value_start_at_the_reference_with_lora_plus_groups(onlin
     from align.core.artifacts import RunDir
     from align.modeling import models
     from align.modeling.lora_init import StartOffset
-    from align.rlhf.ppo import PolicyValueReward
+    from align.modeling.train_setup import optimizer_and_schedule
+    from align.rlhf.ppo import optimizer_updates
+    from align.rlhf.ppo_model import PolicyValueReward
     from align.stages.stage_run import resolve_base
-    from align.stages.ppo import PPOConfig, optimizer_and_schedule
+    from align.stages.ppo import PPOConfig
 
     overrides = tiny_overrides(None, tiny_data["prefs"], online_runs["root"] / "ppo", parent_run=str(online_runs["sft"]),
                                reward_run=str(online_runs["reward"]), tracking="none", **{
@@ -383,7 +385,7 @@ def test_ppo_policy_and_value_start_at_the_reference_with_lora_plus_groups(onlin
     policy = logits(pvr.model, ids)
     with pvr.model.disable_adapter():
         assert torch.equal(logits(pvr.model, ids), policy)
-    optimizer, _ = optimizer_and_schedule(cfg, pvr.trainable_parameters(), pvr.model)
+    optimizer, _ = optimizer_and_schedule(cfg, pvr.trainable_parameters(), pvr.model, optimizer_updates(cfg))
     names = {id(p): n for n, p in pvr.model.named_parameters()}
     lr = cfg.train.learning_rate
     for group in optimizer.param_groups:

@@ -194,7 +194,9 @@ def test_online_configs_refuse_invalid_combinations(runs, tiny_data, tmp_path):
 
 
 def test_fresh_policy_kl_is_zero_and_a_step_changes_only_the_policy(runs, tiny_data):
+    from align.modeling.train_setup import optimizer_and_schedule
     from align.rlhf import group as G
+    from align.rlhf.estimators import GroupRelative
 
     cfg = group_config(runs, tiny_data, rewards=[{"judge": "online_scorers:chars", "weight": 0.1}, {"reward_run": str(runs["reward"])}])
     gp = policy(cfg)
@@ -205,10 +207,10 @@ def test_fresh_policy_kl_is_zero_and_a_step_changes_only_the_policy(runs, tiny_d
         torch.testing.assert_close(gp.logprobs(roll.seq, roll.attn, roll.n_resp), gp.reference_logprobs(roll.seq, roll.attn, roll.n_resp), rtol=0, atol=0)
     before = {n: p.detach().clone() for n, p in gp.model.named_parameters()}
     head = {n: p.detach().clone() for n, p in gp.rewards.score_heads[0].named_parameters()}
-    optimizer, scheduler = G.optimizer_and_schedule(cfg, gp.trainable_parameters())
+    optimizer, scheduler = optimizer_and_schedule(cfg, gp.trainable_parameters(), gp.model, G.optimizer_updates(cfg))
     torch.manual_seed(0)
     for _ in range(2):  # lora_A moves from the second update on (lora_B starts at 0)
-        metrics = G.group_step(gp, cfg, PROMPTS[:2], optimizer, scheduler, "grpo")
+        metrics = G.group_step(gp, cfg, PROMPTS[:2], optimizer, scheduler, GroupRelative())
     changed = {n for n, p in gp.model.named_parameters() if not torch.equal(before[n], p.detach())}
     policy_params = {n for n in before if ".policy." in n}
     assert changed == policy_params, (sorted(changed - policy_params)[:3], sorted(policy_params - changed)[:3])

@@ -45,7 +45,7 @@ def build(cfg):
     from align.modeling import models
     from align.core.artifacts import RunDir
     from align.stages.stage_run import resolve_base
-    from align.rlhf.ppo import PolicyValueReward
+    from align.rlhf.ppo_model import PolicyValueReward
 
     base, _ = resolve_base(cfg)
     tok = models.load_tokenizer(base, cfg.model)
@@ -90,7 +90,7 @@ def test_reward_adapter_reloads_with_identical_scores(runs):
 
 
 def test_fresh_policy_has_zero_kl_to_the_reference(runs, tiny_data):
-    from align.rlhf.ppo import sample
+    from align.rlhf.ppo_model import sample
 
     cfg = ppo_config(runs, tiny_data)
     pvr = build(cfg)

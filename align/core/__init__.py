@@ -1,2 +1,3 @@
 """The core every part of align stands on: the config schema and loader, errors, RunDirs and
-atomic writes, tracking (W&B + metrics.jsonl), checkpoints, safeguards, and data loading."""
+atomic writes, tracking (W&B + metrics.jsonl) and the Trainer callbacks, checkpoints, safeguards,
+memory, data loading and rows to training examples."""

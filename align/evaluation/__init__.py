@@ -1,4 +1,5 @@
-"""Evaluation: rule-based and reward-model judges, the comparison report, the PEFT methods comparison.
+"""Evaluation: rule-based and reward-model judges, metrics, the policies of one base, the reward-vs-KL
+frontier, degeneration checks, lm-evaluation-harness benchmarks, and the comparison report.
 
 Importing the package registers the judges that need more than the rule-based module: "rm:<reward
 RunDir>" (a trained reward model; torch loads only when it first scores).

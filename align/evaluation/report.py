@@ -110,13 +110,9 @@ def _plot_win_rates(results: dict, path: Path) -> bool:
     return True
 
 
-def _plot_training_curves(stages: dict[str, RunDir], path: Path, curves: dict[str, Sequence[tuple[str, str]]]) -> bool:
-    """One panel per (run, curve) with at least two points; `curves`: stage name -> (metric key, label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def training_curve_panels(stages: dict[str, RunDir], curves: dict[str, Sequence[tuple[str, str]]]) -> list[tuple[str, list]]:
+    """(title, [(step, value), ...]) of every (run, curve) with at least two points; `curves`: stage name ->
+    (metrics.jsonl key, label), from the stage records."""
     panels = []
     for name, run in stages.items():
         rows = _metrics(run)
@@ -125,6 +121,16 @@ def _plot_training_curves(stages: dict[str, RunDir], path: Path, curves: dict[st
             points = [(r["_step"], r[key]) for r in rows if key in r]
             if len(points) > 1:
                 panels.append((f"{name}: {label}", points))
+    return panels
+
+
+def _plot_training_curves(stages: dict[str, RunDir], path: Path, curves: dict[str, Sequence[tuple[str, str]]]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = training_curve_panels(stages, curves)
     if not panels:
         return False
     cols = min(3, len(panels))

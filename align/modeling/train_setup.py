@@ -1,5 +1,6 @@
-"""What every training loop sets up the same way: the HF TrainingArguments from our TrainConfig, the
-gradient-checkpointing choice, and whether Liger's kernels can run."""
+"""What every training loop sets up the same way: the HF TrainingArguments from our TrainConfig (the Trainer-driven
+stages), AdamW with its schedule (the loops of align/rlhf/), the gradient-checkpointing choice, and whether
+Liger's kernels can run."""
 
 from __future__ import annotations
 
@@ -92,3 +93,18 @@ def trainer_kwargs(
         dataloader_num_workers=0,
         disable_tqdm=not is_main_process(),
     )
+
+
+def optimizer_and_schedule(cfg: StageConfig, params, model, updates: int):
+    """AdamW over the trainable parameters (LoRA+ groups with lora.plus_ratio), train.learning_rate and
+    weight_decay, and train.lr_scheduler over `updates` optimizer updates (warmup: train.warmup_ratio of them)."""
+    import torch
+    from transformers import get_scheduler
+
+    from align.modeling.lora_plus import optimizer_groups
+
+    optimizer = torch.optim.AdamW(optimizer_groups(cfg, params, model), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * updates), num_training_steps=updates
+    )
+    return optimizer, scheduler

@@ -2,5 +2,5 @@
 
 dpo_options (the `dpo:` section, every TRL loss option), dpo_trainer (TRL's DPOTrainer with the fast
 path: prefix sharing, the on-disk reference cache), dpo_setup (that trainer built from a stage config,
-for the DPO and online DPO stages), losses (pure tensor losses of SimPO, CPO, ORPO), objective_trainer
-(the trainer of those objectives)."""
+for the DPO and online DPO stages), objectives (SimPO, CPO, ORPO as objects that say what they need),
+objective_trainer (their trainer), losses (their pure tensor losses)."""

@@ -1,4 +1,4 @@
-"""Group policy gradient (GRPO and RLOO) with LoRA adapters on one frozen base.
+"""Group policy gradient (GRPO, RLOO, any group estimator) with LoRA adapters on one frozen base: the step and the loop.
 
 One base in memory (the merged SFT model) carries:
   policy     trainable LoRA: samples G responses per prompt, is optimized
@@ -9,8 +9,8 @@ response is the other responses to the same prompt.
 Each step: G samples for each of P prompts with the policy (align.modeling.generation, the
 shared fast decoding loop); rewards from the configured sources (weighted total); the KL to the
 reference either subtracted from the reward (kl_in: reward, RLOO) or added to the loss per
-token (kl_in: loss, GRPO); advantages from the group (GRPO: minus the group mean, optionally
-over a std; RLOO: minus the mean of the other responses); `epochs` passes of clipped
+token (kl_in: loss, GRPO); advantages from the group by the method's estimator (align/rlhf/estimators.py;
+GRPO: minus the group mean, optionally over a std; RLOO: minus the mean of the other responses); `epochs` passes of clipped
 policy-gradient updates over micro-batches of train.batch_size responses, aggregated per
 `loss_aggregation`. The math is in align/rlhf/losses.py.
 
@@ -21,8 +21,9 @@ and use that, not the adapters-disabled base, as the reference. Their reward fun
 either separate models or callables that would have to switch the adapter of the model the
 trainer is optimizing behind its back. And they sample through their own generate call, not
 the shared loop the online stages are tuned on. Sampling, scoring and log-probs here are the
-PPO stage's parts (align/rlhf/ppo.py, align/modeling/generation.py), so PPO, GRPO and RLOO
-compute rewards, KL and log-probs the same way. `cfg` below is the GRPO or RLOO stage config.
+PPO stage's parts (align/rlhf/ppo_model.py, align/modeling/generation.py), so PPO, GRPO and RLOO
+compute rewards, KL and log-probs the same way. `cfg` below is a group-RL stage config: its method's options
+are its one GroupOptions section (align/rlhf/options.py group_section), its metrics are named after its stage.
 """
 
 from __future__ import annotations
@@ -36,37 +37,26 @@ import torch
 from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
 from align.modeling import models
-from align.modeling.adapters import attach_adapter
-from align.modeling.lora_plus import optimizer_groups
 from align.modeling.generation import Sampled, Sampling
+from align.modeling.train_setup import optimizer_and_schedule
 from align.rlhf import group_rows
 from align.rlhf import losses as P
 from align.rlhf.distributed import World, row_seed
 from align.rlhf.distributed import world as current_world
-from align.rlhf.rewards import Rewards, Scores
-from align.rlhf.rollout import LocalRollout, gather_rollout
+from align.rlhf.estimators import AdvantageEstimator
+from align.rlhf.options import group_section
+from align.rlhf.policy import OnlinePolicy
+from align.rlhf.rewards import Scores
+from align.rlhf.rollout import gather_rollout
 
 POLICY = "policy"
 
 
-class GroupPolicy:
-    """The base with the policy adapter and the frozen reward adapters, and the passes the update needs."""
+class GroupPolicy(OnlinePolicy):
+    """The online policy (align/rlhf/policy.py) with the log-prob passes the update needs."""
 
     def __init__(self, cfg, base, tokenizer, reward_runs, answers):
-        self.tokenizer = tokenizer
-        plain = models.load_model(base, cfg.model)
-        checkpointing = gradient_checkpointing(cfg, plain)
-        self.model = attach_adapter(plain, cfg, POLICY)
-        if checkpointing:  # recompute activations in the update's backward (generation runs in eval mode, with its cache)
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.rewards = Rewards(cfg.rewards, model=self.model, tokenizer=tokenizer, runs=reward_runs, answers=answers)
-        self.model.set_adapter(POLICY)
-        for name, param in self.model.named_parameters():  # only the policy adapter trains
-            param.requires_grad_(f".{POLICY}." in name)
-        self.engine = LocalRollout(self.model, tokenizer, lambda: self.model.set_adapter(POLICY))
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
+        super().__init__(cfg, base, tokenizer, POLICY, reward_runs, answers, checkpointing=True)
 
     def logprobs(self, seq, attn, n_resp, with_entropy=False, groups=None):
         """Per-token log-probs of the responses; `groups` (each row's prompt) lets a group's prompt run once."""
@@ -78,23 +68,9 @@ class GroupPolicy:
             return self.logprobs(seq, attn, n_resp, groups=groups)
 
 
-def gradient_checkpointing(cfg, model) -> bool:
-    """train.gradient_checkpointing for the update's micro-batches; auto decides by memory (align/core/memory.py)."""
-    import logging
-
-    from align.core import memory
-
-    setting = cfg.train.gradient_checkpointing
-    if setting != "auto":
-        return setting
-    decision = memory.decide_for(cfg, model, str(next(model.parameters()).device), rows_per_example=1)
-    logging.getLogger("align").info("%s: %s", cfg.stage, decision.describe())
-    return decision.on
-
-
 def options(cfg):
-    """The method's section: `grpo:` or `rloo:`."""
-    return getattr(cfg, cfg.stage)
+    """The method's GroupOptions section (grpo:, rloo:, ...)."""
+    return group_section(cfg)[1]
 
 
 def sampling(cfg, samples: int, seed: int | None = None) -> Sampling:
@@ -109,15 +85,6 @@ def rollout(gp: GroupPolicy, prompts: list[list[dict]], cfg, step: int = 0, firs
     g = options(cfg).group_size
     seeds = [row_seed(cfg.train.seed, step, first + i, j) for i in range(len(prompts)) for j in range(g)]
     return gp.engine.sample(prompts, sampling(cfg, g), seeds)
-
-
-def advantages(estimator: str, rewards: torch.Tensor, cfg) -> torch.Tensor:
-    o = options(cfg)
-    if estimator == "grpo":
-        return P.group_advantages(rewards, o.group_size, o.scale_advantages)
-    if estimator == "rloo":
-        return P.leave_one_out_advantages(rewards, o.group_size, o.scale_advantages)
-    raise ValueError(f"unknown estimator {estimator!r}")
 
 
 @dataclass
@@ -229,8 +196,9 @@ def group_order(n: int, group_size: int, device, generator: torch.Generator) -> 
     return (groups[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
 
 
-def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: str, step: int = 0, world: World | None = None) -> dict:
-    """One step: rollout, rewards, advantages, `epochs` passes of clipped updates. Returns the step's metrics.
+def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: AdvantageEstimator, step: int = 0,
+               world: World | None = None) -> dict:
+    """One step: rollout, rewards, `estimator`'s advantages, `epochs` passes of clipped updates. Returns the step's metrics.
 
     `prompts` are the whole step's; with several processes each samples its share and trains on its
     slice of every update, and the step equals one process's with the whole batch (align/rlhf/distributed.py).
@@ -242,14 +210,15 @@ def group_step(gp: GroupPolicy, cfg, prompts, optimizer, scheduler, estimator: s
     batch = collect(gp, cfg, prompts, step, world, updates)
     t1 = time.time()
     reward, valid = shaped_rewards(batch.roll, cfg, batch.scores, batch.old_logp, batch.ref_logp)
-    adv = advantages(estimator, torch.where(valid, reward, torch.full_like(reward, math.nan)), cfg).to(batch.roll.mask.device)
-    logs, kl_sampled = update_passes(gp, cfg, batch, adv, optimizer, scheduler, step, world, updates, estimator)
+    adv = estimator(torch.where(valid, reward, torch.full_like(reward, math.nan)), o.group_size, o.scale_advantages)
+    adv = adv.to(batch.roll.mask.device)
+    logs, kl_sampled = update_passes(gp, cfg, batch, adv, optimizer, scheduler, step, world, updates)
     times = world.max(torch.tensor([batch.generation_s, time.time() - t1], device=batch.roll.mask.device)).tolist()
-    return step_metrics(estimator, cfg, batch.roll, batch.scores, reward, valid.cpu(), adv, logs, kl_sampled, updates, scheduler, *times)
+    return step_metrics(cfg, batch.roll, batch.scores, reward, valid.cpu(), adv, logs, kl_sampled, updates, scheduler, *times)
 
 
 def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, scheduler, step: int, world: World,
-                  updates: int, estimator: str) -> tuple[dict[str, tuple[float, int]], torch.Tensor]:
+                  updates: int) -> tuple[dict[str, tuple[float, int]], torch.Tensor]:
     """`epochs` passes of clipped policy-gradient updates over the step's rollout.
 
     Each pass shuffles the step's groups with a seed of (train.seed, step), the same on every rank, and
@@ -279,7 +248,7 @@ def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, sche
             accumulate_update(gp, cfg, roll, rows_u, adv, old_logp, ref_logp, logs, kl_sampled, mine=mine)
             world.sum_gradients(params)
             if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
-                raise NonFiniteError(f"non-finite gradient in a {estimator.upper()} update")
+                raise NonFiniteError(f"non-finite gradient in a {cfg.stage.upper()} update")
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -291,10 +260,11 @@ def update_passes(gp: GroupPolicy, cfg, batch: StepRollout, adv, optimizer, sche
     return {k: (s, int(c)) for k, (s, c) in zip(logs, totals.tolist())}, kl_sampled
 
 
-def step_metrics(estimator, cfg, roll, scores, reward, valid, adv, logs, kl_sampled, updates, scheduler, t_gen, t_train) -> dict:
-    """The step's metrics, over the global batch. `logs`: each logged term's (sum, count) over all micro-batches."""
+def step_metrics(cfg, roll, scores, reward, valid, adv, logs, kl_sampled, updates, scheduler, t_gen, t_train) -> dict:
+    """The step's metrics (named <stage>/...), over the global batch. `logs`: each logged term's (sum, count) over all
+    micro-batches."""
     o = options(cfg)
-    prefix = estimator
+    prefix = cfg.stage
     mask = roll.mask
     passes = max(o.epochs * updates, 1)
 
@@ -327,7 +297,7 @@ def step_metrics(estimator, cfg, roll, scores, reward, valid, adv, logs, kl_samp
         out[f"{prefix}/kl_loss_term"] = logs["kl_loss_term"][0] / passes
     checked = ("loss", "clip_frac", "entropy", "advantage_abs", "kl")
     if any(not math.isfinite(out[f"{prefix}/{k}"]) for k in checked if f"{prefix}/{k}" in out):
-        raise NonFiniteError(f"non-finite {estimator.upper()} statistics (loss, advantage or KL)")
+        raise NonFiniteError(f"non-finite {cfg.stage.upper()} statistics (loss, advantage or KL)")
     return out
 
 
@@ -350,118 +320,124 @@ def held_out(gp: GroupPolicy, prompts: list[list[dict]], cfg, seed: int) -> dict
     return held_out_metrics(gp.model, gp.tokenizer, gp.rewards, prompts, sampling(cfg, 1), seed)
 
 
-def optimizer_and_schedule(cfg, params, model=None):
-    """AdamW over the policy adapter, the schedule counted in optimizer updates."""
-    from transformers import get_scheduler
-
+def optimizer_updates(cfg) -> int:
+    """Optimizer updates of the whole run: train.max_steps x epochs x the updates of one pass over a step."""
     o = options(cfg)
-    optimizer = torch.optim.AdamW(optimizer_groups(cfg, params, model), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * current_world().size
-    per_step = o.prompts_per_step * o.group_size // per_update
-    updates = cfg.train.max_steps * o.epochs * per_step
-    scheduler = get_scheduler(
-        cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * updates), num_training_steps=updates
-    )
-    return optimizer, scheduler
+    return cfg.train.max_steps * o.epochs * (o.prompts_per_step * o.group_size // per_update)
 
 
 def check_processes(cfg, size: int) -> None:
     """A step's prompts split over `size` processes into whole groups, each rank's rows into whole updates."""
     from align.rlhf.distributed import check_shards
 
-    o = options(cfg)
-    check_shards(size, o.prompts_per_step, f"{cfg.stage}.prompts_per_step", rows_per_prompt=o.group_size,
+    name, o = group_section(cfg)
+    check_shards(size, o.prompts_per_step, f"{name}.prompts_per_step", rows_per_prompt=o.group_size,
                  rows_per_update=cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
 
 
-def check_prompts(rows: list[dict], key: str = "data.path") -> list[list[dict]]:
-    prompts = [r["prompt"] for r in rows]
-    if not prompts:
-        raise DataError(f"{key}: no training prompts")
-    return prompts
-
-
-def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupPolicy, dict]:
+def train(stage, cfg, estimator: AdvantageEstimator, reward_runs, callbacks=()) -> tuple[GroupPolicy, dict]:
     """Steps 1..train.max_steps (resuming from stage.resume_from), the adapter saved; returns the model and summary.
 
-    `stage` is the StageRun (tracker, run_dir, base, splits); `reward_runs` the checked RunDirs of
-    the reward-run sources (align.rlhf.rewards.reward_runs); `callbacks` see the trained model
-    (on_train_end, every rank). Every rank runs this; rank 0 writes.
+    `stage` is the StageRun (tracker, run_dir, base, splits); `estimator` the method's advantages (its stage
+    record's); `reward_runs` the checked RunDirs of the reward-run sources (align.rlhf.rewards.reward_runs);
+    `callbacks` see the trained model (on_train_end, every rank). Every rank runs this; rank 0 writes.
     """
     from transformers import set_seed
 
-    from align.core.artifacts import ADAPTER
-    from align.core.checkpoints import CHECKPOINTS, latest_complete
-    from align.core.data import distinct_prompts
-    from align.core.safeguards import check_finite
-    from align.core.tracking import is_main_process
-    from align.modeling.adapters import adapter_bytes
+    from align.core.checkpoints import CHECKPOINTS
     from align.rlhf import loop
     from align.rlhf.keep_best import KeepBest, adapter_weights, keep_last_then_restore
-    from align.rlhf.ppo import batch_prompts
-    from align.rlhf.rewards import UnscoredWatch, answers_of, scored_before
+    from align.rlhf.rewards import answers_of
 
-    o = options(cfg)
+    name, o = group_section(cfg)
     set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     gp = GroupPolicy(cfg, stage.base, tokenizer, reward_runs, answers_of(stage.splits.train + stage.splits.eval))
-    params = gp.trainable_parameters()
     counts = models.count_parameters(gp.model)
-    optimizer, scheduler = optimizer_and_schedule(cfg, params, gp.model)
+    optimizer, scheduler = optimizer_and_schedule(cfg, gp.trainable_parameters(), gp.model, optimizer_updates(cfg))
     keep = KeepBest(o.keep_best_within_kl, "eval/reward/total")
     start = 0
     if stage.resume_from is not None:
         start = loop.load_checkpoint(stage.resume_from, gp.model, [POLICY], optimizer, scheduler)["step"]
         keep.load(stage.resume_from)
-    prompts = [r["prompt"] for r in stage.splits.train]
-    eval_prompts = distinct_prompts(stage.splits.eval, o.eval_prompts) if o.eval_prompts else []
-    if keep.active and not eval_prompts:
-        raise DataError(f"{cfg.stage}.keep_best_within_kl: needs held-out prompts; data '{stage.splits.source}' has no held-out rows")
-
-    responses, unscored_key = o.prompts_per_step * o.group_size, f"{estimator}/reward/unscored"
-    earlier = start > 0 and scored_before(stage.run_dir.metrics_path, unscored_key, responses)
-    watch = UnscoredWatch(estimator, cfg.unscored_warning, scored_before=earlier)
-
-    def step(i: int) -> dict:
-        metrics = group_step(gp, cfg, batch_prompts(prompts, i, o.prompts_per_step, cfg.train.seed), optimizer, scheduler, estimator, step=i)
-        watch.observe(metrics[unscored_key], responses, f"step {i + 1}")
-        return metrics
-
-    def finite(when: str) -> None:  # never a checkpoint, an evaluation or the adapter of non-finite weights
-        gp.model.set_adapter(POLICY)
-        check_finite(gp.model, when, lambda: latest_complete(stage.run_dir.path))
-
-    def save(done: int):
-        finite(f"after step {done}")
-        return loop.save_checkpoint(stage.run_dir.path, done, gp.model, [POLICY], optimizer, scheduler, {}, cfg.train.save_total_limit,
-                                    extra=keep.save)
-
-    def describe(done: int, m: dict) -> str:
-        kl = f", kl {m[f'{estimator}/kl']:.3f}" if f"{estimator}/kl" in m else ""
-        return f"reward {m[f'{estimator}/reward/total']:.3f}{kl}, groups without signal {m[f'{estimator}/groups_without_signal']}"
-
-    def evaluate() -> dict:
-        finite(f"after step {stage.step or 0}")
-        return held_out(gp, eval_prompts, cfg, cfg.train.seed)
-
+    eval_prompts = _eval_prompts(stage, name, o, keep)
+    steps = _Steps(stage, cfg, gp, estimator, optimizer, scheduler, start, keep, eval_prompts)
     final = loop.run_steps(
-        stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save, describe=describe, desc=estimator,
-        eval_fn=evaluate if eval_prompts else None,
+        stage, cfg, start=start, total=cfg.train.max_steps, step_fn=steps.step, save_fn=steps.save, describe=steps.describe,
+        desc=cfg.stage, eval_fn=steps.evaluate if eval_prompts else None,
         on_eval=lambda done, metrics: keep.offer(done, metrics, lambda: adapter_weights(gp.model, POLICY)),
     )
-    watch.finish()
-    finite(f"after step {cfg.train.max_steps}")
+    steps.watch.finish()
+    steps.finite(f"after step {cfg.train.max_steps}")
     loop.notify_train_end(callbacks, gp.model)
     last = stage.run_dir.path / CHECKPOINTS / f"checkpoint-{cfg.train.max_steps}"
-    keep_last_then_restore(keep, last, lambda: save(cfg.train.max_steps), gp.model, POLICY)
-    target = stage.run_dir.path / ADAPTER
-    if is_main_process():
-        loop.save_standard_adapter(gp.model, POLICY, target)
-        stage.tracker.log_artifact(target, name=f"{estimator}-adapter", type="model",
-                                   metadata={"stage": estimator, "base_model": stage.base.name})
-        counts["adapter_bytes"] = adapter_bytes(target)
+    keep_last_then_restore(keep, last, lambda: steps.save(cfg.train.max_steps), gp.model, POLICY)
+    counts.update(loop.save_policy_adapter(stage, gp.model, POLICY))
+    return gp, _summary(stage, cfg, final, counts, keep)
+
+
+def _eval_prompts(stage, section: str, o, keep) -> list[list[dict]]:
+    from align.core.data import distinct_prompts
+
+    eval_prompts = distinct_prompts(stage.splits.eval, o.eval_prompts) if o.eval_prompts else []
+    if keep.active and not eval_prompts:
+        raise DataError(f"{section}.keep_best_within_kl: needs held-out prompts; data '{stage.splits.source}' has no held-out rows")
+    return eval_prompts
+
+
+class _Steps:
+    """What the step loop (align/rlhf/loop.py run_steps) calls: a step, a checkpoint, an evaluation, a log line."""
+
+    def __init__(self, stage, cfg, gp: GroupPolicy, estimator, optimizer, scheduler, start: int, keep, eval_prompts):
+        from align.rlhf.rewards import UnscoredWatch, scored_before
+
+        self.stage, self.cfg, self.gp, self.estimator = stage, cfg, gp, estimator
+        self.optimizer, self.scheduler, self.keep, self.eval_prompts = optimizer, scheduler, keep, eval_prompts
+        o = options(cfg)
+        self.prompts = [r["prompt"] for r in stage.splits.train]
+        self.responses, self.unscored_key = o.prompts_per_step * o.group_size, f"{cfg.stage}/reward/unscored"
+        earlier = start > 0 and scored_before(stage.run_dir.metrics_path, self.unscored_key, self.responses)
+        self.watch = UnscoredWatch(cfg.stage, cfg.unscored_warning, scored_before=earlier)
+
+    def step(self, i: int) -> dict:
+        from align.rlhf.loop import batch_prompts
+
+        cfg = self.cfg
+        prompts = batch_prompts(self.prompts, i, options(cfg).prompts_per_step, cfg.train.seed)
+        metrics = group_step(self.gp, cfg, prompts, self.optimizer, self.scheduler, self.estimator, step=i)
+        self.watch.observe(metrics[self.unscored_key], self.responses, f"step {i + 1}")
+        return metrics
+
+    def finite(self, when: str) -> None:  # never a checkpoint, an evaluation or the adapter of non-finite weights
+        from align.core.checkpoints import latest_complete
+        from align.core.safeguards import check_finite
+
+        self.gp.model.set_adapter(POLICY)
+        check_finite(self.gp.model, when, lambda: latest_complete(self.stage.run_dir.path))
+
+    def save(self, done: int):
+        from align.rlhf import loop
+
+        self.finite(f"after step {done}")
+        return loop.save_checkpoint(self.stage.run_dir.path, done, self.gp.model, [POLICY], self.optimizer, self.scheduler, {},
+                                    self.cfg.train.save_total_limit, extra=self.keep.save)
+
+    def describe(self, done: int, m: dict) -> str:
+        p = self.cfg.stage
+        kl = f", kl {m[f'{p}/kl']:.3f}" if f"{p}/kl" in m else ""
+        return f"reward {m[f'{p}/reward/total']:.3f}{kl}, groups without signal {m[f'{p}/groups_without_signal']}"
+
+    def evaluate(self) -> dict:
+        self.finite(f"after step {self.stage.step or 0}")
+        return held_out(self.gp, self.eval_prompts, self.cfg, self.cfg.train.seed)
+
+
+def _summary(stage, cfg, final: dict, counts: dict, keep) -> dict:
+    from align.rlhf import loop
+
     before = loop.logged_at_step(stage.run_dir, 0)
-    summary = {
+    return {
         "steps": cfg.train.max_steps,
         "eval_reward_before": before.get("eval/reward/total"),
         "eval_reward_after": final.get("eval/reward/total"),
@@ -470,4 +446,3 @@ def train(stage, cfg, estimator: str, reward_runs, callbacks=()) -> tuple[GroupP
         "parameters": counts,
         **keep.summary(),
     }
-    return gp, summary

@@ -151,6 +151,22 @@ def save_standard_adapter(model, name: str, target: Path, modules: dict[str, tor
     return target
 
 
+def save_policy_adapter(stage, model, name: str) -> dict:
+    """The trained adapter `name` as the run's adapter/ (standard PEFT format), logged as an artifact; rank 0 writes.
+    Returns {"adapter_bytes": its size on disk} (empty on other ranks)."""
+    from align.core.artifacts import ADAPTER
+    from align.modeling.adapters import adapter_bytes
+    from align.rlhf.distributed import world
+
+    if not world().main:
+        return {}
+    target = stage.run_dir.path / ADAPTER
+    save_standard_adapter(model, name, target)
+    stage.tracker.log_artifact(target, name=f"{stage.stage}-adapter", type="model",
+                               metadata={"stage": stage.stage, "base_model": stage.base.name})
+    return {"adapter_bytes": adapter_bytes(target)}
+
+
 def run_steps(
     stage,
     cfg,
@@ -244,3 +260,22 @@ def notify_train_end(callbacks, model) -> None:
         hook = getattr(callback, "on_train_end", None)
         if hook is not None:
             hook(None, None, None, model=model)
+
+
+# --------------------------------------------------------------------------- which prompts a step takes
+
+
+def prompt_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batch_prompts(prompts: list[list[dict]], step: int, size: int, seed: int) -> list[list[dict]]:
+    """The prompts of a step: a fresh seeded permutation per pass over the data (resumable by step)."""
+    start = step * size
+    picked = []
+    for i in range(start, start + size):
+        epoch, pos = divmod(i, len(prompts))
+        picked.append(prompts[prompt_order(len(prompts), seed, epoch)[pos]])
+    return picked

@@ -1,14 +1,23 @@
-"""PPO for language models, as pure tensor functions (no model, no trainer).
+"""The RL losses, as pure tensor functions (no model, no trainer): PPO's and the group policy gradient's.
 
-Shapes: B sequences x T response positions. `mask` is 1 on response tokens the policy
-generated (prompt and padding are 0). Everything here is unit-tested against values
-worked out by hand (tests/test_losses_ppo.py).
+Tensors in, tensors out; everything here is unit-tested against values worked out by hand
+(tests/test_losses_ppo.py, tests/test_losses_group.py) and, for GRPO, against TRL's GRPOTrainer
+(tests/test_grpo_parity.py). Shapes: B sequences x T response positions; `mask` is 1 on response
+tokens the policy generated (prompt and padding are 0).
 
-The reward of a response is a scalar from the reward model, paid at its last token;
-every token also pays a KL penalty to the reference (the SFT model):
+Shared: masked statistics, the per-token KL estimates (k1, k3) to the reference.
+
+PPO (align/rlhf/ppo.py): the reward of a response is a scalar from the reward model, paid at its
+last token; every token also pays a KL penalty to the reference (the SFT model):
     r_t = -kl_coef * kl_t            for every response token t
     r_T = r_T + score                at the last response token T
-Advantages come from GAE over those rewards and the value estimates.
+Advantages come from GAE over those rewards and the value estimates; the clipped policy and value
+losses; the adaptive KL controller.
+
+Group policy gradient (GRPO, RLOO: align/rlhf/group.py): the group advantages the estimators of
+align/rlhf/estimators.py call (GRPO's group-relative, RLOO's leave-one-out), the KL penalty terms
+(with TRL's bias correction), the clipped per-token policy terms and how they aggregate into the
+loss (sequence mean, token mean, fixed length).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ sources) and align/rlhf/group.py (group policy gradient).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -198,16 +199,24 @@ class OnlineStageConfig(ChildStageConfig):
         validate_sources(self.rewards)
 
 
+def group_section(cfg) -> tuple[str, GroupOptions]:
+    """The name and value of a group-RL config's one GroupOptions section (grpo:, rloo:, whatever its name)."""
+    found = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), GroupOptions)]
+    if len(found) != 1:
+        raise TypeError(f"{type(cfg).__name__}: a group-RL config has one GroupOptions section, found {len(found)}")
+    return found[0]
+
+
 @dataclass
 class GroupStageConfig(OnlineStageConfig):
-    """GRPO and RLOO: their section is named after the stage (grpo: / rloo:)."""
+    """A group-RL method (GRPO, RLOO): one section of GroupOptions (any name; each stage sets its own defaults)."""
 
     def validate(self) -> None:
         super().validate()
         if self.train.liger_kernel:
             raise ConfigError(f"train.liger_kernel: applies to the TRL trainers (sft, dpo, reward, online_dpo); {self.stage.upper()} runs its own loop")
-        section = getattr(self, self.stage)
-        check_keep_best(section.keep_best_within_kl, section.eval_prompts, self.stage)
+        name, section = group_section(self)
+        check_keep_best(section.keep_best_within_kl, section.eval_prompts, name)
         if not self.train.max_steps:
             raise ConfigError(f"train.max_steps: required for {self.stage.upper()} (the number of sample + update steps)")
         rollout = section.prompts_per_step * section.group_size
@@ -215,7 +224,7 @@ class GroupStageConfig(OnlineStageConfig):
         if rollout % per_update:
             raise ConfigError(
                 f"train.batch_size: train.batch_size * train.gradient_accumulation_steps ({per_update} responses per "
-                f"optimizer update) must divide {self.stage}.prompts_per_step * {self.stage}.group_size ({rollout} responses per step)"
+                f"optimizer update) must divide {name}.prompts_per_step * {name}.group_size ({rollout} responses per step)"
             )
 
 

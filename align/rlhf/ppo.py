@@ -1,135 +1,31 @@
-"""PPO with LoRA adapters on one frozen base: the model side and one PPO step.
+"""PPO with LoRA adapters on one frozen base: one PPO step and the loop of steps.
 
-One base in memory (the merged SFT model) carries three adapters:
-  policy  trainable LoRA: samples responses, is optimized
-  value   trainable LoRA + a scalar value head on its hidden states
-  reward  frozen LoRA + score head, loaded from the reward RunDir
-and the reference is the base with adapters disabled. No second copy of the model.
-
-Each step: sample responses to a batch of prompts with the policy; score them with the
-reward adapter; pay a per-token KL penalty to the reference; GAE advantages from the
-value adapter; several epochs of clipped PPO updates over minibatches. The math lives
-in align/rlhf/losses.py; this module moves tensors between the model and that math.
-`cfg` below is the PPO stage's config (its `ppo` and `train` sections).
+The model side (policy, value and reward adapters of one base) is align/rlhf/ppo_model.py. Each
+step: sample responses to a batch of prompts with the policy; score them with the reward adapter;
+pay a per-token KL penalty to the reference; GAE advantages from the value adapter; several epochs
+of clipped PPO updates over minibatches. The math lives in align/rlhf/losses.py; this module moves
+tensors between the model and that math, and `train` runs the steps (align/rlhf/loop.py),
+checkpoints them and saves the adapters. `cfg` below is the PPO stage's config (its `ppo` and
+`train` sections).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from align.core.artifacts import RunDir
-from align.core.errors import DataError
 from align.core.safeguards import NonFiniteError
-from align.modeling import models
-from align.modeling.adapters import attach_adapter, load_frozen_adapter
-from align.modeling.generation import Sampled, Sampling, eos_token_ids, position_ids, response_logprobs
 from align.rlhf import loop
 from align.rlhf import losses as P
 from align.rlhf.distributed import World, row_seed
 from align.rlhf.distributed import world as current_world
-from align.rlhf.rollout import LocalRollout, gather_rollout
-from align.modeling.scoring import score_conversations
-
-VALUE = "value"  # RunDir folder of the value adapter and head
-
-
-class ValueHead(torch.nn.Module):
-    """hidden state -> scalar value estimate."""
-
-    def __init__(self, hidden_size: int, init_std: float):
-        super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.linear.weight, std=init_std) if init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1)
-
-
-class PolicyValueReward:
-    """The base with its three adapters, and the forward passes PPO needs."""
-
-    def __init__(self, cfg, base, reward_run: RunDir, tokenizer):
-        self.tokenizer = tokenizer
-        model = models.load_model(base, cfg.model)
-        self.model = attach_adapter(model, cfg, "policy")
-        attach_adapter(self.model, cfg, "value", reference=False)
-        _, head = load_frozen_adapter(self.model, reward_run.adapter_dir, "reward")
-        if head is None:
-            raise DataError(f"reward_run: {reward_run.path}/adapter has no score head; is it a reward run?")
-        device = next(self.model.parameters()).device
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        compute_dtype = torch.float32 if dtype == torch.uint8 else dtype
-        self.score_head = head.to(device=device, dtype=compute_dtype)
-        self.value_head = ValueHead(model.config.hidden_size, cfg.ppo.value_head_init_std).to(device=device, dtype=compute_dtype)
-        self.backbone = getattr(self.model.get_base_model(), self.model.get_base_model().base_model_prefix)
-        self.eos_ids = eos_token_ids(self.model, tokenizer)
-        self.use("policy")
-        self.engine = LocalRollout(self.model, tokenizer, lambda: self.use("policy"))
-
-    # -- adapters --------------------------------------------------------------
-
-    def use(self, adapter: str) -> None:
-        """Activate one adapter; PEFT freezes the others on a switch, so re-enable the trainable ones."""
-        self.model.set_adapter(adapter)
-        self.model.base_model.set_requires_grad(["policy", "value"], True)
-        self.model.base_model.set_requires_grad("reward", False)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        adapters = [p for n, p in self.model.named_parameters() if ".policy." in n or ".value." in n]
-        return adapters + list(self.value_head.parameters())
-
-    # -- forward passes --------------------------------------------------------
-
-    def logprobs(self, seq: torch.Tensor, attn: torch.Tensor, n_resp: int, with_entropy: bool = False):
-        """Log-probs of the response tokens (last n_resp positions) under the active adapter (or none)."""
-        return response_logprobs(self.model, seq, attn, n_resp, with_entropy)
-
-    def values(self, seq: torch.Tensor, attn: torch.Tensor, n_resp: int) -> torch.Tensor:
-        """V(s_t) for each response token t: the value head on the hidden state before it."""
-        hidden = self.backbone(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).last_hidden_state
-        return self.value_head(hidden[:, -n_resp - 1 : -1]).float()
-
-    @torch.no_grad()
-    def scores(self, conversations: list[list[dict]]) -> torch.Tensor:
-        """Reward-model scores of whole conversations, rendered exactly as the reward stage trained on them."""
-        was_training = self.model.training
-        self.model.eval()  # no LoRA dropout while scoring
-        self.use("reward")
-        try:
-            return score_conversations(self.backbone, self.score_head, self.tokenizer, conversations)
-        finally:
-            self.use("policy")
-            self.model.train(was_training)
-
-
-def sample(pvr: PolicyValueReward, prompts: list[list[dict]], cfg, seeds: list[int]) -> Sampled:
-    """One response per prompt from the policy adapter, response i drawn with seed `seeds[i]`."""
-    p = cfg.ppo
-    sampling = Sampling(max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature, top_p=p.top_p)
-    return pvr.engine.sample(prompts, sampling, seeds)
-
-
-def prompt_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def batch_prompts(prompts: list[list[dict]], step: int, size: int, seed: int) -> list[list[dict]]:
-    """The prompts of a step: a fresh seeded permutation per pass over the data (resumable by step)."""
-    start = step * size
-    picked = []
-    for i in range(start, start + size):
-        epoch, pos = divmod(i, len(prompts))
-        picked.append(prompts[prompt_order(len(prompts), seed, epoch)[pos]])
-    return picked
+from align.modeling.generation import Sampled
+from align.rlhf.ppo_model import VALUE, PolicyValueReward, sample
+from align.rlhf.rollout import gather_rollout
 
 
 # --------------------------------------------------------------------------- checkpoints (align/rlhf/loop.py)
@@ -319,3 +215,122 @@ def held_out_reward_and_kl(pvr: PolicyValueReward, prompts: list[list[dict]], cf
     joined = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     return {"eval/reward": joined["raw"].mean().item(), "eval/kl": joined["kl"].mean().item(),
             "eval/response_length": joined["length"].mean().item()}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def optimizer_updates(cfg) -> int:
+    """Optimizer updates of the whole run: steps x epochs x minibatches per rollout, over the accumulation."""
+    p = cfg.ppo
+    return cfg.train.max_steps * p.ppo_epochs * (p.rollout_batch_size // p.minibatch_size) // cfg.train.gradient_accumulation_steps
+
+
+def train(stage, cfg, reward_run, callbacks=()) -> tuple[PolicyValueReward, dict]:
+    """PPO steps 1..train.max_steps (resuming from stage.resume_from) against `reward_run`'s reward model, then the
+    policy adapter (the kept one with keep_best_within_kl) as adapter/ and the value adapter and head as value/;
+    returns the model and the summary. `callbacks` see the trained model (on_train_end). Every rank runs this."""
+    from transformers import set_seed
+
+    from align.core.errors import DataError
+    from align.modeling import models
+    from align.modeling.scoring import read_stats
+    from align.modeling.train_setup import optimizer_and_schedule
+    from align.rlhf.keep_best import KeepBest
+
+    set_seed(cfg.train.seed)
+    tokenizer = models.load_tokenizer(stage.base, cfg.model)
+    pvr = PolicyValueReward(cfg, stage.base, reward_run, tokenizer)
+    params = pvr.trainable_parameters()
+    counts = models.count_parameters(pvr.model)
+    counts["trainable"] = sum(p.numel() for p in params)
+    log_trainable(counts)
+    optimizer, scheduler = optimizer_and_schedule(cfg, params, pvr.model, optimizer_updates(cfg))
+    stats = read_stats(reward_run)
+    kl_ctl = P.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
+    keep = KeepBest(cfg.ppo.keep_best_within_kl, "eval/reward")
+    start = 0
+    if stage.resume_from is not None:
+        start, kl_ctl.value = load_checkpoint(stage.resume_from, pvr, optimizer, scheduler)
+        keep.load(stage.resume_from)
+    eval_prompts = [r["prompt"] for r in stage.splits.eval][: max(cfg.samples.num_prompts, 8)]
+    if keep.active and not eval_prompts:
+        raise DataError(f"ppo.keep_best_within_kl: needs held-out prompts; data '{stage.splits.source}' has no held-out rows")
+    final = train_steps(stage, pvr, cfg, optimizer, scheduler, kl_ctl, stats, start, eval_prompts, keep)
+    loop.notify_train_end(callbacks, pvr.model)
+    save_final(stage, pvr)
+    pvr.use("policy")
+    return pvr, {
+        "steps": cfg.train.max_steps,
+        "eval_reward_after": final.get("eval/reward"),
+        "eval_kl_after": final.get("eval/kl"),
+        "parameters": counts,
+        **keep.summary(),
+        "reward_stats": stats,
+    }
+
+
+def log_trainable(counts: dict) -> None:
+    import logging
+
+    logging.getLogger("align").info("ppo: %s trainable (policy + value adapters, value head) of %s parameters",
+                                    f"{counts['trainable']:,}", f"{counts['total']:,}")
+
+
+def train_steps(stage, pvr, cfg, optimizer, scheduler, kl_ctl, stats, start: int, eval_prompts, keep) -> dict:
+    """PPO steps start..max_steps through the RL step loop (align/rlhf/loop.py); the final evaluation.
+    `keep` (keep_best.KeepBest) sees every evaluation; with a budget, the kept policy adapter is loaded at the end."""
+    from align.core.checkpoints import CHECKPOINTS
+    from align.rlhf.keep_best import adapter_weights, keep_last_then_restore
+
+    prompts = [r["prompt"] for r in stage.splits.train]
+
+    def step(i: int) -> dict:
+        batch = loop.batch_prompts(prompts, i, cfg.ppo.rollout_batch_size, cfg.train.seed)
+        metrics = ppo_step(pvr, cfg, batch, optimizer, scheduler, kl_ctl.value, stats, step=i)
+        kl_ctl.update(metrics["ppo/kl"], len(batch))
+        return metrics
+
+    def save(done: int):
+        finite(pvr, f"after step {done}", stage)
+        return save_checkpoint(stage.run_dir.path, done, pvr, optimizer, scheduler, kl_ctl.value, cfg.train.save_total_limit,
+                               extra=keep.save)
+
+    def evaluate() -> dict:
+        finite(pvr, f"after step {stage.step or 0}", stage)
+        return held_out_reward_and_kl(pvr, eval_prompts, cfg, cfg.train.seed)
+
+    final = loop.run_steps(
+        stage, cfg, start=start, total=cfg.train.max_steps, step_fn=step, save_fn=save,
+        eval_fn=evaluate if eval_prompts else None, desc="ppo",
+        describe=lambda done, m: f"reward {m['ppo/reward_raw']:.3f}, kl {m['ppo/kl']:.3f}, eos {m['ppo/eos_share']:.2f}",
+        on_eval=lambda done, metrics: keep.offer(done, metrics, lambda: adapter_weights(pvr.model, "policy")),
+    )
+    finite(pvr, f"after step {cfg.train.max_steps}", stage)
+    last = stage.run_dir.path / CHECKPOINTS / f"checkpoint-{cfg.train.max_steps}"
+    keep_last_then_restore(keep, last, lambda: save(cfg.train.max_steps), pvr.model, "policy")
+    return final
+
+
+def finite(pvr, when: str, stage) -> None:
+    """The policy and value adapters (and the value head) hold finite weights: checked before every checkpoint,
+    evaluation and the final save, so nothing non-finite is kept."""
+    from align.core.checkpoints import latest_complete
+    from align.core.safeguards import NonFiniteWeightsError, check_finite
+
+    last = lambda: latest_complete(stage.run_dir.path)  # noqa: E731
+    pvr.use("policy")
+    check_finite(pvr.model, when, last)
+    for name, param in pvr.value_head.named_parameters():
+        if not param.isfinite().all():
+            raise NonFiniteWeightsError(f"non-finite weights {when} (first in value_head.{name}); lower train.learning_rate")
+
+
+def save_final(stage, pvr) -> None:
+    """The policy adapter as a standard PEFT adapter (adapter/); the value adapter and head (value/)."""
+    from align.core.tracking import is_main_process
+
+    if not is_main_process():
+        return
+    loop.save_standard_adapter(pvr.model, "value", stage.run_dir.path / VALUE, modules={"value_head": pvr.value_head})
+    loop.save_policy_adapter(stage, pvr.model, "policy")

@@ -3,6 +3,8 @@ the processes' agreement, prompts that fit), and the run of the group-RL methods
 
 from __future__ import annotations
 
+import dataclasses
+
 from align.core.artifacts import ADAPTER, RunDir
 from align.core.errors import DataError
 from align.stages.samples import log_sample_table
@@ -39,7 +41,8 @@ def check_prompts_fit(stage: "StageRun") -> None:
     from align.modeling.templates import chat_ids
 
     cfg = stage.cfg
-    section = next(name for name in ("online", cfg.stage) if hasattr(getattr(cfg, name, None), "max_new_tokens"))
+    # The method's sampling section (online:, ppo:, a group section); samples: is the end-of-stage table's.
+    section = next(f.name for f in dataclasses.fields(cfg) if f.name != "samples" and hasattr(getattr(cfg, f.name), "max_new_tokens"))
     new_tokens, limit = getattr(cfg, section).max_new_tokens, cfg.train.max_length
     tokenizer = models.load_tokenizer(stage.base, cfg.model)
     for split, rows in (("train", stage.splits.train), ("eval", stage.splits.eval)):
@@ -63,14 +66,16 @@ def join_processes(stage: "StageRun") -> None:
 
 
 def run_group_stage(cfg, *, force: bool, callbacks=()) -> RunDir:
-    """The run of GRPO and RLOO (one implementation, align/rlhf/group.py): prompts, reward sources, train, samples."""
+    """The run of a group-RL method (GRPO, RLOO: one loop, align/rlhf/group.py, with its record's advantage estimator):
+    prompts, reward sources, train, samples."""
     from align.rlhf import group as G
+    from align.stages.registry import get_stage
 
     stage, runs = open_online_stage(cfg, force, lambda n: G.check_processes(cfg, n))
     if stage.skipped:
         return stage.run_dir
     with stage:
-        gp, summary = G.train(stage, cfg, cfg.stage, runs, callbacks)
+        gp, summary = G.train(stage, cfg, get_stage(cfg.stage).estimator, runs, callbacks)
         sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
         summary["samples"] = sampled.get("rows", [])
         if "judge" in sampled:
