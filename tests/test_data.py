@@ -102,7 +102,7 @@ def test_bad_preference_rows_name_the_field(row, needle):
 def test_jsonl_errors_name_file_and_line(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"messages": []}\n\n{"messages": [oops]}\n')
-    with pytest.raises(DataError, match=rf"{bad_json}:3: invalid JSON"):
+    with pytest.raises(DataError, match=rf"{bad_json}:3: malformed JSON"):
         read_splits(str(bad_json))
     bad_utf8 = tmp_path / "utf8.jsonl"
     bad_utf8.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')

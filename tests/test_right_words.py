@@ -15,7 +15,8 @@ from conftest import REPO, preference_rows, write_jsonl
 
 from align.cli import sweep as S
 from align.core.config import load_config
-from align.core.data import FILE_SUFFIXES, load_splits
+from align.core.data import load_splits
+from align.core.readers import FILE_SUFFIXES
 from align.core.errors import ConfigError, DataError
 from align.stages.registry import load_stage_config
 

@@ -20,18 +20,15 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from align.core.artifacts import hash_json
 from align.core.config import DataConfig
 from align.core.errors import DataError
+from align.core.readers import FILE_SUFFIXES, FILE_TYPES, RowError, file_stem, file_suffix, read_file, typed_csv_columns, unsupported_type
 from align.core.rows import REASONS, pair_serial, preference_problems, serial, unpaired_problems
 
 BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
-# The file types align-data and the recipes both read (data_tools.readers takes this list): gzip too, except Parquet,
-# which compresses inside the file.
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
-FILE_TYPES = f"align-data and the recipes read {', '.join(FILE_SUFFIXES)}"
 ROLES = ("system", "user", "assistant")
 
 
@@ -72,82 +69,18 @@ class Splits:
 Row = tuple[str, Any]  # (where, raw row) - `where` names file:line or split+row for errors
 
 
-def file_suffix(path: Path) -> str:
-    """The data file type of a path: one of FILE_SUFFIXES (the longest that matches), or "" for none."""
-    name = Path(path).name.lower()
-    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
-
-
-def file_stem(path: Path) -> str:
-    """A data file's name without its type: the split it holds in a folder of split files (train.jsonl.gz -> train)."""
-    path = Path(path)
-    return path.name[: len(path.name) - len(file_suffix(path))] if file_suffix(path) else path.stem
-
-
-def unsupported_type(path: Path) -> DataError:
-    path = Path(path)
-    shown = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix
-    return DataError(f"{path}: unsupported file type '{shown}' ({FILE_TYPES})")
-
-
-def open_binary(path: Path):
-    """A data file opened for reading bytes, decompressed when it ends in .gz."""
-    import gzip
-
-    return gzip.open(path, "rb") if Path(path).name.lower().endswith(".gz") else open(path, "rb")
-
-
-def _read_jsonl(path: Path) -> Iterator[Row]:
-    with open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: invalid UTF-8 at byte {exc.start}") from None
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-
-
-def _read_json(path: Path) -> Iterator[Row]:
-    try:
-        with open_binary(path) as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json dataset is a list of rows, got {type(data).__name__}")
-    for i, row in enumerate(data):
-        yield f"{path} row {i}", row
-
-
-def _read_tabular(path: Path) -> Iterator[Row]:
-    import datasets
-
-    kind = "parquet" if file_suffix(path) == ".parquet" else "csv"  # datasets reads .csv.gz as it is
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for bad files
-        raise DataError(f"{path}: cannot read {kind}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    # CSV rows count from line 2 (line 1 is the header).
-    offset = 2 if kind == "csv" else 0
-    for i, row in enumerate(ds):
-        yield (f"{path}:{i + offset}" if kind == "csv" else f"{path} row {i}"), row
-
-
 def _read_file(path: Path) -> list[Row]:
-    kind = file_suffix(path).removesuffix(".gz")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_tabular, ".parquet": _read_tabular}[kind]
+    """Every row of a data file (align/core/readers.py, the reader align-data uses too); the first unreadable
+    row stops loading. CSV columns are typed as `datasets` reads them (numbers, true/false)."""
+    rows = []
     try:
-        return list(reader(path))
+        for where, row in read_file(path):
+            if isinstance(row, RowError):
+                raise row
+            rows.append((where, row))
     except (OSError, EOFError) as exc:  # a damaged .gz (BadGzipFile is an OSError) or an unreadable file
         raise DataError(f"{path}: cannot read: {type(exc).__name__}: {exc}") from None
+    return typed_csv_columns(rows) if file_suffix(path).startswith(".csv") else rows
 
 
 def _read_dataset_dict(ds_dict: Any, label: str) -> dict[str, list[Row]]:

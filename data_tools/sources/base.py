@@ -22,30 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
-from align.core.errors import ConfigError, DataError
+from align.core.errors import ConfigError
 from align.core.pairing import Candidate, Group, Messages, Pair  # noqa: F401 - the items every format builds
-
-# Reason keys of unreadable rows (RowError.reason), with the words the report uses.
-INVALID_REASONS = {
-    "invalid_utf8": "invalid UTF-8",
-    "invalid_json": "malformed JSON line",
-    "invalid_csv": "malformed CSV record",
-    "not_a_mapping": "row is not an object",
-    "missing_field": "missing field",
-    "wrong_type": "wrong type",
-    "bad_value": "value out of range",
-    "duplicate_rank": "ranking with duplicate ranks",
-}
-
-
-class RowError(DataError):
-    """One unreadable row: `where` (file:line or row), the offending `field`, a `reason` key."""
-
-    def __init__(self, where: str, field: str | None, message: str, reason: str) -> None:
-        assert reason in INVALID_REASONS, reason
-        self.where, self.field, self.reason = where, field, reason
-        super().__init__(f"{where}: {message}")
-
+from align.core.readers import INVALID_REASONS, RowError, kind  # noqa: F401 - the readers' row errors, which formats raise too
 
 # --------------------------------------------------------------------------- items
 
@@ -154,18 +133,6 @@ def line_ref(where: str) -> str:
 
 
 # --------------------------------------------------------------------------- field readers
-
-
-def kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def require(row: dict, key: str, where: str, field: str | None = None) -> Any:

@@ -436,7 +436,7 @@ def cases() -> list[Case]:
         # ----- data
         Case("data file missing", f"{sft} {out} data.path={{w}}/missing.jsonl", 2, r"data.path .*missing.jsonl.*file not found"),
         Case("data row without the required field", f"{sft} {out} data.path={{data}}/lacking.jsonl", 2, r"lacking.jsonl:3: field 'messages' missing"),
-        Case("invalid JSON line", f"{sft} {out} data.path={{data}}/bad_json.jsonl", 2, r"bad_json.jsonl:2: invalid JSON"),
+        Case("invalid JSON line", f"{sft} {out} data.path={{data}}/bad_json.jsonl", 2, r"bad_json.jsonl:2: malformed JSON"),
         Case("invalid UTF-8", f"{sft} {out} data.path={{data}}/bad_utf8.jsonl", 2, r"bad_utf8.jsonl:2: invalid UTF-8"),
         Case("unsupported file type", f"{sft} {out} data.path={{data}}/data.txt", 2, r"unsupported file type '.txt'"),
         Case("preference row without chosen", f"recipes/dpo.py --config {{dpo}} {out} data.path={{data}}/prefs_missing_chosen.jsonl", 2,
