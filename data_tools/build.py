@@ -25,7 +25,11 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from align.core.artifacts import atomic_dir, atomic_write_text, now, redact
+from align.core.artifacts import now
+
+from align.core.files import atomic_dir, atomic_write_text
+
+from align.core.redaction import redact
 from align.core.data import normalize_preference
 from align.core.errors import ConfigError, DataError
 from data_tools import output

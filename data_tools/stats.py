@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from align.core.artifacts import atomic_write_text
+from align.core.files import atomic_write_text
 from collections import Counter
 
 from align.core.data import normalize_preference, normalize_unpaired

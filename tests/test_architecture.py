@@ -143,7 +143,8 @@ class ToyConfig(RunConfig):
 def run(cfg, *, force=False, callbacks=()):
     from pathlib import Path
 
-    from align.core.artifacts import RunDir, atomic_write_text
+    from align.core.artifacts import RunDir
+    from align.core.files import atomic_write_text
     from align.core.config import to_dict, to_yaml
 
     cfg = prepare_config(cfg)

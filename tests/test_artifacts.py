@@ -6,7 +6,11 @@ import json
 
 import pytest
 
-from align.core.artifacts import RunDir, atomic_dir, atomic_write_text, redact
+from align.core.artifacts import RunDir
+
+from align.core.files import atomic_dir, atomic_write_text
+
+from align.core.redaction import redact
 from align.core.errors import ConfigError
 
 

@@ -27,7 +27,9 @@ import pytest
 import yaml
 from conftest import REPO, write_jsonl
 
-from align.core.artifacts import LOCK, MARKER, MARKER_KEY, RunDir, RunLock, RunLocked, folder_kind
+from align.core.artifacts import LOCK, MARKER, MARKER_KEY, RunDir, folder_kind
+
+from align.core.run_lock import RunLock, RunLocked
 from align.core.errors import ConfigError
 
 EVIL = '''\

@@ -59,7 +59,8 @@ def load_run_model(run, trust_remote_code: bool):
 
 def record(run, rows: list[dict], raw: dict, cfg) -> None:
     """The results into the run dir and its W&B run, holding the run's lock."""
-    from align.core.artifacts import RunLock, atomic_write_json
+    from align.core.files import atomic_write_json
+    from align.core.run_lock import RunLock
     from align.core.tracking import Tracker
     from align.evaluation.harness import COLUMNS, flat_metrics, settings
 

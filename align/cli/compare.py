@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.core.artifacts import RunDir, atomic_write_json, atomic_write_text
+from align.core.artifacts import RunDir
+
+from align.core.files import atomic_write_json, atomic_write_text
 from align.core.config import PEFT_METHODS, RunConfig, StageConfig, describe, load_config, opt, parse_overrides, to_yaml
 from align.core.errors import AlignError, ConfigError
 from align.core.tracking import Tracker

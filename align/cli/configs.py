@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from align.core.artifacts import atomic_dir
+from align.core.files import atomic_dir
 from align.core.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[1]

@@ -28,7 +28,8 @@ from align.core.errors import ConfigError
 
 def _check_finished(spec: str, allow_failed: bool) -> None:
     """A RunDir source must have finished (a failed run's adapter may be partial or non-finite); --allow-failed overrides."""
-    from align.core.artifacts import RunDir, check_finished
+    from align.core.artifacts import RunDir
+    from align.core.run_lock import check_finished
 
     run = RunDir(Path(spec))
     if run.is_run_dir():
@@ -72,7 +73,8 @@ EXPORTED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 
 def cmd_export(args) -> int:
     """The run's adapter in standard PEFT format plus a model card (README.md)."""
-    from align.core.artifacts import atomic_dir, check_replaceable, mark_output
+    from align.core.artifacts import check_replaceable, mark_output
+    from align.core.files import atomic_dir
     from align.modeling.adapters import resolve_adapter
     from align.modeling.model_card import model_card
 
@@ -181,7 +183,7 @@ def cmd_generate(args) -> int:
             print(f"[{row['adapter']}] {row['response']}")
         print()
     if args.output:
-        from align.core.artifacts import atomic_write_text
+        from align.core.files import atomic_write_text
 
         atomic_write_text(Path(args.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"{len(rows)} responses written to {args.output}")

@@ -23,7 +23,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.core.artifacts import RunDir, atomic_dir, check_replaceable, mark_output, redact_text, secret_values
+from align.core.artifacts import RunDir, check_replaceable, mark_output
+
+from align.core.files import atomic_dir
+
+from align.core.redaction import redact_text, secret_values
 from align.core.errors import AlignError, ConfigError
 
 # What a published model folder holds: data that transformers/PEFT read without running code.

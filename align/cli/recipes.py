@@ -86,7 +86,7 @@ def guarded(work, debug: bool = False, command: str | None = None) -> int:
             return 1
         if command is None or debug:
             raise
-        from align.core.artifacts import redact_text
+        from align.core.redaction import redact_text
 
         text = " ".join(str(exc).split())
         cause = f"{type(exc).__name__}: {text}" if text else type(exc).__name__

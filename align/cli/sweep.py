@@ -354,7 +354,7 @@ def ref_cache_figures(summary: dict) -> tuple[int, int] | None:
 
 
 def _record(sweep: Sweep, outcomes: list[dict], eval_dir: Path | None = None) -> None:
-    from align.core.artifacts import atomic_write_json
+    from align.core.files import atomic_write_json
 
     sweep.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep.root / SWEEP_FILE, {

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from align.core.errors import AlignError, ConfigError
+from align.core.errors import ConfigError
+from align.core.files import atomic_write_json, atomic_write_text
+from align.core.redaction import redact
 
 log = logging.getLogger("align")
 
@@ -46,132 +43,11 @@ ADAPTER = "adapter"
 MERGED = "merged"
 SAMPLES = "samples.jsonl"
 
-# Values of these variables, and of any variable whose name looks like a secret, never reach a
-# RunDir, a log or W&B.
-SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "OPENAI_API_KEY")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
-# Secrets recognizable by their shape, wherever they come from (a command line, a config value).
-SECRET_PATTERNS = (
-    (re.compile(r"\bhf_[A-Za-z0-9]{20,}"), "<redacted>"),  # Hugging Face tokens
-    (re.compile(r"\b(?:sk|rk)-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"), "<redacted>"),  # OpenAI / Anthropic style API keys
-    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"), "<redacted>"),  # GitHub tokens
-    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), "<redacted>"),  # Slack tokens
-    (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), "<redacted>"),  # AWS access key ids
-    (re.compile(r"\blocal-[0-9a-f]{40}\b"), "<redacted>"),  # W&B local-server keys
-    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1<redacted>@"),  # user:password@ in a URL
-    (re.compile(r"(?i)\b(api_?key|token|secret|password)=[^\s&]{8,}"), r"\1=<redacted>"),  # key=value in a query or argument
-)
 TRACKED_PACKAGES = ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "wandb")
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def secret_values() -> list[str]:
-    """Values of the secret environment variables set now (long enough to be worth finding), longest first."""
-    names = set(SECRET_ENV_VARS) | {k for k in os.environ if _SECRET_NAME.search(k)}
-    return sorted({v for k in names if len(v := os.environ.get(k, "")) >= 8}, key=len, reverse=True)
-
-
-def redact_text(text: str, secrets: list[str] | None = None) -> str:
-    """`text` with every secret environment value and every secret-shaped token replaced by <redacted>."""
-    for s in secret_values() if secrets is None else secrets:
-        text = text.replace(s, "<redacted>")
-    for pattern, replacement in SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def redact(obj: Any) -> Any:
-    """Replace any secret (from the environment, or shaped like a token) inside strings of a nested structure."""
-    secrets = secret_values()
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, str):
-            return redact_text(x, secrets)
-        if isinstance(x, dict):
-            return {walk(k): walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
-        return x
-
-    return walk(obj)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _default_mode(path: Path, is_dir: bool) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual permissions."""
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _default_mode(Path(tmp), is_dir=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `final`; on success it replaces `final` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    _default_mode(tmp, is_dir=True)
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of files, in sorted order."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def hash_json(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 # --------------------------------------------------------------------------- provenance
@@ -206,7 +82,7 @@ def git_commit() -> str | None:
 # --------------------------------------------------------------------------- ownership
 
 
-def _read_json_dict(path: Path) -> dict | None:
+def read_json_dict(path: Path) -> dict | None:
     try:
         loaded = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
@@ -236,9 +112,9 @@ def folder_kind(path: Path) -> str:
         return "foreign"  # unreadable: certainly not ours to empty
     if not names - {LOCK}:
         return "empty"
-    if MARKER in names and (_read_json_dict(path / MARKER) or {}).get(MARKER_KEY) == 1:
+    if MARKER in names and (read_json_dict(path / MARKER) or {}).get(MARKER_KEY) == 1:
         return "run"
-    if MANIFEST in names and is_legacy_manifest(_read_json_dict(path / MANIFEST)):
+    if MANIFEST in names and is_legacy_manifest(read_json_dict(path / MANIFEST)):
         return "legacy"
     return "foreign"
 
@@ -317,7 +193,7 @@ def check_replaceable(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} is a file, not a folder")
     if not any(path.iterdir()):
         return
-    if "align_output" in (_read_json_dict(path / OUTPUT_MARKER) or {}):
+    if "align_output" in (read_json_dict(path / OUTPUT_MARKER) or {}):
         return
     raise ConfigError(
         f"{key}: {path} exists and holds files align did not write (no {OUTPUT_MARKER}); align never replaces "
@@ -334,184 +210,6 @@ def _write_marker(run_path: Path) -> None:
         MARKER_KEY: 1,
         "note": "This folder is an align run directory: align may empty and rewrite it. Remove this file to stop that.",
     })
-
-
-# --------------------------------------------------------------------------- run lock
-
-
-class RunLocked(AlignError):
-    """Another process is writing this run dir (exit status 2, naming the holder)."""
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of a process (clock ticks since boot, Linux): tells a live holder from a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _holder_alive(holder: dict) -> bool | None:
-    """True or False for a holder on this machine; None when it is on another host (cannot be checked)."""
-    if holder.get("host") != socket.gethostname():
-        return None
-    if holder.get("boot_id") and _boot_id() and holder["boot_id"] != _boot_id():
-        return False  # the machine restarted since
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    started = holder.get("pid_start")
-    return not (started and _process_start(pid) not in (None, started))
-
-
-def _describe_holder(holder: dict) -> str:
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started_at')}"
-            + (f": {holder['command']}" if holder.get("command") else ""))
-
-
-def live_holder(run_path: Path) -> dict | None:
-    """The process writing a run dir now (its lock's holder, alive or on another host), or None."""
-    holder = _read_json_dict(Path(run_path) / LOCK)
-    if not holder:
-        return None
-    return holder if _holder_alive(holder) in (True, None) else None
-
-
-def check_finished(run: "RunDir", allow_unfinished: bool = False, flag: str = "--allow-failed") -> None:
-    """Refuse a run that did not finish as the source of a merge, export or combination: a failed run's
-    adapter may be partial or non-finite. A run still being written is refused always; with `flag` set, a
-    failed, interrupted or abandoned one is used, with a warning."""
-    status = run.status
-    if status == "finished":
-        return
-    holder = live_holder(run.path) if status == "running" else None
-    if holder is not None:
-        raise ConfigError(f"{run.path}: the run is still running ({_describe_holder(holder)}); wait for it to finish")
-    m = run.manifest() or {}
-    if status == "running":
-        state = "the run is still running, or its process died (status: running, no process holds it)"
-    else:
-        error = " ".join(str(m.get("error") or "").split())
-        state = f"the run {status}" + (f" ({error[:150]}{'...' if len(error) > 150 else ''})" if error else "")
-    if not allow_unfinished:
-        raise ConfigError(f"{run.path}: {state}; its adapter may be partial or non-finite; {flag} uses it anyway")
-    log.warning("%s: %s; used anyway (%s)", run.path, state, flag)
-
-
-class RunLock:
-    """Exclusive use of a run dir while a stage writes it (`<run>/.align-lock`).
-
-    The lock is an flock on the lock file (released by the kernel when the process dies) plus the
-    holder's pid, host, boot id and start time written inside it, so a second run is refused with
-    the holder named, and a lock whose process is gone is recognized and cleared with a message.
-    A holder on another host cannot be checked from here: its lock is refused, naming the file to
-    delete once that process is known to be gone.
-    """
-
-    def __init__(self, path: Path, fd: int, created: bool = False):
-        self.path = path
-        self._fd = fd
-        self._created = created  # this lock created the run dir: remove it again if nothing was written
-
-    @classmethod
-    def acquire(cls, run_path: Path, command: str | None = None) -> "RunLock":
-        run_path = Path(run_path)
-        check_output_dir(run_path)
-        created = not run_path.exists()
-        try:
-            run_path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"output_dir: cannot create {run_path}: {exc.strerror or exc}") from None
-        try:
-            return cls._acquire(run_path, command, created)
-        except BaseException:
-            if created:  # a refused run leaves no empty folder behind
-                with contextlib.suppress(OSError):
-                    run_path.rmdir()
-            raise
-
-    @classmethod
-    def _acquire(cls, run_path: Path, command: str | None, created: bool) -> "RunLock":
-        import fcntl
-
-        lock_path = run_path / LOCK
-        for _ in range(20):
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise ConfigError(f"output_dir: cannot write {run_path}: {exc.strerror or exc}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_fd_json(fd)
-                os.close(fd)
-                raise RunLocked(f"output_dir: {run_path} is in use by another align run ({_describe_holder(holder)}); "
-                                "wait for it to end or choose another output_dir") from None
-            except OSError:
-                pass  # a filesystem without flock: the holder written in the file decides alone
-            try:
-                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the holder released (and removed) the file between our open and flock
-                os.close(fd)
-                continue
-            holder = _read_fd_json(fd)
-            if holder:
-                alive = _holder_alive(holder)
-                if alive is None or alive:
-                    os.close(fd)
-                    hint = f"; if that process has ended, delete {lock_path}" if alive is None else ""
-                    raise RunLocked(f"output_dir: {run_path} is in use by another align run ({_describe_holder(holder)}); "
-                                    f"wait for it to end or choose another output_dir{hint}")
-                log.warning("output_dir %s: cleared a stale lock of %s (that process is no longer running)",
-                            run_path, _describe_holder(holder))
-            mine = {
-                "pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id(),
-                "pid_start": _process_start(os.getpid()), "started_at": now(),
-                "command": redact_text(" ".join(sys.argv)) if command is None else redact_text(command),
-            }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
-            os.fsync(fd)
-            return cls(lock_path, fd, created)
-        raise RunLocked(f"output_dir: {run_path}: could not take its lock (other runs keep taking it)")
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
-                os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
-        if self._created:
-            with contextlib.suppress(OSError):  # fails, as it should, once the run wrote anything
-                self.path.parent.rmdir()
-
-
-def _read_fd_json(fd: int) -> dict:
-    try:
-        raw = os.pread(fd, 1 << 16, 0)
-        loaded = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-    except (OSError, ValueError):
-        return {"pid": None, "host": "unknown (unreadable lock file)"}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 # --------------------------------------------------------------------------- RunDir
@@ -554,10 +252,10 @@ class RunDir:
 
     def manifest(self) -> dict | None:
         """The run's manifest; None when missing, unreadable, or not an align run dir's (a foreign manifest.json)."""
-        m = _read_json_dict(self.manifest_path)
+        m = read_json_dict(self.manifest_path)
         if m is None:
             return None
-        if m.get(MARKER_KEY) == 1 and (_read_json_dict(self.marker_path) or {}).get(MARKER_KEY) == 1:
+        if m.get(MARKER_KEY) == 1 and (read_json_dict(self.marker_path) or {}).get(MARKER_KEY) == 1:
             return m
         return m if is_legacy_manifest(m) else None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from align.core.artifacts import atomic_write_text
+from align.core.files import atomic_write_text
 from align.core.tracking import is_main_process
 
 CHECKPOINTS = "checkpoints"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import hash_json
+from align.core.files import hash_json
 from align.core.config import DataConfig
 from align.core.errors import DataError
 from align.core.readers import FILE_SUFFIXES, FILE_TYPES, RowError, file_stem, file_suffix, read_file, typed_csv_columns, unsupported_type

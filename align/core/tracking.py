@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import SAMPLES, RunDir, atomic_write_text, redact, redact_text
+from align.core.artifacts import RunDir, SAMPLES
+
+from align.core.files import atomic_write_text
+
+from align.core.redaction import redact, redact_text
 from align.core.config import RunConfig, to_dict
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from align.core.artifacts import RunDir, atomic_write_text
+from align.core.artifacts import RunDir
+
+from align.core.files import atomic_write_text
 from align.evaluation.degeneration import describe_warning
 
 

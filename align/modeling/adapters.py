@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import logging
 
-from align.core.artifacts import RunDir, atomic_dir, mark_output
+from align.core.artifacts import RunDir, mark_output
+
+from align.core.files import atomic_dir
 from align.core.errors import ConfigError
 from align.modeling.methods import LORA_FAMILY
 

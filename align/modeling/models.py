@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from align.core.artifacts import atomic_dir, atomic_write_text, hash_files
+from align.core.files import atomic_dir, atomic_write_text, hash_files
 from align.core.errors import ModelError
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.core.artifacts import atomic_write_json, hash_json
+from align.core.files import atomic_write_json, hash_json
 
 log = logging.getLogger("align")
 

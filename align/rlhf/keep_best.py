@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from align.core.artifacts import atomic_write_json
+from align.core.files import atomic_write_json
 
 if TYPE_CHECKING:
     import torch

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from align.core.artifacts import atomic_dir, atomic_write_json, atomic_write_text
+from align.core.files import atomic_dir, atomic_write_json, atomic_write_text
 from align.core.checkpoints import CHECKPOINTS, COMPLETE, checkpoint_dirs, load_plain
 from align.core.errors import DataError
 from align.modeling.lora_init import finish_saved_adapter

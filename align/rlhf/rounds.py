@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.core.artifacts import atomic_write_text
+from align.core.files import atomic_write_text
 from align.core.pairing import Candidate, Group, pair_group, structural_problem
 
 ROUNDS = "rounds"  # RunDir folder: rounds/round-<n>/{samples,pairs}.jsonl

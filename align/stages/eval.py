@@ -175,7 +175,7 @@ def evaluate_policy(policies, name: str, run, prompts, pairs, sft_rows, judges, 
 
 def write_outputs(stage, cfg: EvalConfig, runs, reward, prompts, results, per_prompt, generations, report) -> Path:
     """eval.json, generations.jsonl, the W&B figures and table, and the report (its path returned)."""
-    from align.core.artifacts import atomic_write_json, atomic_write_text
+    from align.core.files import atomic_write_json, atomic_write_text
     from align.evaluation.report import write_report
 
     atomic_write_json(stage.run_dir.path / RESULTS, report)

@@ -103,7 +103,7 @@ _EVAL_KEYS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_re
 
 
 def run(cfg: RewardConfig, *, force: bool = False, callbacks=()):
-    from align.core.artifacts import atomic_write_json
+    from align.core.files import atomic_write_json
     from align.core.tracking import is_main_process
     from align.modeling.scoring import STATS, normalization_stats, score_with_model, stats_sample
     from align.stages.hf_training import held_out_summary, train_adapter

@@ -17,7 +17,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import ADAPTER, MERGED, RunDir, RunLock, atomic_dir, check_output_dir, check_owned, hash_json, redact
+from align.core.artifacts import ADAPTER, MERGED, RunDir, check_output_dir, check_owned
+
+from align.core.files import atomic_dir, hash_json
+
+from align.core.redaction import redact
+
+from align.core.run_lock import RunLock
 from align.core.callbacks import TrackerCallback
 from align.core.checkpoints import check_plain_checkpoint, checkpoint_dirs, latest_complete
 from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
