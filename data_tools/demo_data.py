@@ -26,12 +26,12 @@ import json
 import os
 import random
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.core.files import atomic_write
 from align.evaluation.judges import FORMAT_CONSTRAINTS, FormatJudge
 
 SOURCE = "align-demo"
@@ -781,25 +781,6 @@ def prefs_card(data: DemoData) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(files: dict[Path, str]) -> None:
-    """Write every file to a temporary sibling first, then rename them all into place."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
 def write_demo_data(output_dir: str | os.PathLike, seed: int = 0) -> DemoData:
     """Generate both datasets and write ``<output_dir>/{demo_sft,demo_prefs}/{train,test}.jsonl`` + README.md."""
     data = generate(seed)
@@ -810,7 +791,7 @@ def write_demo_data(output_dir: str | os.PathLike, seed: int = 0) -> DemoData:
             files[out / name / f"{split}.jsonl"] = _jsonl(rows)
     files[out / SFT_NAME / "README.md"] = sft_card(data)
     files[out / PREFS_NAME / "README.md"] = prefs_card(data)
-    _write_atomically(files)
+    atomic_write(files)  # all or none
     return data
 
 

@@ -20,6 +20,7 @@ evaluation and at the end of training; every file of the key is read at start.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.core.files import atomic_write_json, hash_json
+from align.core.files import atomic_write, atomic_write_json, hash_json
 
 log = logging.getLogger("align")
 
@@ -102,9 +103,9 @@ class RefLogpCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         digests = np.frombuffer(b"".join(self.values), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
         logps = np.asarray(list(self.values.values()), dtype=np.float32).reshape(-1, 2)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, digests=digests, logps=logps)
-        os.replace(tmp, self.path)
+        npz = io.BytesIO()
+        np.savez(npz, digests=digests, logps=logps)
+        atomic_write({self.path: npz.getvalue()})
         atomic_write_json(self.directory / f"{self.name}.json", self.key)  # what the name stands for
         log.info("reference cache: %d pairs in %s", len(self.values), self.path)
         self.unsaved = 0
