@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from align.core.data import KTO_WEIGHT_RATIO, kto_weights
+from align.core.normalize import KTO_WEIGHT_RATIO, kto_weights
 from data_tools.clean import REASONS, UNPAIRED_REASONS
 from data_tools.dedup import Cluster
 from align.core.pairing import OUTCOMES

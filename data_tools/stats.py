@@ -11,7 +11,7 @@ import numpy as np
 from align.core.files import atomic_write_text
 from collections import Counter
 
-from align.core.data import normalize_preference, normalize_unpaired
+from align.core.normalize import normalize_preference, normalize_unpaired
 from align.core.errors import DataError
 from data_tools.clean import Lengths, prompt_digest, prompt_text
 from data_tools.dedup import PromptClusters, U64Map, shorten, words

@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from align.core.data import normalize_unpaired
+from align.core.normalize import normalize_unpaired
 from align.core.errors import ConfigError
 from align.core.pairing import pair_group
 from align.core.rows import same_response

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from align.core.data import normalize_preference, normalize_unpaired
+from align.core.normalize import normalize_preference, normalize_unpaired
 from align.core.errors import DataError
 from align.core.rows import preference_problems, response_serial, unpaired_problems
 from data_tools.clean import pair_digest, prompt_digest

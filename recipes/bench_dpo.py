@@ -478,7 +478,7 @@ def main(argv=None) -> int:
     import transformers
     import trl
 
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.modeling.models import default_device
     from align.stages.dpo import DPOConfig
 

@@ -55,7 +55,8 @@ def parse_args():
 
 def load(args):
     from align.core.config import ModelConfig
-    from align.core.data import distinct_prompts, read_splits, normalize_prompt
+    from align.core.data import distinct_prompts, read_splits
+    from align.core.normalize import normalize_prompt
     from align.modeling.models import default_device, load_model, load_tokenizer, resolve
 
     cfg = ModelConfig(attn_implementation=args.attn)

@@ -83,7 +83,7 @@ def merge_check(run: Path, scratch: Path) -> float:
     from align.core.config import DataConfig, ModelConfig
     from align.core.data import load_splits
     from align.modeling import models
-    from align.modeling.adapters import resolve_adapter
+    from align.modeling.adapter_sets import resolve_adapter
     from align.modeling.templates import chat_ids
 
     merged_dir = scratch / run.parent.name

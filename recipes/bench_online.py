@@ -113,7 +113,7 @@ def prompts_for(args, n_steps: int) -> tuple[list, list]:
 
 def stage_config(args, model: str, out: Path, kl_bias_correction: bool = True):
     """Our GRPO stage's config for this task (the TRL side is built from the same values)."""
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.grpo import GRPOConfig
 
     return load_config(GRPOConfig, None, {

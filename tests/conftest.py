@@ -136,7 +136,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     """A finished SFT run on the tiny model: the parent of child-stage tests."""
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.sft import SFTConfig
     from align.stages.registry import run_stage
 

@@ -21,7 +21,7 @@ from conftest import tiny_overrides  # noqa: E402
 def main(model_dir: str, sft_data: str, pref_data: str, out: str) -> None:
     from transformers.models.llama import modeling_llama
 
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.sft import SFTConfig

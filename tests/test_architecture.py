@@ -110,7 +110,7 @@ def test_configs_load_without_torch_or_trl():
     code = (
         "import sys\n"
         "from align.stages.registry import all_stages\n"
-        "from align.core.config import describe\n"
+        "from align.core.config_loader import describe\n"
         "for stage in all_stages().values(): describe(stage.config)\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
         "print(heavy)\n"

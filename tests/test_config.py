@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from align.core.config import PipelineConfig, describe, load_config, parse_overrides
+from align.core.config import PipelineConfig
+
+from align.core.config_loader import describe, load_config, parse_overrides
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
 from align.core.errors import ConfigError

@@ -8,7 +8,8 @@ import pytest
 from conftest import write_jsonl
 
 from align.core.config import DataConfig
-from align.core.data import load_splits, normalize_preference, normalize_sft, read_splits
+from align.core.data import load_splits, read_splits
+from align.core.normalize import normalize_preference, normalize_sft
 from align.core.errors import DataError
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from align.core.config import DataConfig
-from align.core.data import KTO_WEIGHT_RATIO, kto_weights, load_splits
+from align.core.data import load_splits
+from align.core.normalize import KTO_WEIGHT_RATIO, kto_weights
 from data_tools.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "data_tools"

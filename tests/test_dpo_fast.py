@@ -329,7 +329,7 @@ def test_reference_cache_invalidation(tiny_model_dir, tokenizer, tmp_path):
 
 def test_reference_cache_key_names_the_base_and_precision(tiny_model_dir, tmp_path):
     """The stage keys the cache file by the base model's content hash, quantization, dtype, device and attention kernel."""
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.dpo import DPOConfig
     from align.preference.dpo_setup import reference_cache
 
@@ -373,7 +373,7 @@ def test_dpo_stage_beta_sweep_reuses_the_reference(sft_parent, tiny_data, tmp_pa
     """The stage's defaults take the fast path; a second run with another beta never runs the reference."""
     import json
 
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.dpo import DPOConfig
     from align.stages.registry import run_stage
     from conftest import read_metrics, tiny_overrides

@@ -20,7 +20,7 @@ import torch
 from conftest import REPO
 from test_dpo_fast import BATCH, first_batch, load_tiny, step, variable_rows
 
-from align.core.config import describe, load_config
+from align.core.config_loader import describe, load_config
 from align.core.errors import ConfigError
 from align.preference import dpo_options
 from align.preference.ref_cache import RefLogpCache

@@ -21,7 +21,9 @@ import pytest
 import torch
 from conftest import read_metrics, write_jsonl
 
-from align.core.config import ModelConfig, load_config
+from align.core.config import ModelConfig
+
+from align.core.config_loader import load_config
 from align.modeling import families as fam
 from align.modeling.families import FAMILIES
 

@@ -16,7 +16,7 @@ from conftest import REPO, read_metrics, tiny_overrides
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
 from align.core.errors import AlignError, ConfigError

@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import LN2, read_metrics, tiny_overrides
 
-from align.core.config import ModelConfig, load_config
+from align.core.config import ModelConfig
+
+from align.core.config_loader import load_config
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
 

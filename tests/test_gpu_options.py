@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from align.core import memory
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.core.errors import ConfigError
 from align.modeling.train_setup import gradient_checkpointing, liger_problem
 from align.stages.dpo import DPOConfig

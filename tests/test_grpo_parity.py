@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.stages.grpo import GRPOConfig
 
 PROMPTS = [[{"role": "user", "content": f"Name {i + 2} colours, briefly."}] for i in range(4)]

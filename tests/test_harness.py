@@ -39,7 +39,7 @@ def local_task(folder: Path, n: int = 12) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.registry import run_stage
     from align.stages.sft import SFTConfig
 
@@ -101,7 +101,7 @@ def test_unknown_task_and_missing_run_are_one_line(sft_run, tmp_path, capsys):
 def test_the_eval_stage_scores_every_policy_next_to_its_win_rates(sft_run, tiny_data, tmp_path):
     """The eval stage's lm_eval section: each policy on the one loaded base, the same figures as `align lm-eval`."""
     from align.cli.main import main
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.eval import EvalConfig

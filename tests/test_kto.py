@@ -18,8 +18,11 @@ import torch
 from conftest import read_metrics, tiny_overrides, write_jsonl
 from test_stages import Recorder, assert_only_adapter_changed, probe_ids
 
-from align.core.config import DataConfig, describe, load_config
-from align.core.data import load_splits, normalize_unpaired
+from align.core.config import DataConfig
+
+from align.core.config_loader import describe, load_config
+from align.core.data import load_splits
+from align.core.normalize import normalize_unpaired
 from align.core.errors import ConfigError, DataError
 from align.stages.kto import KTOConfig
 
@@ -292,7 +295,7 @@ def test_keys_and_cli(tmp_path):
 
 
 def test_a_kto_balance_outside_the_papers_range_is_named_with_the_weights_that_fix_it():
-    from align.core.data import kto_balance_note
+    from align.core.normalize import kto_balance_note
 
     assert kto_balance_note(10, 10, 1.0, 1.0) is None  # ratio 1: inside [1, 4/3]
     assert kto_balance_note(12, 10, 1.0, 1.0) is None  # 1.2: inside

@@ -26,7 +26,8 @@ from test_stages import Recorder, load_causal_lm, probe_ids
 from transformers import TrainerCallback
 
 from align.cli import lifecycle
-from align.core.config import ModelConfig, apply_overrides, load_config
+from align.core.config import ModelConfig
+from align.core.config_loader import apply_overrides, load_config
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
 from test_online import runs as online_runs  # noqa: F401 - the fixture: SFT run, reward run on it

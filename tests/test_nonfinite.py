@@ -16,7 +16,7 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.core.errors import ConfigError, DataError
 from align.core.safeguards import NonFiniteWeightsError, NonFiniteWeightsGuard
 from align.stages.grpo import GRPOConfig

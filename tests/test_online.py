@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import LN2, read_metrics, tiny_overrides
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.core.errors import ConfigError
 from align.stages.grpo import GRPOConfig
 from align.stages.online_dpo import OnlineDPOConfig

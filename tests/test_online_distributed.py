@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPO, read_metrics, tiny_overrides
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.core.errors import ConfigError
 
 DRIVER = REPO / "tests" / "stage_driver.py"

@@ -12,10 +12,10 @@ import typing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.core.config import load_config, parse_overrides
+from align.core.config_loader import load_config, parse_overrides
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
-from align.core.data import ROLES, normalize_preference, normalize_sft
+from align.core.normalize import ROLES, normalize_preference, normalize_sft
 from align.core.errors import ConfigError, DataError
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -156,7 +156,7 @@ def test_any_reward_sources_give_a_config_or_a_config_error(rewards, overrides, 
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(["prompt", "messages", "answer", "x"]), row_values, max_size=3))
 def test_any_prompt_row_normalizes_or_names_the_problem(row):
-    from align.core.data import normalize_prompt
+    from align.core.normalize import normalize_prompt
 
     try:
         out = normalize_prompt(row, "f.jsonl:9")

@@ -21,7 +21,7 @@ BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory, tiny_model_dir, tiny_data) -> dict[str, Path]:
     """A finished SFT -> DPO lineage on a base whose README names its license; DPO data from an align-data build."""
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.registry import run_stage
     from align.stages.dpo import DPOConfig
     from align.stages.sft import SFTConfig

@@ -17,7 +17,7 @@ import torch
 from conftest import read_metrics, tiny_overrides
 from test_stages import Recorder, assert_only_adapter_changed, probe_ids
 
-from align.core.config import describe, load_config
+from align.core.config_loader import describe, load_config
 from align.core.errors import ConfigError
 from align.stages.registry import get_stage, run_stage
 

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, preference_rows, write_jsonl
 
 from align.cli import sweep as S
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.core.data import load_splits
 from align.core.readers import FILE_SUFFIXES
 from align.core.errors import ConfigError, DataError

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import read_metrics, tiny_overrides
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.stages.ppo import PPOConfig
 from align.stages.reward import RewardConfig
 from align.stages.sft import SFTConfig
@@ -315,7 +315,7 @@ def test_ppo_resume_refuses_a_tampered_checkpoint_and_runs_no_code(runs, tiny_da
     from conftest import REPO
 
     from align.core.artifacts import RunDir
-    from align.core.config import to_dict
+    from align.core.config_loader import to_dict
     from align.stages.registry import run_stage
 
     cfg = ppo_config(runs, tiny_data, name="ppo-tampered", **{"train.max_steps": 2, "train.save_steps": 1})

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from conftest import preference_rows, tiny_overrides, write_jsonl
 
-from align.core.config import DataConfig, load_config
+from align.core.config import DataConfig
+
+from align.core.config_loader import load_config
 from align.core.data import load_splits
 
 

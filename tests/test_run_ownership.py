@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides, write_jsonl
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.core.errors import AlignError, ConfigError
 from align.stages.registry import all_stages, get_stage
 

@@ -21,7 +21,8 @@ import yaml
 from conftest import REPO
 
 from align.cli.sweep import SweepConfig
-from align.core.config import Check, PipelineConfig, describe, field_check, load_config
+from align.core.config import Check, PipelineConfig, field_check
+from align.core.config_loader import describe, load_config
 from align.core.errors import ConfigError
 from align.cli.compare import CompareConfig
 from align.stages.registry import all_stages
@@ -203,7 +204,7 @@ def test_an_invalid_value_exits_2_naming_the_key_and_writes_nothing(name, key, v
 
 
 def _line_of(path: Path, key: str) -> int:
-    from align.core.config import _yaml_with_lines
+    from align.core.config_loader import _yaml_with_lines
 
     _, lines = _yaml_with_lines(path.read_text(), str(path))
     return lines[key]

@@ -19,7 +19,7 @@ from conftest import LN2, read_metrics, tiny_overrides
 from transformers import TrainerCallback
 from wandb_offline import read_offline_run
 
-from align.core.config import load_config
+from align.core.config_loader import load_config
 from align.stages.dpo import DPOConfig
 from align.stages.sft import SFTConfig
 from align.stages.stage_run import resolve_base

@@ -12,6 +12,7 @@ import yaml
 from conftest import REPO
 
 from align.cli import sweep as S
+from align.cli import sweep_grid as G
 from align.core.errors import ConfigError
 from align.stages.registry import all_stages
 
@@ -27,49 +28,49 @@ def test_every_kl_knob_is_a_ranged_number_of_its_stage():
     knobs = {name: s.kl_knob for name, s in all_stages().items() if s.kl_knob}
     for stage, key in knobs.items():
         cls = all_stages()[stage].config
-        leaf = S._leaf_paths(cls)
+        leaf = G._leaf_paths(cls)
         assert leaf.get(key) is float, f"{stage}: {key}"
         section, name = key.split(".")
         f = next(f for f in cls.__dataclass_fields__[section].default_factory().__dataclass_fields__.values() if f.name == name)
         check = field_check(f)
         assert check is not None and (check.gt == 0 or check.min == 0), f"{stage}: {key} has no lower bound"
-        assert S.resolve_key(stage, "beta") == key and S.resolve_key(stage, "kl") == key
+        assert G.resolve_key(stage, "beta") == key and G.resolve_key(stage, "kl") == key
     # A new training stage that pulls towards a reference must say which key does (sft and reward have none).
     training = {n for n, s in all_stages().items() if issubclass(s.config, StageConfig)}
     assert training - set(knobs) == {"sft", "reward"}
 
 
 def test_keys_resolve_per_stage_and_unknown_ones_name_the_closest():
-    assert S.resolve_key("ppo", "beta") == "ppo.kl_coef"
-    assert S.resolve_key("rloo", "kl_coef") == "rloo.kl_coef"
-    assert S.resolve_key("online_dpo", "beta") == "dpo.beta"
-    assert S.resolve_key("sft", "lr") == "train.learning_rate" == S.resolve_key("dpo", "learning_rate")
-    assert S.resolve_key("dpo", "lora.r") == "lora.r"
+    assert G.resolve_key("ppo", "beta") == "ppo.kl_coef"
+    assert G.resolve_key("rloo", "kl_coef") == "rloo.kl_coef"
+    assert G.resolve_key("online_dpo", "beta") == "dpo.beta"
+    assert G.resolve_key("sft", "lr") == "train.learning_rate" == G.resolve_key("dpo", "learning_rate")
+    assert G.resolve_key("dpo", "lora.r") == "lora.r"
     with pytest.raises(ConfigError, match=r"^--values bta: not a key of the dpo config \(did you mean 'beta'\?\)$"):
-        S.resolve_key("dpo", "bta")
+        G.resolve_key("dpo", "bta")
     with pytest.raises(ConfigError, match=r"did you mean 'train.learning_rate'"):
-        S.resolve_key("dpo", "train.learnig_rate")
+        G.resolve_key("dpo", "train.learnig_rate")
     with pytest.raises(ConfigError, match=r"^--values beta: stage sft has no KL knob"):
-        S.resolve_key("sft", "beta")
+        G.resolve_key("sft", "beta")
     with pytest.raises(ConfigError, match="set by the sweep"):
-        S.resolve_key("dpo", "output_dir")
+        G.resolve_key("dpo", "output_dir")
 
 
 def test_values_names_and_grid_order():
-    assert S.parse_values(["beta=0.05,0.1", "lr=1e-4, 3.0e-4", "dpo.loss_type=sigmoid,ipo"]) == {
+    assert G.parse_values(["beta=0.05,0.1", "lr=1e-4, 3.0e-4", "dpo.loss_type=sigmoid,ipo"]) == {
         "beta": [0.05, 0.1], "lr": ["1e-4", 3e-4], "dpo.loss_type": ["sigmoid", "ipo"]}
     for bad, needle in (("beta", "expected key=value1"), ("beta=", "expected key=value1"), ("beta=0.1,,0.2", "an empty value")):
         with pytest.raises(ConfigError, match=needle):
-            S.parse_values([bad])
+            G.parse_values([bad])
     with pytest.raises(ConfigError, match="given twice"):
-        S.parse_values(["beta=1", "beta=2"])
-    assert [S.format_value(v) for v in (3e-4, 0.1, 1e-05, 16, True, "a b/c", ["x", "y"], None)] == [
+        G.parse_values(["beta=1", "beta=2"])
+    assert [G.format_value(v) for v in (3e-4, 0.1, 1e-05, 16, True, "a b/c", ["x", "y"], None)] == [
         "0.0003", "0.1", "1e-05", "16", "true", "a-b-c-" + hashlib.sha256(b"a b/c").hexdigest()[:6], "x+y", "null"]
-    assert S.labels(["dpo.beta", "train.learning_rate", "lora.dropout", "train.dropout"]) == {
+    assert G.labels(["dpo.beta", "train.learning_rate", "lora.dropout", "train.dropout"]) == {
         "dpo.beta": "beta", "train.learning_rate": "lr", "lora.dropout": "lora.dropout", "train.dropout": "train.dropout"}
-    a = S.Axis("dpo.beta", "beta", (0.1, 0.3), "")
-    b = S.Axis("train.learning_rate", "lr", (1e-4, 3e-4), "")
-    names = [S.run_name([(ax.label, v) for ax, v in combo]) for combo in S.grid([a, b])]
+    a = G.Axis("dpo.beta", "beta", (0.1, 0.3), "")
+    b = G.Axis("train.learning_rate", "lr", (1e-4, 3e-4), "")
+    names = [G.run_name([(ax.label, v) for ax, v in combo]) for combo in G.grid([a, b])]
     assert names == ["beta=0.1_lr=0.0001", "beta=0.1_lr=0.0003", "beta=0.3_lr=0.0001", "beta=0.3_lr=0.0003"]
 
 

@@ -25,7 +25,7 @@ TABLE = "lm_eval"  # <run>/lm_eval.jsonl, and the W&B table's name
 
 
 def _settings(args):
-    from align.core.config import config_from_dict
+    from align.core.config_loader import config_from_dict
     from align.evaluation.harness import LmEvalConfig
 
     tasks = [t.strip() for spec in args.tasks for t in spec.split(",") if t.strip()]
@@ -40,9 +40,11 @@ def load_run_model(run, trust_remote_code: bool):
     """(model, tokenizer, has_adapter) of a finished run: its base with its adapter, or its full model (peft.method full)."""
     from peft import PeftModel
 
-    from align.core.config import ModelConfig, config_from_dict
+    from align.core.config import ModelConfig
+
+    from align.core.config_loader import config_from_dict
     from align.modeling import models
-    from align.modeling.adapters import resolve_adapter
+    from align.modeling.adapter_sets import resolve_adapter
 
     if (run.adapter_dir / "adapter_config.json").is_file():
         source = resolve_adapter(run.path, trust_remote_code=trust_remote_code)

@@ -26,7 +26,8 @@ from typing import Any, Literal
 from align.core.artifacts import RunDir
 
 from align.core.files import atomic_write_json, atomic_write_text
-from align.core.config import PEFT_METHODS, RunConfig, StageConfig, describe, load_config, opt, parse_overrides, to_yaml
+from align.core.config import PEFT_METHODS, RunConfig, StageConfig, opt
+from align.core.config_loader import describe, load_config, parse_overrides, to_yaml
 from align.core.errors import AlignError, ConfigError
 from align.core.tracking import Tracker
 from align.stages.registry import get_stage, load_stage_config, run_stage

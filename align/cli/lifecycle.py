@@ -49,7 +49,8 @@ def cmd_merge(args) -> int:
     """Adapter folded into its base, saved as full-precision safetensors (a 4-bit base is dequantized first)."""
     from align.core.artifacts import check_replaceable
     from align.modeling import models
-    from align.modeling.adapters import merge_adapter, resolve_adapter
+    from align.modeling.adapters import merge_adapter
+    from align.modeling.adapter_sets import resolve_adapter
 
     out = Path(args.output)
     check_replaceable(out, "--output")
@@ -75,7 +76,7 @@ def cmd_export(args) -> int:
     """The run's adapter in standard PEFT format plus a model card (README.md)."""
     from align.core.artifacts import check_replaceable, mark_output
     from align.core.files import atomic_dir
-    from align.modeling.adapters import resolve_adapter
+    from align.modeling.adapter_sets import resolve_adapter
     from align.modeling.model_card import model_card
 
     out = Path(args.output)
@@ -148,7 +149,7 @@ def _named_sources(specs: list[str]) -> dict[str, str]:
 
 def cmd_generate(args) -> int:
     """One base, several named adapters: each request through the adapter it names, or side by side."""
-    from align.modeling.adapters import AdapterSet, check_same_base, resolve_adapter
+    from align.modeling.adapter_sets import AdapterSet, check_same_base, resolve_adapter
     from align.modeling.generation import Sampling
 
     if args.max_new_tokens < 1:
@@ -198,7 +199,7 @@ def cmd_combine(args) -> int:
     import math
 
     from align.core.artifacts import check_replaceable
-    from align.modeling.adapters import combine_adapters, resolve_adapter
+    from align.modeling.adapter_sets import combine_adapters, resolve_adapter
 
     check_replaceable(Path(args.output), "--output")
     if args.weights is not None and not all(math.isfinite(w) for w in args.weights):

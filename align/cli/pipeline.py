@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.core.config import PipelineConfig, RunConfig, StageConfig, check_stage_file, load_config
+from align.core.config import PipelineConfig, RunConfig, StageConfig
+
+from align.core.config_loader import check_stage_file, load_config
 from align.core.errors import ConfigError
 from align.stages.registry import all_stages, get_stage, load_stage_config, run_stage
 

@@ -176,7 +176,8 @@ def _write_model(pub: Publication, tmp: Path) -> None:
 def _merge_into(run: RunDir, tmp: Path) -> None:
     """The run's adapter merged into its base (the model it trained on), written into `tmp`."""
     from align.modeling import models
-    from align.modeling.adapters import merge_adapter, resolve_adapter
+    from align.modeling.adapters import merge_adapter
+    from align.modeling.adapter_sets import resolve_adapter
 
     source = resolve_adapter(run.path)
     merged = tmp / ".merged"
@@ -188,7 +189,7 @@ def _merge_into(run: RunDir, tmp: Path) -> None:
 
 def _save_tokenizer(run: RunDir, tmp: Path) -> None:
     from align.modeling import models
-    from align.modeling.adapters import resolve_adapter
+    from align.modeling.adapter_sets import resolve_adapter
 
     source = resolve_adapter(run.path)
     models.load_tokenizer(source.base, source.model_cfg).save_pretrained(tmp)

@@ -13,7 +13,9 @@ import traceback
 import warnings
 from pathlib import Path
 
-from align.core.config import PipelineConfig, describe, parse_overrides, to_yaml
+from align.core.config import PipelineConfig
+
+from align.core.config_loader import describe, parse_overrides, to_yaml
 from align.core.errors import AlignError
 
 

@@ -23,31 +23,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import hashlib
-import itertools
 import logging
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from align.core.config import (
-    RunConfig, StageConfig, check_stage_file, config_file_kind, describe, load_config, opt, parse_overrides, to_yaml,
-)
+from align.core.config import RunConfig, StageConfig, opt
+
+from align.core.config_loader import check_stage_file, config_file_kind, describe, load_config, parse_overrides, to_yaml
 from align.core.errors import AlignError, ConfigError
+from align.cli.sweep_grid import SET_BY_SWEEP, Axis, format_value, get, grid, labels, parse_values, resolve_key, run_name
 from align.stages.registry import get_stage, load_stage_config, run_stage
 
 log = logging.getLogger("align")
 
-KNOB_ALIASES = ("beta", "kl", "kl_coef")
-LR_KEY = "train.learning_rate"
-LR_ALIASES = ("lr", "learning_rate")
-# Set by the sweep for every run; sweeping them would break the one-folder-per-point layout or the group.
-SET_BY_SWEEP = ("output_dir", "wandb.group", "wandb.name", "resume")
 SWEEP_FILE = "sweep.json"
 SWEEP_MARK = "align_sweep"
 
@@ -77,14 +69,6 @@ class SweepConfig:
                 raise ConfigError(f"values.{key}: a non-empty list of values, got {vals!r}")
 
 
-@dataclass(frozen=True)
-class Axis:
-    key: str  # the dotted config key
-    label: str  # its name in run folder names
-    values: tuple  # as given
-    where: str  # where it was given, for errors
-
-
 @dataclass
 class Point:
     name: str
@@ -102,115 +86,6 @@ class Sweep:
     points: list[Point]
     eval_cfg: RunConfig | None = None
     source: str = "command line"
-
-
-# --------------------------------------------------------------------------- keys, values, names
-
-
-def _leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of a config class -> its type."""
-    out = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(_leaf_paths(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = hints[f.name]
-    return out
-
-
-def resolve_key(stage: str, key: str, where: str | None = None) -> str:
-    """The dotted config key a swept name stands for: beta/kl/kl_coef -> the stage's KL knob, lr -> the learning rate."""
-    from align.stages.registry import all_stages
-
-    record = get_stage(stage)
-    cfg_cls = record.config
-    where = where or f"--values {key}"
-    if key in KNOB_ALIASES and key not in _leaf_paths(cfg_cls):
-        if record.kl_knob is None:
-            knobs = ", ".join(f"{s.name}: {s.kl_knob}" for s in all_stages().values() if s.kl_knob)
-            raise ConfigError(f"{where}: stage {stage} has no KL knob (stages with one: {knobs}); name a config key instead")
-        return record.kl_knob
-    if key in LR_ALIASES:
-        return LR_KEY
-    paths = _leaf_paths(cfg_cls)
-    if key in SET_BY_SWEEP:
-        raise ConfigError(f"{where}: set by the sweep for every run; it cannot be swept")
-    if key not in paths:
-        names = [*paths, *KNOB_ALIASES, *LR_ALIASES] if record.kl_knob else [*paths, *LR_ALIASES]
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6) or difflib.get_close_matches(
-            key.rpartition(".")[2], [p.rpartition(".")[2] for p in paths], n=1, cutoff=0.8)
-        if close and close[0] not in names:
-            close = [next(p for p in paths if p.rpartition(".")[2] == close[0])]
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: not a key of the {stage} config{hint}")
-    return key
-
-
-def parse_values(items: list[str]) -> dict[str, list]:
-    """`--values beta=0.05,0.1` -> {"beta": [0.05, 0.1]}: comma-separated YAML scalars, one key per item."""
-    out: dict[str, list] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not raw.strip():
-            raise ConfigError(f"--values '{item}': expected key=value1,value2,... (e.g. beta=0.05,0.1,0.3)")
-        if key in out:
-            raise ConfigError(f"--values {key}: given twice")
-        values = []
-        for text in raw.split(","):
-            text = text.strip()
-            if not text:
-                raise ConfigError(f"--values {key}: an empty value in '{raw}'")
-            try:
-                values.append(yaml.safe_load(text))
-            except yaml.YAMLError:
-                values.append(text)
-        out[key] = values
-    return out
-
-
-def format_value(value: Any) -> str:
-    """A value as it appears in a run's folder name: short, only [A-Za-z0-9.+-] characters, and distinct for
-    distinct values (a float keeps every digit that tells it apart; a string whose characters had to be
-    replaced, or that reads as another value's name, gets a short hash of itself)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        short = f"{value:g}"
-        return short if float(short) == value else repr(value)  # repr: the shortest text that reads back exactly
-    if isinstance(value, (list, tuple)):
-        return "+".join(format_value(v) for v in value) or "empty"
-    text = str(value)
-    cleaned = re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-") or "empty"
-    if isinstance(value, str) and (cleaned != text or text in ("true", "false", "null", "empty")):
-        cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
-    return cleaned
-
-
-def labels(keys: list[str]) -> dict[str, str]:
-    """Each swept key's short label: its last part (lr for the learning rate), or the full key where two would clash."""
-    short = {k: "lr" if k == LR_KEY else k.rpartition(".")[2] for k in keys}
-    clashes = {v for v in short.values() if list(short.values()).count(v) > 1}
-    return {k: (k if v in clashes else v) for k, v in short.items()}
-
-
-def run_name(point: list[tuple[str, Any]]) -> str:
-    """`beta=0.1_lr=0.0003`: the labels and values of one grid point."""
-    return "_".join(f"{label}={format_value(value)}" for label, value in point)
-
-
-def grid(axes: list[Axis]) -> list[list[tuple[Axis, Any]]]:
-    """Every combination, the last axis varying fastest."""
-    return [list(zip(axes, combo)) for combo in itertools.product(*(a.values for a in axes))]
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 # --------------------------------------------------------------------------- planning (everything checked, nothing written)
@@ -286,11 +161,11 @@ def plan(cfg: SweepConfig, stage_overrides: dict[str, Any], base_dir: Path, sour
         at = {**where, **{a.key: a.where for a, _ in combo}}
         # The folder name comes from the typed values the config holds (1e-4 and 0.0001 are one value).
         point_cfg = load_stage_config(stage, config_path, {**overrides, "output_dir": str(root / "_")}, override_where=at)
-        typed = [(a, _get(point_cfg, a.key)) for a, _ in combo]
+        typed = [(a, get(point_cfg, a.key)) for a, _ in combo]
         name = run_name([(a.label, v) for a, v in typed])
         if name in seen:
             a, x, y = next(((a, x, y) for (a, x), (_, y) in zip(seen[name], combo) if x != y), (combo[0][0], "", ""))
-            raise ConfigError(f"{a.where}: {x!r} and {y!r} are the same value ({a.label}={format_value(_get(point_cfg, a.key))})")
+            raise ConfigError(f"{a.where}: {x!r} and {y!r} are the same value ({a.label}={format_value(get(point_cfg, a.key))})")
         seen[name] = combo
         extra = {"output_dir": str(root / name), "wandb.group": group, "wandb.name": f"{group}-{name}", "resume": cfg.resume}
         point_cfg = load_stage_config(stage, config_path, {**overrides, **extra}, override_where={**at, **{k: "sweep" for k in extra}})
@@ -437,7 +312,7 @@ def load_sweep(config: str, values: list[str], eval_path: str | None, stage: str
     if _is_sweep_file(path):
         cfg = load_config(SweepConfig, path, own)
         base_dir = path.parent
-        from align.core.config import _yaml_with_lines  # the YAML's line of each values/overrides key, for errors
+        from align.core.config_loader import _yaml_with_lines  # the YAML's line of each values/overrides key, for errors
 
         _, lines = _yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
         where.update({f"values.{k}": f"{path}:{lines.get(f'values.{k}', '?')}: values.{k}" for k in cfg.values})

@@ -265,7 +265,7 @@ class RunDir:
         Read as data with the config loader's safe YAML (no tags, no self-referencing or
         exploding aliases): a tampered file is ignored with a warning.
         """
-        from align.core.config import _yaml_with_lines
+        from align.core.config_loader import _yaml_with_lines
 
         path = self.path / CONFIG
         try:

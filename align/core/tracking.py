@@ -20,7 +20,8 @@ from align.core.artifacts import RunDir, SAMPLES
 from align.core.files import atomic_write_text
 
 from align.core.redaction import redact, redact_text
-from align.core.config import RunConfig, to_dict
+from align.core.config import RunConfig
+from align.core.config_loader import to_dict
 
 
 def process_rank() -> int:

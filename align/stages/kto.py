@@ -115,7 +115,7 @@ _EVAL_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margi
 
 
 def run(cfg: KTOConfig, *, force: bool = False, callbacks=()):
-    from align.core.data import kto_balance_note
+    from align.core.normalize import kto_balance_note
     from align.stages.hf_training import train_and_finish
     from align.stages.stage_run import open_stage
 

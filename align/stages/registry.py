@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from align.core.config import RunConfig, StageConfig, check_values, load_config
+from align.core.config import RunConfig, StageConfig
+
+from align.core.config_loader import check_values, load_config
 from align.core.errors import ConfigError
 from align.evaluation.judges import check_judge_specs
 from align.modeling.methods import check_method

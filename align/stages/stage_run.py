@@ -26,7 +26,8 @@ from align.core.redaction import redact
 from align.core.run_lock import RunLock
 from align.core.callbacks import TrackerCallback
 from align.core.checkpoints import check_plain_checkpoint, checkpoint_dirs, latest_complete
-from align.core.config import ChildStageConfig, RunConfig, StageConfig, to_dict, to_yaml
+from align.core.config import ChildStageConfig, RunConfig, StageConfig
+from align.core.config_loader import to_dict, to_yaml
 from align.core.data import Splits
 from align.core.errors import AlignError, ConfigError, DataError
 from align.core.memory import peak_memory_mb, reset_peak_memory

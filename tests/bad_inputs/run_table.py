@@ -83,7 +83,7 @@ def build_workspace(w: Path) -> dict[str, str]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from align.core.artifacts import RunDir
-    from align.core.config import load_config, to_dict
+    from align.core.config_loader import load_config, to_dict
     from align.modeling.models import embedded_model_dir
     from align.stages.registry import run_stage
     from align.stages.ppo import PPOConfig
@@ -579,7 +579,7 @@ def build_issue22_workspace(w: Path, c: Path, d: Path, runs: Path) -> dict[str, 
 
     import torch
     from align.core.artifacts import RunDir
-    from align.core.config import load_config
+    from align.core.config_loader import load_config
     from align.stages.registry import run_stage
     from align.stages.sft import SFTConfig
 
