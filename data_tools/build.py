@@ -30,7 +30,7 @@ from align.core.artifacts import now
 from align.core.files import atomic_dir, atomic_write_text
 
 from align.core.redaction import redact
-from align.core.data import normalize_preference
+from align.core.normalize import normalize_preference
 from align.core.errors import ConfigError, DataError
 from data_tools import output
 from data_tools.clean import Cleaner, CleanOptions
@@ -217,82 +217,21 @@ def build(cfg: BuildConfig, items: Iterable[Item] | None = None, provenance: dic
     counts.kind = cfg.kind
     stats = Stats(unit=cleaner.lengths.unit, seed=cfg.seed, unpaired=unpaired)
     stats.near_dup_method = cfg.clean.near_dup
-    distinct: dict[str, int] = {}
-    rep_rows = array("q")  # cluster id -> (split number << 40) | row index of its representative
-    split_names: list[str] = []
     with atomic_dir(out) as tmp:
         writer = output.SplitWriter(tmp, cfg.jsonl, output.UNPAIRED_SCHEMA if unpaired else output.SCHEMA)
         stream = items if items is not None else source_items(fmt, cfg, counts, tmp, rows)
-        batch: list[Pair] = []
-
-        def flush() -> None:
-            for kept in cleaner.process(batch):
-                split = split_of(kept.prompt_key, cfg.seed, cfg.test_fraction)
-                p = kept.pair
-                row = {
-                    "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
-                    "score_chosen": p.score_chosen, "score_rejected": p.score_rejected,
-                    "source": cfg.format, "id": p.id,
-                }
-                normalize_preference(row, p.where)  # align's own check: every row we write, align loads
-                index = writer.write(split, row)
-                if kept.new_prompt and kept.cluster >= 0:  # the cluster's representative row
-                    if split not in split_names:
-                        split_names.append(split)
-                    assert kept.cluster == len(rep_rows)
-                    rep_rows.append(split_names.index(split) << 40 | index)
-                counts.written[split] += 1
-                distinct[split] = distinct.get(split, 0) + kept.new_prompt
-                stats.add(split, p.prompt, kept.lengths, p.score_chosen, p.score_rejected)
-            batch.clear()
-
-        if unpaired:
-            distinct, rep_rows, split_names = write_unpaired(
-                stream, cfg, cleaner, counts, stats, writer, tmp, lambda key: split_of(key, cfg.seed, cfg.test_fraction))
-        else:
-            for item in stream:
-                if isinstance(item, Drop):
-                    counts.left_out[item.reason] += item.count
-                    continue
-                pairs = pair_group(item, cfg.pairing, cfg.min_margin, counts.pairing) if isinstance(item, Group) else (item,)
-                for pair in pairs:
-                    counts.pairs_formed += 1
-                    batch.append(pair)
-                if len(batch) >= BATCH:
-                    flush()
-            flush()
+        write = write_unpaired if unpaired else write_pairs
+        distinct, rep_rows, split_names = write(stream, cfg, cleaner, counts, stats, writer, tmp,
+                                                lambda key: split_of(key, cfg.seed, cfg.test_fraction))
         counts.dropped = cleaner.dropped
         splits = writer.close()
         stats.prompts_per_split = distinct
         if not splits:
-            report = "\n".join(counts_markdown(counts))
-            print(report, file=sys.stderr)
+            print("\n".join(counts_markdown(counts)), file=sys.stderr)
             what = "rows" if unpaired else "pairs"
             raise DataError(f"no {what} left to write from {', '.join(cfg.inputs) or 'the input'} (the counts above say where they went)")
         stats.clusters = _top_clusters(cleaner, rep_rows, split_names, tmp)
-        plots = write_plots(stats, tmp / "plots") if cfg.plots else {}
-        report_lines = [f"# Build report: {out.name}", "", *counts_markdown(counts), *stats_markdown(stats, plots)]
-        report = "\n".join(report_lines)
-        atomic_write_text(tmp / "stats.md", report + "\n")
-        meta = redact({
-            "align_data": _version(),
-            "created": now(),
-            "command": cfg.command,
-            "format": cfg.format,
-            "kind": cfg.kind,
-            "inputs": cfg.inputs,
-            "options": _options(cfg),
-            "length_unit": stats.unit,
-            "counts": counts.to_json(),
-            "distinct_prompts": distinct,
-            **({"kto_balance": kto_balance(counts)} if unpaired else {}),
-            **(provenance or {}),
-        })
-        atomic_write_text(tmp / BUILD_JSON, json.dumps(meta, indent=2, default=str) + "\n")
-        for name, text in (extra_files or {}).items():
-            atomic_write_text(tmp / name, text)
-        card = output.card(out.name, {s: counts.written[s] for s in splits}, _provenance_lines(meta), report_lines[2:], cfg.kind)
-        atomic_write_text(tmp / "README.md", card)
+        report = _write_report_files(tmp, out.name, cfg, counts, stats, splits, distinct, provenance, extra_files)
         check_output(out, cfg.overwrite)  # again: a folder may have appeared there while the build ran
     seconds = time.time() - started
     if cfg.push_to_hub:
@@ -301,6 +240,79 @@ def build(cfg: BuildConfig, items: Iterable[Item] | None = None, provenance: dic
         print(report)
         print(summary_line(out, counts, seconds))
     return BuildResult(out, counts, stats, report, seconds)
+
+
+def write_pairs(stream, cfg: BuildConfig, cleaner: Cleaner, counts: Counts, stats: Stats, writer, tmp: Path, split_for):
+    """Pair the items (groups by cfg.pairing), clean them in batches and write the kept pairs to their splits.
+    Returns (distinct prompts per split, each near-duplicate cluster's representative row, the split names)."""
+    distinct: dict[str, int] = {}
+    rep_rows = array("q")  # cluster id -> (split number << 40) | row index of its representative
+    split_names: list[str] = []
+    batch: list[Pair] = []
+
+    def flush() -> None:
+        for kept in cleaner.process(batch):
+            split = split_for(kept.prompt_key)
+            p = kept.pair
+            row = {
+                "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                "score_chosen": p.score_chosen, "score_rejected": p.score_rejected,
+                "source": cfg.format, "id": p.id,
+            }
+            normalize_preference(row, p.where)  # align's own check: every row we write, align loads
+            index = writer.write(split, row)
+            if kept.new_prompt and kept.cluster >= 0:  # the cluster's representative row
+                if split not in split_names:
+                    split_names.append(split)
+                assert kept.cluster == len(rep_rows)
+                rep_rows.append(split_names.index(split) << 40 | index)
+            counts.written[split] += 1
+            distinct[split] = distinct.get(split, 0) + kept.new_prompt
+            stats.add(split, p.prompt, kept.lengths, p.score_chosen, p.score_rejected)
+        batch.clear()
+
+    for item in stream:
+        if isinstance(item, Drop):
+            counts.left_out[item.reason] += item.count
+            continue
+        pairs = pair_group(item, cfg.pairing, cfg.min_margin, counts.pairing) if isinstance(item, Group) else (item,)
+        for pair in pairs:
+            counts.pairs_formed += 1
+            batch.append(pair)
+        if len(batch) >= BATCH:
+            flush()
+    flush()
+    return distinct, rep_rows, split_names
+
+
+def _write_report_files(tmp: Path, name: str, cfg: BuildConfig, counts: Counts, stats: Stats, splits, distinct: dict,
+                        provenance: dict | None, extra_files: dict[str, str] | None) -> str:
+    """stats.md, build.json, the plots, the extra files and README.md of a build; returns the report."""
+    unpaired = cfg.kind == "unpaired"
+    plots = write_plots(stats, tmp / "plots") if cfg.plots else {}
+    report_lines = [f"# Build report: {name}", "", *counts_markdown(counts), *stats_markdown(stats, plots)]
+    report = "\n".join(report_lines)
+    atomic_write_text(tmp / "stats.md", report + "\n")
+    meta = redact({
+        "align_data": _version(),
+        "created": now(),
+        "command": cfg.command,
+        "format": cfg.format,
+        "kind": cfg.kind,
+        "inputs": cfg.inputs,
+        "options": _options(cfg),
+        "length_unit": stats.unit,
+        "counts": counts.to_json(),
+        "distinct_prompts": distinct,
+        **({"kto_balance": kto_balance(counts)} if unpaired else {}),
+        **(provenance or {}),
+    })
+    atomic_write_text(tmp / BUILD_JSON, json.dumps(meta, indent=2, default=str) + "\n")
+    for file_name, text in (extra_files or {}).items():
+        atomic_write_text(tmp / file_name, text)
+    card = output.card(name, {s: counts.written[s] for s in splits}, _provenance_lines(meta), report_lines[2:], cfg.kind)
+    atomic_write_text(tmp / "README.md", card)
+    return report
 
 
 def _top_clusters(cleaner: Cleaner, rep_rows: array, split_names: list[str], root: Path):

@@ -296,8 +296,17 @@ def _list_sentence(count: int, noun: str, members: Sequence[str]) -> str:
 def build_questions(seed: int) -> list[Question]:
     """All questions of every family, in a fixed order (computed families sampled with ``seed``)."""
     rng = random.Random(f"questions-{seed}")
-    qs: list[Question] = []
+    qs = [*_fact_questions(), *_arithmetic_questions(rng), *_letter_questions(), *_comparison_questions(rng),
+          *_membership_and_list_questions()]
+    texts = [q.text for q in qs]
+    assert len(set(texts)) == len(texts), "duplicate question text"
+    assert set(q.family for q in qs) == set(FAMILIES)
+    return qs
 
+
+def _fact_questions() -> list[Question]:
+    """Capitals, colors, legs, opposites, plurals and the calendar: one question per table entry."""
+    qs: list[Question] = []
     for country, capital in CAPITALS:
         qs.append(Question("capitals", f"capitals:{country}", f"What is the capital of {country}?",
                            f"The capital of {country} is {capital}.", capital))  # fmt: skip
@@ -337,7 +346,11 @@ def build_questions(seed: int) -> list[Question]:
     for month, days in MONTH_DAYS.items():
         qs.append(Question("calendar", f"calendar:days-in:{month}", f"How many days are in {month}?",
                            f"{month} has {days} days.", str(days)))  # fmt: skip
+    return qs
 
+
+def _arithmetic_questions(rng: random.Random) -> list[Question]:
+    qs: list[Question] = []
     for op, count in ARITHMETIC_COUNTS.items():
         seen: set[tuple[int, int]] = set()
         while len(seen) < count:
@@ -356,11 +369,19 @@ def build_questions(seed: int) -> list[Question]:
             seen.add(key)
             qs.append(Question("arithmetic", f"arithmetic:{op}:{key[0]}:{key[1]}", f"What is {a} {op} {b}?",
                                f"{a} {op} {b} equals {result}.", str(result)))  # fmt: skip
+    return qs
 
+
+def _letter_questions() -> list[Question]:
+    qs: list[Question] = []
     for word in LETTER_WORDS:
         qs.append(Question("letters", f"letters:{word}", f"How many letters are in the word '{word}'?",
                            f"The word '{word}' has {len(word)} letters.", str(len(word))))  # fmt: skip
+    return qs
 
+
+def _comparison_questions(rng: random.Random) -> list[Question]:
+    qs: list[Question] = []
     seen_pairs: set[tuple[int, int]] = set()
     while len(seen_pairs) < COMPARISON_COUNT:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
@@ -373,7 +394,11 @@ def build_questions(seed: int) -> list[Question]:
         qs.append(Question("comparison", f"comparison:{key[0]}:{key[1]}",
                            f"Which number is {which}, {a} or {b}?",
                            f"The {which} number is {value}.", str(value)))  # fmt: skip
+    return qs
 
+
+def _membership_and_list_questions() -> list[Question]:
+    qs: list[Question] = []
     for i, (thing, correct, other) in enumerate(MEMBERSHIP):
         first, second = (correct, other) if i % 2 == 0 else (other, correct)
         qs.append(Question("membership", f"membership:{thing}",
@@ -384,10 +409,6 @@ def build_questions(seed: int) -> list[Question]:
         for count in LIST_COUNTS:
             qs.append(Question("lists", f"lists:{noun}", f"Name {COUNT_WORDS[count]} {noun}.",
                                pool=tuple(pool), count=count, noun=noun))  # fmt: skip
-
-    texts = [q.text for q in qs]
-    assert len(set(texts)) == len(texts), "duplicate question text"
-    assert set(q.family for q in qs) == set(FAMILIES)
     return qs
 
 
