@@ -1,4 +1,5 @@
-"""The shape of the library: no import circle, stages as peers, and a stage registry everything derives from."""
+"""The shape of the library: package layers, no import circle, stages as peers, small functions and modules,
+and a stage registry everything derives from."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from conftest import REPO
 PACKAGE = REPO / "align"
 
 
-def module_imports() -> dict[str, set[str]]:
+def module_imports(package: Path = PACKAGE) -> dict[str, set[str]]:
     """align module -> the align modules it imports (function-level imports too; `if TYPE_CHECKING:` left out)."""
     modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(package.parent).with_suffix("").parts)
         modules[name.removesuffix(".__init__")] = path
     graph = {}
     for name, path in modules.items():
@@ -92,6 +93,107 @@ def test_the_import_graph_has_no_circle():
     assert cycles(module_imports()) == []
 
 
+# --------------------------------------------------------------------------- package layers
+
+# Each package of align and its layer: a package imports only packages of lower layers.
+LAYERS = {"core": 0, "modeling": 1, "preference": 2, "rlhf": 2, "evaluation": 2, "stages": 3, "cli": 4}
+# The imports allowed between packages of one layer, listed once, each with why.
+SIDEWAYS = {
+    ("rlhf", "preference"): "online DPO trains each round with the DPO trainer (align/preference/dpo_setup.py)",
+    ("rlhf", "evaluation"): "reward sources score the policy's samples with the evaluation's judges",
+}
+# `align` itself and `python -m align` sit on top of every layer.
+TOP = ("align", "align.__main__")
+
+
+def package_of(module: str) -> str:
+    return module if module in TOP else module.split(".")[1]
+
+
+def layer_climbs(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that climbs a package layer (or goes sideways without being listed in SIDEWAYS)."""
+    climbs = []
+    for importer, imported in sorted(graph.items()):
+        for target in sorted(imported):
+            a, b = package_of(importer), package_of(target)
+            if a == b or importer in TOP:
+                continue
+            if b in TOP or LAYERS[b] > LAYERS[a] or (LAYERS[b] == LAYERS[a] and (a, b) not in SIDEWAYS):
+                climbs.append(f"{importer} -> {target}")
+    return climbs
+
+
+def test_every_package_has_a_layer():
+    assert {package_of(m) for m in module_imports()} - set(TOP) == set(LAYERS)
+
+
+def test_no_import_climbs_a_package_layer():
+    assert layer_climbs(module_imports()) == []
+
+
+def test_every_allowed_sideways_import_is_used():
+    graph = module_imports()
+    used = {(package_of(a), package_of(b)) for a, targets in graph.items() for b in targets}
+    assert set(SIDEWAYS) <= used, "an allowance nobody needs any more: remove it from SIDEWAYS"
+
+
+@pytest.mark.parametrize("where, planted, climb", [
+    ("core/errors.py", "from align.modeling.models import ModelRef", "align.core.errors -> align.modeling.models"),
+    ("evaluation/metrics.py", "from align.rlhf.losses import masked_mean", "align.evaluation.metrics -> align.rlhf.losses"),
+    ("stages/sft.py", "from align.cli.sweep import plan", "align.stages.sft -> align.cli.sweep"),
+])
+def test_the_layer_check_finds_a_planted_climb(tmp_path, where, planted, climb):
+    """A copy of align with one import planted inside a function: the check names it."""
+    shutil.copytree(PACKAGE, tmp_path / "align", ignore=shutil.ignore_patterns("__pycache__", "bundled", "configs"))
+    path = tmp_path / "align" / where
+    path.write_text(path.read_text() + f"\n\ndef _planted():\n    {planted}\n")
+    assert layer_climbs(module_imports(tmp_path / "align")) == [climb]
+
+
+# --------------------------------------------------------------------------- sizes
+
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 500
+# A longer module says why in its docstring, with these words.
+COHESIVE = "one cohesive module"
+
+
+def python_files(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (REPO / package).rglob("*.py"))
+
+
+def long_functions(paths: list[Path], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`file:line name (n lines)` of every function (decorators included) longer than `limit` lines."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > limit:
+                    shown = path.relative_to(REPO) if REPO in path.parents else path.name
+                    out.append(f"{shown}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+    return out
+
+
+def test_no_function_over_80_lines():
+    assert long_functions(python_files("align", "data_tools")) == []
+
+
+def test_the_function_check_finds_a_long_one(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}")
+    assert long_functions([tmp_path / "long.py"]) == [f"long.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def test_no_module_over_500_lines_unless_it_says_why():
+    too_long = []
+    for path in python_files("align"):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES and COHESIVE not in (ast.get_docstring(ast.parse(text)) or "").lower():
+            too_long.append(f"{path.relative_to(REPO)} ({len(text.splitlines())} lines)")
+    assert too_long == []
+
+
 def test_no_stage_imports_another_stage():
     graph = module_imports()
     stages = stage_modules()
@@ -144,8 +246,9 @@ def run(cfg, *, force=False, callbacks=()):
     from pathlib import Path
 
     from align.core.artifacts import RunDir
+
     from align.core.files import atomic_write_text
-    from align.core.config import to_dict, to_yaml
+    from align.core.config_loader import to_dict, to_yaml
 
     cfg = prepare_config(cfg)
     run_dir = RunDir.start(Path(cfg.output_dir), stage="toy", config=to_dict(cfg), config_yaml=to_yaml(cfg),
