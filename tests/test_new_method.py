@@ -87,10 +87,10 @@ TOYRL = '''
 from dataclasses import dataclass
 
 from align.core.config import opt
-from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.modeling.methods import resolve_method
 from align.rlhf.estimators import AdvantageEstimator
-from align.rlhf.options import ONLINE_WHY_LORA, GroupOptions, GroupStageConfig, check_sources
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.rlhf.options import GroupOptions, GroupStageConfig
+from align.stages.registry import Curve, Stage, group_summary_lines, online_checks, register
 
 
 class MinusBest(AdvantageEstimator):
@@ -110,9 +110,9 @@ class MinusBest(AdvantageEstimator):
 class ToyRLConfig(GroupStageConfig):
     """ToyRL: a throwaway group-RL method."""
 
-    group: GroupOptions = opt(GroupOptions, "ToyRL options.")
-
     stage = "toyrl"
+    # Its GroupOptions section is not named after the stage: the group loop finds it by its type.
+    group: GroupOptions = opt(GroupOptions, "ToyRL options.")
 
 
 def run(cfg, *, force=False, callbacks=()):
@@ -121,15 +121,8 @@ def run(cfg, *, force=False, callbacks=()):
     return run_group_stage(cfg, force=force, callbacks=callbacks)
 
 
-def summary_lines(s):
-    return [f"  held-out reward {fmt(s.get('eval_reward_before'))} -> {fmt(s.get('eval_reward_after'))}"]
-
-
-register(Stage(
-    "toyrl", ToyRLConfig, run, summary_lines,
-    checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
-    estimator=MinusBest(), kl_knob="group.kl_coef", curves=(Curve("toyrl/reward/total", "toy reward"),),
-))
+register(Stage("toyrl", ToyRLConfig, run, group_summary_lines, checks=online_checks(), resolve=resolve_method,
+               estimator=MinusBest(), kl_knob="group.kl_coef", curves=(Curve("toyrl/reward/total", "toy reward"),)))
 '''
 
 # Run in the copied tree: both stages through the registry, then the panels the report draws for their runs.

@@ -19,6 +19,7 @@ from conftest import LN2, read_metrics, tiny_overrides
 from align.core.config_loader import load_config
 from align.core.errors import ConfigError
 from align.stages.grpo import GRPOConfig
+from align.stages.registry import get_stage
 from align.stages.online_dpo import OnlineDPOConfig
 from align.stages.reward import RewardConfig
 from align.stages.rloo import RLOOConfig
@@ -225,7 +226,6 @@ def test_grpo_stage_runs_checkpoints_and_resumes_to_the_same_adapter(runs, tiny_
     from safetensors.torch import load_file
 
     from align.rlhf import loop
-    from align.stages import grpo
     from align.stages.registry import run_stage
 
     extra = {"train.max_steps": 3, "train.save_steps": 1, "train.eval_steps": 2}
@@ -236,7 +236,7 @@ def test_grpo_stage_runs_checkpoints_and_resumes_to_the_same_adapter(runs, tiny_
     rows = read_metrics(full.path)
     assert rows[0]["_step"] == 0 and rows[0]["eval/kl"] == 0.0
     assert [r["_step"] for r in rows if "grpo/loss" in r] == [1, 2, 3] and any("eval/kl" in r and r["_step"] == 2 for r in rows)
-    assert grpo.summary_lines(manifest["summary"])[0].startswith("  held-out reward")
+    assert get_stage("grpo").summary(manifest["summary"])[0].startswith("  held-out reward")
 
     class Crash(Exception):
         pass
@@ -442,7 +442,6 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
 
     from align.rlhf import group as G
     from align.rlhf import loop
-    from align.stages import grpo
     from align.stages.registry import run_stage
 
     script = [(0.0, 0.0), (1.0, 0.5), (3.0, 2.0), (0.8, 0.9)]  # (reward, KL) of the evaluations at steps 0, 1, 2, 3
@@ -463,7 +462,7 @@ def test_grpo_keeps_the_adapter_of_the_best_evaluation_within_the_kl_budget(runs
     assert any(not torch.equal(kept[k], step[3][k]) for k in kept)  # the last adapter is another one, kept in its checkpoint
     summary = json.loads((run.path / "manifest.json").read_text())["summary"]
     assert summary["kept"]["step"] == 1 and summary["kept"]["reward"] == 1.0 and summary["kept"]["last_adapter"].endswith("checkpoint-3")
-    assert any("kept from step 1" in line for line in grpo.summary_lines(summary))
+    assert any("kept from step 1" in line for line in get_stage("grpo").summary(summary))
 
     # Killed after step 2's checkpoint, resumed (evaluating step 3 only): the best so far (step 1) comes from that checkpoint.
     evaluations.clear()

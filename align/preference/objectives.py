@@ -53,16 +53,14 @@ class Objective:
     """A preference loss and what it needs; subclasses are frozen dataclasses of their hyperparameters."""
 
     needs_reference = False
+    length_normalized = False
     nll_on_prompt = False
     metrics: tuple[str, ...] = ()
 
     @property
-    def length_normalized(self) -> bool:
-        return False
-
-    @property
     def needs_nll(self) -> bool:
-        return False
+        """Whether the loss has an NLL term of the chosen responses: by default, a positive `nll_weight`."""
+        return getattr(self, "nll_weight", 0.0) > 0
 
     def __call__(self, logps: PairLogps) -> "PreferenceLoss":
         raise NotImplementedError
@@ -78,14 +76,7 @@ class SimPO(Objective):
     label_smoothing: float = 0.0
     alpha: float = 0.0
     nll_weight: float = 0.0
-
-    @property
-    def length_normalized(self) -> bool:
-        return True
-
-    @property
-    def needs_nll(self) -> bool:
-        return self.nll_weight > 0
+    length_normalized = True
 
     def __call__(self, logps: PairLogps) -> "PreferenceLoss":
         from align.preference.losses import simpo_loss
@@ -106,12 +97,8 @@ class CPO(Objective):
     nll_weight: float = 0.0
 
     @property
-    def length_normalized(self) -> bool:
+    def length_normalized(self) -> bool:  # ipo compares per-token means, sigmoid and hinge sums
         return self.loss_type == "ipo"
-
-    @property
-    def needs_nll(self) -> bool:
-        return self.nll_weight > 0
 
     def __call__(self, logps: PairLogps) -> "PreferenceLoss":
         from align.preference.losses import cpo_loss
@@ -127,14 +114,11 @@ class ORPO(Objective):
 
     beta: float
     nll_on_prompt: bool = False
+    length_normalized = True
     metrics: ClassVar[tuple[str, ...]] = ("log_odds_ratio", "log_odds_chosen")
 
     @property
-    def length_normalized(self) -> bool:
-        return True
-
-    @property
-    def needs_nll(self) -> bool:
+    def needs_nll(self) -> bool:  # the NLL is ORPO's SFT term, always on
         return True
 
     def __call__(self, logps: PairLogps) -> "PreferenceLoss":

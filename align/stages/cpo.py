@@ -16,7 +16,7 @@ from align.core.config import ChildStageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
 from align.preference.objectives import CPO, ObjectiveOptions
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.stages.registry import Curve, Stage, held_out_line, register, training_checks
 
 
 @dataclass
@@ -57,12 +57,7 @@ def run(cfg: CPOConfig, *, force: bool = False, callbacks=()):
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [
-        f"  held-out CPO reward accuracy: {fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> "
-        f"{fmt(s.get('eval_rewards/accuracies_after'))}; margin {fmt(s.get('eval_rewards/margins_before'))} -> "
-        f"{fmt(s.get('eval_rewards/margins_after'))}; chosen NLL {fmt(s.get('eval_nll_loss_before'))} -> "
-        f"{fmt(s.get('eval_nll_loss_after'))}"
-    ]
+    return [held_out_line(s, ("held-out CPO reward accuracy:", "rewards/accuracies"), ("margin", "rewards/margins"), ("chosen NLL", "nll_loss"))]
 
 
 register(Stage(

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align.core.config import opt
-from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.modeling.methods import resolve_method
 from align.rlhf.estimators import GroupRelative
-from align.rlhf.options import ONLINE_WHY_LORA, GroupOptions, GroupStageConfig, check_sources
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.rlhf.options import GroupOptions, GroupStageConfig
+from align.stages.registry import Curve, Stage, group_summary_lines, online_checks, register
 
 
 @dataclass
@@ -35,17 +35,6 @@ def run(cfg, *, force: bool = False, callbacks=()):
     return run_group_stage(cfg, force=force, callbacks=callbacks)
 
 
-def summary_lines(s: dict) -> list[str]:
-    from align.rlhf.keep_best import kept_line
-
-    return [
-        f"  held-out reward {fmt(s.get('eval_reward_before'))} (step 0) -> {fmt(s.get('eval_reward_after'))}, "
-        f"KL to reference {fmt(s.get('eval_kl_after'))}"
-    ] + kept_line(s)
-
-
 register(Stage(
-    "grpo", GRPOConfig, run, summary_lines,
-    checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
-    estimator=GroupRelative(), kl_knob="grpo.kl_coef", curves=(Curve("grpo/reward/total", "reward"), Curve("grpo/kl", "KL")),
+    "grpo", GRPOConfig, run, group_summary_lines, checks=online_checks(), resolve=resolve_method, estimator=GroupRelative(), kl_knob="grpo.kl_coef", curves=(Curve("grpo/reward/total", "reward"), Curve("grpo/kl", "KL")),
 ))

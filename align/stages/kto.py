@@ -22,7 +22,7 @@ from typing import Literal
 from align.core.config import ChildStageConfig, opt
 from align.core.errors import ConfigError
 from align.modeling.methods import resolve_method
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.stages.registry import Curve, Stage, held_out_line, register, training_checks
 
 
 @dataclass
@@ -131,11 +131,8 @@ def run(cfg: KTOConfig, *, force: bool = False, callbacks=()):
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [
-        f"  held-out KTO reward margin (desirable - undesirable): {fmt(s.get('eval_rewards/margins_before'))} (step 0) -> "
-        f"{fmt(s.get('eval_rewards/margins_after'))}; KL {fmt(s.get('eval_kl_before'))} -> {fmt(s.get('eval_kl_after'))}; "
-        f"loss {fmt(s.get('eval_loss_before'))} -> {fmt(s.get('eval_loss_after'))}"
-    ]
+    return [held_out_line(s, ("held-out KTO reward margin (desirable - undesirable):", "rewards/margins"), ("KL", "kl"),
+                          ("loss", "loss"))]
 
 
 register(Stage(

@@ -15,11 +15,11 @@ from typing import Literal
 
 from align.core.config import opt
 from align.core.pairing import STRATEGIES
-from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.modeling.methods import resolve_method
 from align.preference import dpo_options
 from align.preference.dpo_options import DPOOptions
-from align.rlhf.options import ONLINE_WHY_LORA, OnlineStageConfig, check_keep_best, check_sources
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.rlhf.options import OnlineStageConfig, check_keep_best
+from align.stages.registry import Curve, Stage, fmt, online_checks, register
 
 
 @dataclass
@@ -71,18 +71,15 @@ def run(cfg: OnlineDPOConfig, *, force: bool = False, callbacks=()):
     from align.core.artifacts import ADAPTER
     from align.rlhf.online_dpo import train
     from align.stages.online_run import open_online_stage
-    from align.stages.samples import log_sample_table
+    from align.stages.samples import finish_with_samples
 
     stage, runs = open_online_stage(cfg, force)
     if stage.skipped:
         return stage.run_dir
     with stage:
         policy, summary = train(stage, cfg, runs, callbacks)
-        sampled = log_sample_table(stage, policy.model, policy.tokenizer, "reference", step=summary["steps"])
-        summary["samples"] = sampled.get("rows", [])
-        if "judge" in sampled:
-            summary["judge"] = sampled["judge"]
-        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "rounds": "rounds", "samples": "samples.jsonl"})
+        outputs = {"adapter": ADAPTER, "rounds": "rounds"}
+        finish_with_samples(stage, policy.model, policy.tokenizer, summary, outputs, step=summary["steps"])
     return stage.run_dir
 
 
@@ -97,7 +94,6 @@ def summary_lines(s: dict) -> list[str]:
 
 register(Stage(
     "online_dpo", OnlineDPOConfig, run, summary_lines,
-    checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
-    kl_knob="dpo.beta", beta_key="dpo.beta",
+    checks=online_checks(), resolve=resolve_method, kl_knob="dpo.beta", beta_key="dpo.beta",
     curves=(Curve("online/reward/total", "sampled reward"), Curve("online/dpo_loss", "DPO loss")),
 ))

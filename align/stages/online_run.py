@@ -7,7 +7,7 @@ import dataclasses
 
 from align.core.artifacts import ADAPTER, RunDir
 from align.core.errors import DataError
-from align.stages.samples import log_sample_table
+from align.stages.samples import finish_with_samples
 from align.stages.stage_run import StageRun, resolve_base
 
 
@@ -76,9 +76,5 @@ def run_group_stage(cfg, *, force: bool, callbacks=()) -> RunDir:
         return stage.run_dir
     with stage:
         gp, summary = G.train(stage, cfg, get_stage(cfg.stage).estimator, runs, callbacks)
-        sampled = log_sample_table(stage, gp.model, gp.tokenizer, "reference", step=cfg.train.max_steps)
-        summary["samples"] = sampled.get("rows", [])
-        if "judge" in sampled:
-            summary["judge"] = sampled["judge"]
-        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "samples": "samples.jsonl"})
+        finish_with_samples(stage, gp.model, gp.tokenizer, summary, {"adapter": ADAPTER}, step=cfg.train.max_steps)
     return stage.run_dir

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from align.core.config import ChildStageConfig, opt
 from align.modeling.methods import resolve_method
 from align.preference.objectives import ORPO, ObjectiveOptions
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.stages.registry import Curve, Stage, held_out_line, register, training_checks
 
 
 @dataclass
@@ -48,12 +48,8 @@ def run(cfg: ORPOConfig, *, force: bool = False, callbacks=()):
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [
-        f"  held-out ORPO reward accuracy: {fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> "
-        f"{fmt(s.get('eval_rewards/accuracies_after'))}; log odds ratio {fmt(s.get('eval_log_odds_chosen_before'))} -> "
-        f"{fmt(s.get('eval_log_odds_chosen_after'))}; chosen NLL {fmt(s.get('eval_nll_loss_before'))} -> "
-        f"{fmt(s.get('eval_nll_loss_after'))}"
-    ]
+    return [held_out_line(s, ("held-out ORPO reward accuracy:", "rewards/accuracies"), ("log odds ratio", "log_odds_chosen"),
+                          ("chosen NLL", "nll_loss"))]
 
 
 register(Stage(

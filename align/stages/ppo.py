@@ -78,7 +78,7 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     from align.rlhf import ppo as rl
     from align.rlhf.distributed import launched_size
     from align.stages.online_run import check_prompts_fit, join_processes
-    from align.stages.samples import log_sample_table
+    from align.stages.samples import finish_with_samples
     from align.stages.stage_run import finished_parent, open_stage
 
     rl.check_processes(cfg, launched_size())
@@ -93,11 +93,8 @@ def run(cfg: PPOConfig, *, force: bool = False, callbacks=()):
     check_prompts_fit(stage)
     with stage:
         pvr, summary = rl.train(stage, cfg, reward_run, callbacks)
-        sampled = log_sample_table(stage, pvr.model, pvr.tokenizer, "reference", step=cfg.train.max_steps)
-        summary["samples"] = sampled.get("rows", [])
-        if "judge" in sampled:
-            summary["judge"] = sampled["judge"]
-        stage.finish(summary=summary, outputs={"adapter": ADAPTER, "value": rl.VALUE, "samples": "samples.jsonl"})
+        outputs = {"adapter": ADAPTER, "value": rl.VALUE}
+        finish_with_samples(stage, pvr.model, pvr.tokenizer, summary, outputs, step=cfg.train.max_steps)
     return stage.run_dir
 
 

@@ -38,9 +38,10 @@ from align.core.config import RunConfig, StageConfig
 from align.core.config_loader import check_values, load_config
 from align.core.errors import ConfigError
 from align.evaluation.judges import check_judge_specs
-from align.modeling.methods import check_method
+from align.modeling.methods import LORA_FAMILY, check_method
 from align.preference.objectives import Objective
 from align.rlhf.estimators import AdvantageEstimator
+from align.rlhf.options import ONLINE_WHY_LORA, check_sources
 
 # Modules of this package that are not stages: the registry and the machinery stages share.
 _NOT_STAGES = ("registry", "stage_run", "hf_training", "samples", "online_run", "objective_run")
@@ -195,6 +196,12 @@ def training_checks(methods: tuple[str, ...] | None = None, why: str = "") -> tu
     return peft_method, samples_judge, liger_kernel, warn_learning_rate
 
 
+def online_checks() -> tuple[Callable[[StageConfig], None], ...]:
+    """The checks of an online stage: a LoRA-family method (the policy and the reward models are adapters of one
+    base) and reward sources that resolve."""
+    return (*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards))
+
+
 _WARNED_RATES: set[tuple[str, float]] = set()
 
 
@@ -215,6 +222,24 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "n/a" if value is None else str(value)
+
+
+def before_after(s: dict, label: str, key: str, before: str = "") -> str:
+    """`label x (before) -> y` of a held-out figure the summary has as eval_<key>_before and eval_<key>_after."""
+    return f"{label} {fmt(s.get(f'eval_{key}_before'))}{f' ({before})' if before else ''} -> {fmt(s.get(f'eval_{key}_after'))}"
+
+
+def held_out_line(s: dict, *figures: tuple[str, str]) -> str:
+    """`  <label> x (step 0) -> y; <label> a -> b; ...`: (label, key) of held-out figures before and after training."""
+    first, *rest = figures
+    return "  " + "; ".join([before_after(s, *first, "step 0"), *(before_after(s, *figure) for figure in rest)])
+
+
+def group_summary_lines(s: dict) -> list[str]:
+    """A group-RL run's lines: held-out reward before and after, KL to the reference, the adapter kept."""
+    from align.rlhf.keep_best import kept_line
+
+    return [f"  {before_after(s, 'held-out reward', 'reward', 'step 0')}, KL to reference {fmt(s.get('eval_kl_after'))}"] + kept_line(s)
 
 
 def load_stage_config(

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from align.core.config import opt
-from align.modeling.methods import LORA_FAMILY, resolve_method
+from align.modeling.methods import resolve_method
 from align.rlhf.estimators import LeaveOneOut
-from align.rlhf.options import ONLINE_WHY_LORA, ADVANTAGE_SCALES, GroupOptions, GroupStageConfig, check_sources
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.rlhf.options import ADVANTAGE_SCALES, GroupOptions, GroupStageConfig
+from align.stages.registry import Curve, Stage, group_summary_lines, online_checks, register
 
 
 @dataclass
@@ -52,17 +52,6 @@ def run(cfg, *, force: bool = False, callbacks=()):
     return run_group_stage(cfg, force=force, callbacks=callbacks)
 
 
-def summary_lines(s: dict) -> list[str]:
-    from align.rlhf.keep_best import kept_line
-
-    return [
-        f"  held-out reward {fmt(s.get('eval_reward_before'))} (step 0) -> {fmt(s.get('eval_reward_after'))}, "
-        f"KL to reference {fmt(s.get('eval_kl_after'))}"
-    ] + kept_line(s)
-
-
 register(Stage(
-    "rloo", RLOOConfig, run, summary_lines,
-    checks=(*training_checks(LORA_FAMILY, ONLINE_WHY_LORA), lambda cfg: check_sources(cfg.rewards)), resolve=resolve_method,
-    estimator=LeaveOneOut(), kl_knob="rloo.kl_coef", curves=(Curve("rloo/reward/total", "reward"), Curve("rloo/kl", "KL")),
+    "rloo", RLOOConfig, run, group_summary_lines, checks=online_checks(), resolve=resolve_method, estimator=LeaveOneOut(), kl_knob="rloo.kl_coef", curves=(Curve("rloo/reward/total", "reward"), Curve("rloo/kl", "KL")),
 ))

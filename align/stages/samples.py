@@ -78,3 +78,13 @@ def log_sample_table(stage: StageRun, model, tokenizer, before_label: str, step:
     stage.tracker.log_samples("samples", columns, rows, step=step)
     out["rows"] = [dict(zip(columns, r)) for r in rows]
     return out
+
+
+def finish_with_samples(stage: "StageRun", model, tokenizer, summary: dict, outputs: dict[str, str], step: int) -> None:
+    """An own-loop stage's end: the sample table (adapter off, then on) and its judge's means into the summary, then
+    the run marked finished with its outputs and samples.jsonl."""
+    sampled = log_sample_table(stage, model, tokenizer, "reference", step=step)
+    summary["samples"] = sampled.get("rows", [])
+    if "judge" in sampled:
+        summary["judge"] = sampled["judge"]
+    stage.finish(summary=summary, outputs={**outputs, "samples": "samples.jsonl"})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from align.core.config import ChildStageConfig, opt
 from align.modeling.methods import resolve_method
 from align.preference.objectives import ObjectiveOptions, SimPO
-from align.stages.registry import Curve, Stage, fmt, register, training_checks
+from align.stages.registry import Curve, Stage, held_out_line, register, training_checks
 
 
 @dataclass
@@ -51,11 +51,7 @@ def run(cfg: SimPOConfig, *, force: bool = False, callbacks=()):
 
 
 def summary_lines(s: dict) -> list[str]:
-    return [
-        f"  held-out SimPO reward accuracy: {fmt(s.get('eval_rewards/accuracies_before'))} (step 0) -> "
-        f"{fmt(s.get('eval_rewards/accuracies_after'))}; margin {fmt(s.get('eval_rewards/margins_before'))} -> "
-        f"{fmt(s.get('eval_rewards/margins_after'))}; loss {fmt(s.get('eval_loss_before'))} -> {fmt(s.get('eval_loss_after'))}"
-    ]
+    return [held_out_line(s, ("held-out SimPO reward accuracy:", "rewards/accuracies"), ("margin", "rewards/margins"), ("loss", "loss"))]
 
 
 register(Stage(
