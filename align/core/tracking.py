@@ -161,6 +161,9 @@ class Tracker:
             self._metrics_file.close()
             self._metrics_file = None
         if self.wandb_run is not None:
+            # Commit the row of the last step first: a row logged with an explicit step stays open until a later
+            # step or the flush at finish, and a run whose only row was still open has been seen to end up empty.
+            self.wandb_run.log({}, commit=True)
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
 
