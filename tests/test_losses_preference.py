@@ -207,3 +207,46 @@ def test_batch_loss_matches_trl_experimental_trainer(trl_experimental, perturbed
             continue
         assert mine[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
     assert mine["rewards/accuracies"] == metrics["rewards/accuracies"]
+
+
+@pytest.mark.parametrize("method, share", [("lora", True), ("lora", False), ("full", True)])
+def test_an_objective_that_needs_the_reference_gets_it(perturbed, tmp_path, method, share):
+    """The objective trainer runs a reference pass only for an objective that asks for one: the policy with its
+    adapter disabled, or (full fine-tuning) a frozen copy of the starting weights. At the start the policy is the
+    reference, so a DPO-style sigmoid on the log-ratio margin is ln 2; once the trained weights move, it is not."""
+    import torch.nn.functional as F
+    from dataclasses import dataclass
+    from datasets import Dataset
+    from peft import LoraConfig
+    from test_dpo_fast import variable_rows
+
+    from align.preference.losses import PreferenceLoss
+    from align.preference.objective_trainer import ObjectiveArguments, ObjectiveTrainer
+    from align.preference.objectives import Objective
+
+    @dataclass(frozen=True)
+    class AgainstReference(Objective):
+        beta: float
+        needs_reference = True
+
+        def __call__(self, logps):
+            chosen = self.beta * (logps.chosen - logps.ref_chosen)
+            rejected = self.beta * (logps.rejected - logps.ref_rejected)
+            per_pair = -F.logsigmoid(chosen - rejected)
+            return PreferenceLoss(per_pair.mean(), per_pair, chosen.detach(), rejected.detach(), {})
+
+    base, tokenizer = perturbed
+    args = ObjectiveArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True, max_length=60)
+    peft_config = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM") if method == "lora" else None
+    trainer = ObjectiveTrainer(copy.deepcopy(base), args, AgainstReference(beta=0.5), Dataset.from_list(variable_rows(8)),
+                               processing_class=tokenizer, peft_config=peft_config, shared_prefix_forward=share)
+    assert (trainer.ref_model is None) == (method == "lora")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(math.log(2), abs=1e-6)
+        g = torch.Generator().manual_seed(1)
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and (method == "full" or "lora_B" in name):
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+        assert abs(trainer.compute_loss(trainer.model, batch).item() - math.log(2)) > 1e-3
