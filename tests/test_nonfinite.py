@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,22 @@ def test_evaluation_and_sample_judges_refuse_nan_scores_too():
     check_finite_scores("judges[0]: judge 'x'", [1.0, None], prompts)
     with pytest.raises(DataError, match=r"^judges\[0\]: judge 'x' returned -inf for the prompt 'Say two.'; a judge returns a finite"):
         check_finite_scores("judges[0]: judge 'x'", [1.0, -math.inf], prompts)
+
+
+@pytest.mark.parametrize("error", [NonFiniteWeightsError("non-finite weights after step 1"), ConfigError("train.x: bad")])
+def test_the_error_line_starts_a_line_when_a_progress_bar_was_left_open(error, capsys):
+    """A stage that stops inside the trainer's loop leaves its progress bar open without a newline: the
+    one `error:` line must still start a line (scripts and the bad-input table read it so)."""
+    import tqdm.auto
+
+    from align.cli.recipes import guarded
+
+    bar = tqdm.auto.tqdm(total=2, file=sys.stderr)
+    bar.update(1)
+
+    def work():
+        raise error
+
+    guarded(work, command="sft")
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {error}"]

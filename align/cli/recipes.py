@@ -60,6 +60,15 @@ def _with_resume(args) -> dict:
     return overrides
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a stage stopped inside: an open bar holds its line, and the error would be glued to it."""
+    bars = set()
+    for module in ("tqdm.std", "tqdm.asyncio", "tqdm.auto"):  # tqdm.auto's class may keep its own set
+        bars.update(getattr(getattr(sys.modules.get(module), "tqdm", None), "_instances", ()))
+    for bar in bars:
+        bar.close()
+
+
 def guarded(work, debug: bool = False, command: str | None = None) -> int:
     """Run `work()`; bad input is one line on stderr and exit status 2, Ctrl-C is 130.
 
@@ -71,6 +80,7 @@ def guarded(work, debug: bool = False, command: str | None = None) -> int:
     try:
         return work()
     except AlignError as exc:
+        _close_progress_bars()
         if debug:
             traceback.print_exception(exc)
         one_line = " ".join(str(exc).split("\n"))  # user text inside a message may hold newlines
@@ -81,6 +91,7 @@ def guarded(work, debug: bool = False, command: str | None = None) -> int:
         return 130
     except Exception as exc:
         failure = getattr(exc, "align_stage_failure", None)
+        _close_progress_bars()
         if failure:
             if debug:
                 traceback.print_exception(exc)
