@@ -28,7 +28,7 @@ Printed per variant: median seconds per step after --warmup steps, responses/s, 
 (--eval-prompts) the held-out KL to the reference and reward after the last step, measured the same
 way for both (align.rlhf.rewards.held_out_metrics: one seeded sample per held-out prompt). Then the
 ratios, and a correctness line: the rewards TRL computed at each step, put through our advantage
-code (align.rlhf.group.advantages), must give the advantages TRL computed from them.
+code (align.rlhf.estimators.GroupRelative), must give the advantages TRL computed from them.
 """
 
 from __future__ import annotations
