@@ -434,7 +434,7 @@ def test_compare_methods_recipe_end_to_end(tmp_path, tiny_model_dir, tiny_data):
     from conftest import REPO
     from wandb_offline import read_offline_run
 
-    from align.evaluation import compare
+    from align.cli import compare
 
     shipped = REPO / "recipes" / "configs" / "smollm2-135m" / "compare_methods.yaml"
     out = tmp_path / "compare"

@@ -18,7 +18,7 @@ from conftest import tiny_overrides, write_jsonl
 
 from align.core.config_loader import load_config
 from align.core.errors import AlignError, ConfigError
-from align.stages.registry import all_stages, get_stage
+from align.stages.registry import all_stages, get_stage, run_stage
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -33,7 +33,6 @@ def copy_run(source: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def reward_parent(tmp_path_factory, sft_parent, tiny_data) -> Path:
     """A finished reward run on the session's SFT run."""
-    from align.stages.registry import run_stage
     from align.stages.reward import RewardConfig
 
     out = tmp_path_factory.mktemp("reward") / "reward"
@@ -56,9 +55,9 @@ def child(sft_parent, tiny_data, out: Path, data: str = "prefs", **extra) -> dic
                           **{"samples.num_prompts": 0, **extra})
 
 
-def run_stage(stage: str, overrides: dict, force: bool = True):
-    cfg = load_config(get_stage(stage).config, None, overrides)
-    return run_stage(cfg, force=force)
+def run_named(stage: str, overrides: dict, force: bool = True):
+    """Run the stage called `stage` on these overrides (the registry's run_stage on its config)."""
+    return run_stage(load_config(get_stage(stage).config, None, overrides), force=force)
 
 
 # --------------------------------------------------------------------------- output_dir and the runs a stage reads
@@ -73,7 +72,7 @@ def test_dpo_output_dir_at_its_parent_is_refused_and_the_parent_is_untouched(whe
     before = snapshot(parent)
     relation = {"equal": "is", "inside": "is inside", "symlink": "is"}[where]
     with pytest.raises(ConfigError, match=rf"output_dir: .*{relation} the parent_run \({parent}\) this stage reads"):
-        run_stage("dpo", child(parent, tiny_data, out))
+        run_named("dpo", child(parent, tiny_data, out))
     assert snapshot(parent) == before
 
 
@@ -82,13 +81,13 @@ def test_an_output_dir_holding_the_parent_and_reward_runs_of_ppo_are_refused(sft
     nested = copy_run(sft_parent, outer / "nested")
     before = snapshot(outer)
     with pytest.raises(ConfigError, match=r"output_dir: .* contains the parent_run"):
-        run_stage("dpo", child(nested, tiny_data, outer))
+        run_named("dpo", child(nested, tiny_data, outer))
     assert snapshot(outer) == before
     rm = copy_run(reward_parent, tmp_path / "reward")
     before = snapshot(rm)
     ppo = child(sft_parent, tiny_data, rm, reward_run=str(rm), **{"ppo.rollout_batch_size": 4, "ppo.minibatch_size": 2})
     with pytest.raises(ConfigError, match=r"output_dir: .* is the reward_run"):
-        run_stage("ppo", ppo)
+        run_named("ppo", ppo)
     assert snapshot(rm) == before
 
 
@@ -97,7 +96,7 @@ def test_a_symbolic_link_as_output_dir_is_refused(tiny_model_dir, tiny_data, sft
     (tmp_path / "link").symlink_to(elsewhere, target_is_directory=True)
     before = snapshot(elsewhere)
     with pytest.raises(ConfigError, match=r"output_dir: .*link is a symbolic link to .*elsewhere"):
-        run_stage("sft", tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "link", tracking="none"))
+        run_named("sft", tiny_overrides(tiny_model_dir, tiny_data["sft"], tmp_path / "link", tracking="none"))
     assert snapshot(elsewhere) == before
 
 
@@ -111,11 +110,11 @@ def test_a_finished_run_is_replaced_only_with_force(tiny_model_dir, tiny_data, s
     assert config["status"] == "finished"
     changed = tiny_overrides(tiny_model_dir, tiny_data["sft"], run, tracking="none", **{"train.learning_rate": 1e-3})
     with pytest.raises(ConfigError, match=r"output_dir: .* holds a finished sft run of another config.*--force replaces it"):
-        run_stage("sft", changed, force=False)
+        run_named("sft", changed, force=False)
     with pytest.raises(ConfigError, match=r"resume: .* holds a finished sft run .*nothing to resume; --force replaces it"):
-        run_stage("sft", {**changed, "resume": True}, force=False)
+        run_named("sft", {**changed, "resume": True}, force=False)
     assert snapshot(run) == before
-    run_stage("sft", {**changed, "train.max_steps": 1, "samples.num_prompts": 0}, force=True)
+    run_named("sft", {**changed, "train.max_steps": 1, "samples.num_prompts": 0}, force=True)
     after = json.loads((run / "manifest.json").read_text())
     assert after["status"] == "finished" and after["run_id"] != config["run_id"]
 
@@ -207,6 +206,6 @@ def test_each_late_check_runs_before_the_target_is_touched(stage, sft_parent, re
     for label, inputs, message in LATE_CHECKS[stage]:
         overrides = {**_stage_overrides(stage, files, sft_parent, tiny_model_dir, tiny_data, target), **inputs(files)}
         with pytest.raises(AlignError, match=message):
-            run_stage(stage, overrides, force=True)
+            run_named(stage, overrides, force=True)
         assert snapshot(target) == before, f"{stage}: {label}: the target changed"
     assert not (tmp_path / "report").exists()
