@@ -26,7 +26,7 @@ demo: setup
 # Tests run on every core (pytest-xdist, one worker per core up to 8; each test file stays on one
 # worker, so its module fixtures are built once). TEST_JOBS=0 runs them in this one process.
 TEST_JOBS ?= auto
-XDIST  = $(if $(filter 0,$(TEST_JOBS)),-n 0,-n $(TEST_JOBS) --maxprocesses 8 --dist loadfile)
+XDIST  = $(if $(filter 0,$(TEST_JOBS)),-n 0,-n $(TEST_JOBS) --maxprocesses 8 --dist loadfile --no-loadscope-reorder)
 
 test: setup
 	$(PY) -m pytest $(XDIST) $(ARGS)

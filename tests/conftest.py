@@ -143,3 +143,37 @@ def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     out = tmp_path_factory.mktemp("parent") / "sft"
     run_stage(load_config(SFTConfig, None, tiny_overrides(tiny_model_dir, tiny_data["sft"], out, tracking="none")))
     return out
+
+
+# ---------------------------------------------------------------- longest files first (make test)
+# xdist hands each worker whole files in collection order (`--no-loadscope-reorder`); starting
+# the longest ones first keeps one long file from running alone at the end while the other cores
+# idle. The seconds are a serial run's on the 2-core machine; only their order matters.
+FILE_SECONDS = REPO / "tests" / "file_seconds.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-file-seconds", action="store_true",
+                     help=f"write each test file's seconds in this run to {FILE_SECONDS.name}")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order changes nothing, keep the files' own
+    seconds = json.loads(FILE_SECONDS.read_text())
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))  # stable: a file's tests keep their order
+
+
+_recorded: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    file = report.nodeid.split("::")[0]
+    _recorded[file] = _recorded.get(file, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--record-file-seconds") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        table = json.loads(FILE_SECONDS.read_text())
+        table.update({file: round(total, 1) for file, total in _recorded.items()})
+        FILE_SECONDS.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")

@@ -83,6 +83,17 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path):
     assert "\n" not in msg
 
 
+def test_an_unknown_key_with_control_characters_is_shown_on_one_line(tmp_path):
+    """Hypothesis found it: a reward section keyed by a newline printed a two-line error."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DPOConfig, None, {"output_dir": "o", "data.path": "d", "model.name_or_path": "m", "dpo\tx": 1})
+    assert "unknown key 'dpo\\tx'" in str(err.value) and "\t" not in str(err.value)
+    path = write(tmp_path, 'output_dir: x\nmodel: {name_or_path: m}\ndata: {path: d}\n"a\\nb": 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, path)
+    assert "unknown key 'a\\nb'" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
     path = write(tmp_path, "output_dir: x\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"did you mean 'train\.learning_rate'"):

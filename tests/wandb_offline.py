@@ -9,6 +9,7 @@ Python reader, so the tests carry this small one.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def _records(blob: bytes):
         if length == 0 and kind == 0:  # zero padding at the end of a block
             pos += left
             continue
+        if pos + _HEADER + length > len(blob):
+            return  # a chunk still being written
         data = blob[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
@@ -54,15 +57,22 @@ class OfflineRun:
     artifacts: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
 
 
-def read_offline_run(run_folder: Path) -> OfflineRun:
-    from wandb.proto import wandb_internal_pb2 as pb
+def read_offline_run(run_folder: Path, timeout: float = 60.0) -> OfflineRun:
+    """The run's records, once its file holds the exit record.
 
+    `run.finish()` can return while wandb-core (a separate process) is still writing the run
+    file, so a reader right after it may see a prefix; the exit record is written last.
+    """
     (path,) = Path(run_folder).glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _parse(path.read_bytes())
+        if any(kind == "exit" for kind, _ in records):
+            break
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout:.0f} s (the run did not finish)"
+        time.sleep(0.2)
     out = OfflineRun()
-    for data in _records(path.read_bytes()):
-        rec = pb.Record()
-        rec.ParseFromString(data)
-        kind = rec.WhichOneof("record_type")
+    for kind, rec in records:
         if kind == "run":
             out.project, out.group, out.job_type = rec.run.project, rec.run.run_group, rec.run.job_type
             out.name = rec.run.display_name
@@ -73,4 +83,16 @@ def read_offline_run(run_folder: Path) -> OfflineRun:
             out.history_keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
         elif kind == "artifact":
             out.artifacts.append((rec.artifact.name, rec.artifact.type))
+    return out
+
+
+def _parse(blob: bytes) -> list[tuple[str, object]]:
+    """(record type, record) for every complete record of a run file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for data in _records(blob):
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        out.append((rec.WhichOneof("record_type"), rec))
     return out

@@ -132,6 +132,11 @@ def _all_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+def _printable(text: str) -> str:
+    """A user's key as one line: control characters (a newline in a key) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _suggest(key: str, prefix: str, level_keys: list[str], root: type) -> str:
     close = difflib.get_close_matches(key, level_keys, n=1, cutoff=0.6)
     if close:
@@ -242,7 +247,7 @@ def _build(cls: type, data: dict, src: _Source, root: type, prefix: str = "") ->
         path = f"{prefix}{key}"
         if key not in hints or key not in names:
             raise ConfigError(
-                f"{src.where(path)}: unknown key '{path}'" + _suggest(str(key), prefix, names, root)
+                f"{src.where(path)}: unknown key '{_printable(path)}'" + _suggest(str(key), prefix, names, root)
             )
         kwargs[key] = _convert(value, hints[key], path, src, root)
     for f in dataclasses.fields(cls):
