@@ -152,6 +152,10 @@ def sft_parent(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
 FILE_SECONDS = REPO / "tests" / "file_seconds.json"
 
 
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def pytest_addoption(parser):
     parser.addoption("--record-file-seconds", action="store_true",
                      help=f"write each test file's seconds in this run to {FILE_SECONDS.name}")
@@ -161,14 +165,14 @@ def pytest_collection_modifyitems(session, config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return  # one process: the order changes nothing, keep the files' own
     seconds = json.loads(FILE_SECONDS.read_text())
-    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))  # stable: a file's tests keep their order
+    items.sort(key=lambda item: -seconds.get(_file_of(item.nodeid), 0.0))  # stable: a file's tests keep their order
 
 
 _recorded: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-    file = report.nodeid.split("::")[0]
+    file = _file_of(report.nodeid)
     _recorded[file] = _recorded.get(file, 0.0) + report.duration
 
 
